@@ -1,0 +1,1 @@
+"""OFT-Control: orthogonal finetuning for spatially controlled text-to-image diffusion."""
