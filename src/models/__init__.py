@@ -1,0 +1,1 @@
+"""Backbone loading, control encoder, Lightning module and sampling."""
