@@ -1,0 +1,156 @@
+"""OFT layers: a frozen ``nn.Linear`` / ``nn.Conv2d`` whose input space is rotated, ``y = W (R x) + c``."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import OFTConfig
+from .rotation import cayley, n_skew_params, project_skew_params_, rotate_weight, skew_from_params
+
+
+class OFTLayer(nn.Module):
+    """Frozen base layer plus the free entries of its skew blocks (``oft_skew``, zeros at init: ``R = I``).
+
+    ``oft_skew`` has shape ``[n_stored, b(b-1)/2]`` with ``n_stored = n_blocks`` (or 1 with
+    ``block_share``). The base layer is kept unchanged (``requires_grad_(False)``), so un-merging is
+    exact: see ``merge_oft`` / ``unmerge_oft``.
+    """
+
+    base: nn.Module
+
+    def __init__(self, base: nn.Module, config: OFTConfig, name: str = "") -> None:
+        super().__init__()
+        n_blocks, block_size = config.blocks_for(self.rotated_features(base), name or type(base).__name__)
+        base.requires_grad_(False)
+        self.base = base
+        self.n_blocks, self.block_size, self.block_share = n_blocks, block_size, config.block_share
+        self.cayley, self.neumann_terms = config.cayley, config.neumann_terms
+        n_stored = 1 if config.block_share else n_blocks
+        self.coft_radius = config.coft_radius(block_size, n_stored) if config.coft else None
+        weight = base.weight
+        dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+        self.oft_skew = nn.Parameter(
+            torch.zeros(n_stored, n_skew_params(block_size), dtype=dtype, device=weight.device)
+        )
+
+    @staticmethod
+    def rotated_features(base: nn.Module) -> int:
+        """Dimension of the rotated space: the size of one row of the weight viewed as ``[out, -1]``."""
+        return base.weight[0].numel()
+
+    def rotation(self) -> Tensor:
+        """The diagonal blocks of ``R``, ``[n_blocks, b, b]`` (a broadcast view when blocks are shared)."""
+        blocks = cayley(skew_from_params(self.oft_skew, self.block_size), self.cayley, self.neumann_terms)
+        return blocks.expand(self.n_blocks, -1, -1) if self.block_share else blocks
+
+    def rotated_weight(self) -> Tensor:
+        """``W' = W R`` with the base weight viewed as ``[out, -1]``, returned in the base weight's shape."""
+        weight = self.base.weight
+        rotation = self.rotation().to(weight.dtype)
+        return rotate_weight(weight.reshape(weight.shape[0], -1), rotation).view_as(weight)
+
+    def merged_module(self) -> nn.Module:
+        """A plain copy of the base layer with ``W R`` baked in (frozen, no inference overhead)."""
+        merged = copy.deepcopy(self.base)
+        with torch.no_grad():
+            merged.weight.copy_(self.rotated_weight())
+        return merged
+
+    def project_coft_(self) -> None:
+        """Clip every block to ``||Q||_F <= coft_radius`` in place (no-op when COFT is off)."""
+        if self.coft_radius is not None:
+            project_skew_params_(self.oft_skew.data, self.coft_radius)
+
+    def extra_repr(self) -> str:
+        share = ", block_share" if self.block_share else ""
+        coft = f", coft_radius={self.coft_radius:.4g}" if self.coft_radius is not None else ""
+        return f"n_blocks={self.n_blocks}, block_size={self.block_size}, cayley={self.cayley}{share}{coft}"
+
+
+class _RotatedLinearFn(torch.autograd.Function):
+    """``y = x (W R)^T + c`` on the merged weight; the backward never forms ``dL/dW'``.
+
+    With ``u = g W`` (the gradient w.r.t. the rotated input ``R x``, one ``[T, out] x [out, in]`` GEMM,
+    the same one a frozen layer needs), blockwise: ``dL/dx_k = u_k R_k`` and ``dL/dR_k = u_k^T x_k``.
+    """
+
+    @staticmethod
+    def forward(x: Tensor, weight: Tensor, bias: Tensor | None, rotation: Tensor) -> Tensor:
+        return F.linear(x, rotate_weight(weight, rotation), bias)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+        x, weight, _, rotation = inputs
+        ctx.save_for_backward(x, weight, rotation)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight, rotation = ctx.saved_tensors
+        n, b, _ = rotation.shape
+        g2 = grad_out.reshape(-1, weight.shape[0])
+        x3 = x.reshape(-1, n, b)
+        u3 = (g2 @ weight).view(-1, n, b)
+        grad_x = grad_w = grad_b = grad_r = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.einsum("tnc,ncb->tnb", u3, rotation).reshape(x.shape)
+        if ctx.needs_input_grad[1]:
+            grad_w = rotate_weight(g2.t() @ x3.reshape(-1, n * b), rotation.transpose(1, 2))
+        if ctx.needs_input_grad[2]:
+            grad_b = g2.sum(0)
+        if ctx.needs_input_grad[3]:
+            grad_r = torch.einsum("tnc,tnb->ncb", u3, x3)
+        return grad_x, grad_w, grad_b, grad_r
+
+
+def rotate_input(x: Tensor, rotation: Tensor) -> Tensor:
+    """Input-centric ``R x`` on the last dimension: reshape to ``[..., n, b]``, ``x_k <- R_k x_k``."""
+    n, b, _ = rotation.shape
+    rotated = torch.einsum("tnb,ncb->tnc", x.reshape(-1, n, b), rotation)
+    return rotated.reshape(x.shape)
+
+
+class OFTLinear(OFTLayer):
+    """OFT around a frozen ``nn.Linear``: ``y = W (R x) + c``.
+
+    ``impl="merged"`` (default, faster on CPU, see benchmarks/README.md) runs the forward on ``W R``
+    (cost ``out*in*b`` once per call) with a custom backward; ``impl="input"`` rotates the input
+    blockwise and lets autograd differentiate. Both agree to float precision.
+    """
+
+    def __init__(
+        self, base: nn.Linear, config: OFTConfig, name: str = "", impl: Literal["merged", "input"] = "merged"
+    ) -> None:
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"OFTLinear wraps nn.Linear, got {type(base).__name__} for layer {name!r}")
+        if impl not in ("merged", "input"):
+            raise ValueError(f"impl {impl!r} must be 'merged' or 'input'")
+        super().__init__(base, config, name)
+        self.impl = impl
+
+    def forward(self, x: Tensor) -> Tensor:
+        rotation = self.rotation().to(x.dtype)
+        if self.impl == "input":
+            return F.linear(rotate_input(x, rotation), self.base.weight, self.base.bias)
+        return _RotatedLinearFn.apply(x, self.base.weight, self.base.bias, rotation)
+
+
+class OFTConv2d(OFTLayer):
+    """OFT around a frozen ``nn.Conv2d``: rotate the flattened patch space of size ``in/groups * kh * kw``.
+
+    Equivalent to the weight viewed as ``[out, in/groups*kh*kw]`` times block-diagonal ``R`` (the same
+    ``R`` for every group), so it is correct for any kernel, stride, padding, dilation, groups and
+    padding mode: the forward is the base convolution with the rotated weight.
+    """
+
+    def __init__(self, base: nn.Conv2d, config: OFTConfig, name: str = "") -> None:
+        if not isinstance(base, nn.Conv2d):
+            raise TypeError(f"OFTConv2d wraps nn.Conv2d, got {type(base).__name__} for layer {name!r}")
+        super().__init__(base, config, name)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.base._conv_forward(x, self.rotated_weight(), self.base.bias)
