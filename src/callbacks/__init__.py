@@ -1,0 +1,1 @@
+"""Lightning callbacks: sample grids and anything else the Trainer calls."""

@@ -1,0 +1,125 @@
+"""Frozen Stable Diffusion components, loaded through diffusers' `from_pretrained` for every backbone.
+
+`BackboneSpec` is what the `model/` config group instantiates; `check_backbone` resolves it cheaply (and
+fails with one clear line when weights are unreachable) before anything expensive starts, and
+`load_backbone` loads the frozen components.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+class BackboneNotFoundError(FileNotFoundError):
+    """The backbone's weights are neither a local diffusers folder nor reachable on the hub."""
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """Where the frozen text-to-image model comes from.
+
+    Args:
+        name: short name recorded in checkpoints (`tiny`, `sd15`, `sd21`, ...).
+        path: a local diffusers folder (with `model_index.json`) or a hub id. For `build_tiny`, the cache
+            directory in which the tiny backbone is built on first use.
+        resolution: training and sampling resolution in pixels.
+        build_tiny: build the offline tiny backbone under `path` instead of loading existing weights.
+        revision: hub revision (branch, tag or commit), if `path` is a hub id.
+        variant: weight variant such as `fp16`, if the folder has one.
+        local_files_only: never contact the hub, even when `path` is a hub id that is not cached.
+    """
+
+    name: str
+    path: str
+    resolution: int
+    build_tiny: bool = False
+    revision: str | None = None
+    variant: str | None = None
+    local_files_only: bool = False
+
+
+@dataclass
+class Backbone:
+    """The frozen components a training step needs."""
+
+    unet: nn.Module
+    vae: nn.Module
+    text_encoder: nn.Module
+    tokenizer: object
+    noise_scheduler: object
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent cell (8 for SD)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def _not_found(spec: BackboneSpec, reason: str) -> BackboneNotFoundError:
+    return BackboneNotFoundError(
+        f"backbone '{spec.name}' weights at '{spec.path}' are not available ({reason}): point "
+        f"model.path at a local diffusers folder that contains model_index.json "
+        f"(e.g. model.path=/data/stable-diffusion-v1-5), or download '{spec.path}' once while online"
+    )
+
+
+def check_backbone(spec: BackboneSpec) -> str:
+    """Resolve `spec` to a local folder or a cached/reachable hub id without loading any weights.
+
+    Builds the tiny backbone if asked to. Raises `BackboneNotFoundError` with one line naming the fix.
+    """
+    if spec.build_tiny:
+        from src.models.tiny import ensure_tiny_backbone
+
+        return str(ensure_tiny_backbone(spec.path))
+    local = Path(spec.path).expanduser()
+    if local.is_dir():
+        if not (local / "model_index.json").is_file():
+            raise _not_found(spec, f"folder '{local}' has no model_index.json")
+        return str(local)
+    if local.is_absolute() or spec.path.startswith("."):
+        raise _not_found(spec, "no such folder")
+    return _check_hub(spec)
+
+
+def _check_hub(spec: BackboneSpec) -> str:
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+    cached = try_to_load_from_cache(spec.path, "model_index.json", revision=spec.revision)
+    if isinstance(cached, str):
+        return spec.path
+    if spec.local_files_only or _offline():
+        raise _not_found(spec, "not in the local hub cache and the hub is off")
+    try:
+        hf_hub_download(spec.path, "model_index.json", revision=spec.revision)
+    except Exception as err:  # any network, auth or not-found failure means the same to the user
+        raise _not_found(spec, f"hub unreachable: {type(err).__name__}") from None
+    return spec.path
+
+
+def load_backbone(spec: BackboneSpec, dtype: torch.dtype = torch.float32) -> Backbone:
+    """Load the frozen UNet, VAE, text encoder, tokenizer and training noise scheduler of `spec`."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    source = check_backbone(spec)
+    common = dict(revision=spec.revision, local_files_only=spec.local_files_only or _offline())
+    weights = dict(common, variant=spec.variant, torch_dtype=dtype)
+    backbone = Backbone(
+        unet=UNet2DConditionModel.from_pretrained(source, subfolder="unet", **weights),
+        vae=AutoencoderKL.from_pretrained(source, subfolder="vae", **weights),
+        text_encoder=CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **weights),
+        tokenizer=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **common),
+        noise_scheduler=DDPMScheduler.from_pretrained(source, subfolder="scheduler", **common),
+    )
+    for module in (backbone.unet, backbone.vae, backbone.text_encoder):
+        module.requires_grad_(False).eval()
+    return backbone

@@ -1,0 +1,98 @@
+"""The lightweight control encoder and its injection at the UNet's first feature map.
+
+The encoder follows ControlNet's hint encoder, as the official OFT code uses it (Qiu et al. 2023, sec. 4):
+3x3 convolutions with SiLU, channels 3 -> 16 -> 16 -> 32 (stride 2) -> 32 -> 96 (stride 2) -> 96 ->
+256 (stride 2) -> C, the last convolution zero-initialised so that at step 0 the controlled model is
+exactly the base model. Its output is added to the output of the UNet's `conv_in` through a forward hook
+installed for the duration of a call, so no UNet code is copied and the same injection works inside a
+stock diffusers pipeline.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+class ControlEncoder(nn.Module):
+    """Condition image `[B, C_in, H, W]` in [0, 1] -> embedding `[B, C_out, H / f, W / f]`.
+
+    Args:
+        out_channels: channels of the UNet's first feature map (`unet.conv_in.out_channels`).
+        downscale: the VAE's downsampling factor `f` (a power of two); one stride-2 stage per factor 2.
+        channels: widths of the stages, one more than the number of stride-2 stages is needed.
+        in_channels: channels of the condition image.
+    """
+
+    def __init__(
+        self,
+        out_channels: int,
+        downscale: int = 8,
+        channels: Sequence[int] = (16, 32, 96, 256),
+        in_channels: int = 3,
+    ) -> None:
+        super().__init__()
+        stages = round(math.log2(downscale))
+        if downscale < 1 or 2**stages != downscale:
+            raise ValueError(f"control encoder downscale {downscale} is not a power of two (SD's VAE uses 8)")
+        if len(channels) < stages + 1:
+            raise ValueError(
+                f"control encoder channels {list(channels)} give {len(channels) - 1} stride-2 stages but the "
+                f"VAE downscales by {downscale}; give at least {stages + 1} channel widths"
+            )
+        widths = list(channels[: stages + 1])
+        layers: list[nn.Module] = [nn.Conv2d(in_channels, widths[0], 3, padding=1), nn.SiLU()]
+        for c_in, c_out in zip(widths[:-1], widths[1:], strict=False):
+            layers += [nn.Conv2d(c_in, c_in, 3, padding=1), nn.SiLU()]
+            layers += [nn.Conv2d(c_in, c_out, 3, padding=1, stride=2), nn.SiLU()]
+        self.body = nn.Sequential(*layers)
+        self.zero_out = nn.Conv2d(widths[-1], out_channels, 3, padding=1)
+        nn.init.zeros_(self.zero_out.weight)
+        nn.init.zeros_(self.zero_out.bias)
+
+    def forward(self, condition: torch.Tensor) -> torch.Tensor:
+        return self.zero_out(self.body(condition))
+
+
+def _broadcast_to_batch(embedding: torch.Tensor, batch: int) -> torch.Tensor:
+    """Repeat a `[B, ...]` embedding to a batch of `k * B` (classifier-free guidance doubles the batch)."""
+    if batch == embedding.shape[0]:
+        return embedding
+    if batch % embedding.shape[0]:
+        raise ValueError(f"UNet batch {batch} is not a multiple of the control batch {embedding.shape[0]}")
+    return embedding.repeat(batch // embedding.shape[0], *([1] * (embedding.dim() - 1)))
+
+
+@contextmanager
+def control_injection(
+    unet: nn.Module, encoder: nn.Module, condition: torch.Tensor, strength: float = 1.0
+) -> Iterator[None]:
+    """Add `strength * encoder(condition)` to the output of `unet.conv_in` for every call in the block.
+
+    The embedding is computed once when the block is entered (so a sampling loop encodes the condition
+    once) and repeated to the UNet's batch: under classifier-free guidance the unconditional branch keeps
+    the control, as in the paper. With `strength == 0` the hook is not installed at all, so the output is
+    the base model's exactly.
+    """
+    if strength == 0:
+        yield
+        return
+    embedding = strength * encoder(condition)
+
+    def add_control(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        if output.shape[-2:] != embedding.shape[-2:]:
+            raise ValueError(
+                f"control embedding is {tuple(embedding.shape[-2:])} but the UNet's first feature map is "
+                f"{tuple(output.shape[-2:])}: the condition must have the image's resolution"
+            )
+        return output + _broadcast_to_batch(embedding, output.shape[0]).to(output.dtype)
+
+    handle = unet.conv_in.register_forward_hook(add_control)
+    try:
+        yield
+    finally:
+        handle.remove()

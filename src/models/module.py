@@ -1,0 +1,215 @@
+"""The Lightning module: a frozen SD backbone, OFT rotations in its UNet and a trainable control encoder."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from src.models.backbone import BackboneSpec, load_backbone
+from src.models.control import ControlEncoder, control_injection
+from src.models.sampling import build_pipeline, make_scheduler, sample_controlled
+from src.oft import OFTConfig, inject_oft, oft_parameter_count, project_coft_
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
+CHECKPOINT_META = "oft_control"
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingSpec:
+    """How validation samples are drawn (the paper: DDIM, 50 steps, guidance 9)."""
+
+    scheduler: str = "ddim"
+    num_inference_steps: int = 50
+    guidance_scale: float = 9.0
+    seed: int = 0
+
+
+class OFTControlModule(pl.LightningModule):
+    """Trains a control encoder and OFT rotations of a frozen text-to-image UNet.
+
+    Args:
+        backbone: where the frozen SD components come from.
+        oft: which UNet layers get orthogonal rotations, and how.
+        optimizer: a factory (Hydra `_partial_`) called with the trainable parameters only.
+        lr_scheduler: an optional factory called with the optimizer; stepped every training step.
+        encoder_channels: stage widths of the control encoder.
+        caption_dropout: probability of replacing a caption by "" (ControlNet uses 0.5).
+        sampling: how validation sample grids are drawn.
+    """
+
+    def __init__(
+        self,
+        backbone: BackboneSpec,
+        oft: OFTConfig,
+        optimizer: OptimizerFactory,
+        lr_scheduler: SchedulerFactory | None = None,
+        encoder_channels: Sequence[int] = (16, 32, 96, 256),
+        caption_dropout: float = 0.5,
+        sampling: SamplingSpec | None = None,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= caption_dropout <= 1.0:
+            raise ValueError(f"caption_dropout {caption_dropout} is not a probability in [0, 1]")
+        self.backbone_spec, self.oft_config = backbone, oft
+        self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
+        self.caption_dropout = caption_dropout
+        self.sampling = sampling or SamplingSpec()
+        parts = load_backbone(backbone)
+        self.unet, self.vae, self.text_encoder = parts.unet, parts.vae, parts.text_encoder
+        self.tokenizer, self.noise_scheduler = parts.tokenizer, parts.noise_scheduler
+        self.vae_scale_factor = parts.vae_scale_factor
+        self.adapted_layers = inject_oft(self.unet, oft)
+        self.encoder = ControlEncoder(self.unet.conv_in.out_channels, parts.vae_scale_factor, encoder_channels)
+        self.strict_loading = False  # checkpoints hold only the trained tensors; see on_load_checkpoint
+
+    # ----------------------------------------------------------------------------------- parameters
+    def trainable_names(self) -> list[str]:
+        """Qualified names of the trained tensors: the control encoder and the OFT rotations."""
+        return [name for name, p in self.named_parameters() if p.requires_grad]
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def parameter_summary(self) -> dict[str, int]:
+        """Degrees of freedom of the rotations and parameters of the encoder."""
+        encoder = sum(p.numel() for p in self.encoder.parameters())
+        return {"oft_dof": oft_parameter_count(self.unet), "encoder_params": encoder}
+
+    def train(self, mode: bool = True) -> OFTControlModule:
+        """Keep the frozen VAE and text encoder in eval mode whatever Lightning asks of the module."""
+        super().train(mode)
+        self.vae.eval()
+        self.text_encoder.eval()
+        return self
+
+    # ----------------------------------------------------------------------------------- diffusion
+    @torch.no_grad()
+    def encode_prompts(self, captions: Sequence[str]) -> torch.Tensor:
+        tokens = self.tokenizer(
+            list(captions),
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        return self.text_encoder(tokens.input_ids.to(self.device))[0]
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] -> scaled VAE latents."""
+        latents = self.vae.encode(images.to(self.vae.dtype)).latent_dist.sample()
+        return latents * self.vae.config.scaling_factor
+
+    def drop_captions(self, captions: Sequence[str]) -> list[str]:
+        keep = torch.rand(len(captions)) >= self.caption_dropout
+        return [c if k else "" for c, k in zip(captions, keep.tolist(), strict=False)]
+
+    def diffusion_loss(
+        self,
+        batch: dict[str, Any],
+        noise: torch.Tensor | None = None,
+        timesteps: torch.Tensor | None = None,
+        captions: Sequence[str] | None = None,
+    ) -> torch.Tensor:
+        """MSE between the UNet's prediction and the scheduler's target (epsilon or v), uniform timesteps."""
+        latents = self.encode_images(batch["image"])
+        noise = torch.randn_like(latents) if noise is None else noise
+        if timesteps is None:
+            steps = self.noise_scheduler.config.num_train_timesteps
+            timesteps = torch.randint(0, steps, (latents.shape[0],), device=latents.device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        text = self.encode_prompts(batch["caption"] if captions is None else captions)
+        with control_injection(self.unet, self.encoder, batch["condition"].to(latents.dtype)):
+            prediction = self.unet(noisy, timesteps, text).sample
+        return F.mse_loss(prediction.float(), self.diffusion_target(latents, noise, timesteps).float())
+
+    def diffusion_target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        kind = self.noise_scheduler.config.prediction_type
+        if kind == "epsilon":
+            return noise
+        if kind == "v_prediction":
+            return self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        raise ValueError(f"prediction_type '{kind}' is not supported; use epsilon or v_prediction")
+
+    # ----------------------------------------------------------------------------------- lightning
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss = self.diffusion_loss(batch, captions=self.drop_captions(batch["caption"]))
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["caption"]))
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        """Loss with noise and timesteps fixed per batch index, so validation curves are comparable."""
+        generator = torch.Generator().manual_seed(self.sampling.seed + batch_idx)
+        height, width = (size // self.vae_scale_factor for size in batch["image"].shape[-2:])
+        latent_shape = (len(batch["caption"]), self.unet.config.in_channels, height, width)
+        noise = torch.randn(latent_shape, generator=generator).to(self.device)
+        steps = self.noise_scheduler.config.num_train_timesteps
+        timesteps = torch.randint(0, steps, (latent_shape[0],), generator=generator).to(self.device)
+        loss = self.diffusion_loss(batch, noise=noise, timesteps=timesteps)
+        self.log("val/loss", loss, prog_bar=True, batch_size=latent_shape[0], sync_dist=True)
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(self.trainable_parameters())
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """After each optimizer step, COFT projects every rotation block back inside its radius."""
+        super().optimizer_step(*args, **kwargs)
+        if self.oft_config.coft:
+            project_coft_(self.unet)
+
+    # ----------------------------------------------------------------------------------- sampling
+    def pipeline(self):
+        """A stock diffusers pipeline over this module's (adapted) components."""
+        scheduler = make_scheduler(self.sampling.scheduler, self.noise_scheduler.config)
+        return build_pipeline(self.unet, self.vae, self.text_encoder, self.tokenizer, scheduler)
+
+    def generate(self, condition: torch.Tensor, prompts: Sequence[str], **kwargs: Any) -> torch.Tensor:
+        """Images in [0, 1] for conditions in [0, 1]; keyword arguments as `sample_controlled`."""
+        options = dict(
+            num_inference_steps=self.sampling.num_inference_steps,
+            guidance_scale=self.sampling.guidance_scale,
+            generator=torch.Generator().manual_seed(self.sampling.seed),
+        ) | kwargs
+        was_training = self.training
+        self.eval()
+        try:
+            return sample_controlled(self.pipeline(), self.encoder, condition, prompts, **options)
+        finally:
+            self.train(was_training)
+
+    # ----------------------------------------------------------------------------------- checkpoints
+    def checkpoint_identity(self) -> dict[str, Any]:
+        """What a checkpoint must match to be loaded into this module: backbone and OFT layout."""
+        oft = {k: v for k, v in dataclasses.asdict(self.oft_config).items() if k not in ("eps", "coft")}
+        return {"backbone": self.backbone_spec.name, "oft": repr(sorted(oft.items()))}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep only the trained tensors: the frozen backbone is reloaded from its own weights."""
+        trained = set(self.trainable_names())
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trained}
+        checkpoint[CHECKPOINT_META] = self.checkpoint_identity()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse checkpoints from another backbone or OFT layout, and ones missing trained tensors."""
+        saved, expected = checkpoint.get(CHECKPOINT_META), self.checkpoint_identity()
+        if saved != expected:
+            raise ValueError(
+                f"checkpoint was trained with {saved} but this run is configured with {expected}: "
+                "resume with the same model and oft settings, or start a new run without ckpt_path"
+            )
+        missing = sorted(set(self.trainable_names()) - set(checkpoint["state_dict"]))
+        unexpected = sorted(set(checkpoint["state_dict"]) - set(self.trainable_names()))
+        if missing or unexpected:
+            raise ValueError(f"checkpoint tensors do not match: missing {missing[:5]}, unexpected {unexpected[:5]}")
