@@ -1,0 +1,1 @@
+"""Data: shard schema, annotators, paired transforms and the streaming datamodule."""
