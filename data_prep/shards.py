@@ -1,0 +1,271 @@
+"""Shared shard writer used by every converter.
+
+A converter lists its source items (cheap, picklable) and gives a ``make_sample`` function that turns
+one item into the schema's members (``src.data.schema``), raising ``SampleError(reason)`` to skip it.
+This module then
+
+- plans deterministically: items are ordered by a salted SHA-1 of their source id; the first
+  ``round(N * val_fraction)`` go to ``val`` (at least one when the fraction is positive), the rest to
+  ``train``; each split is cut into shards of ``shard_size`` samples in that order, named
+  ``OUT/{split}-{index:06d}.tar``. The same inputs and settings always give the same shards, byte for
+  byte (tar headers carry fixed owners and mtimes);
+- writes each shard to a hidden temporary name (``.{name}.tmp``) and renames it when complete, so an
+  interrupted run never leaves a truncated shard that looks finished;
+- resumes: a shard whose final file exists with a matching fingerprint (settings + source ids) in
+  ``OUT/_state/{name}.json`` is skipped, and a run that has nothing left to do writes nothing at all.
+  A finished shard from different settings or inputs is an error (use ``overwrite`` or a new OUT);
+- runs shards in parallel worker processes with a tqdm bar, and writes ``OUT/summary.json``:
+  samples written per split, skipped counts by reason, shard counts and seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import multiprocessing
+import os
+import shutil
+import tarfile
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from src.data import schema
+
+log = logging.getLogger(__name__)
+
+SUMMARY = "summary.json"
+STATE_DIR = "_state"
+TAR_MTIME = 0  # fixed so shards are reproducible byte for byte
+
+
+@dataclass(frozen=True)
+class SourceItem:
+    """One source sample: its stable id (unique within the dataset) and converter-specific payload."""
+
+    source_id: str
+    payload: Any = None
+
+
+MakeSample = Callable[[SourceItem], dict[str, bytes]]
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """The items that make up one shard."""
+
+    split: str
+    index: int
+    items: tuple[SourceItem, ...]
+
+    @property
+    def name(self) -> str:
+        """File name of the finished shard, e.g. ``train-000000.tar``."""
+        return f"{self.split}-{self.index:06d}.tar"
+
+    def fingerprint(self, settings: dict[str, Any]) -> str:
+        """Hash of the settings and the ordered source ids: equal fingerprints mean equal shards."""
+        text = json.dumps({"settings": settings, "ids": [i.source_id for i in self.items]}, sort_keys=True)
+        return hashlib.sha1(text.encode("utf-8")).hexdigest()
+
+
+def item_rank(source_id: str, salt: str) -> str:
+    """Salted SHA-1 of a source id: the deterministic pseudo-random order used for splits and shards."""
+    return hashlib.sha1(f"{salt}:{source_id}".encode()).hexdigest()
+
+
+def plan_shards(
+    items: Iterable[SourceItem],
+    *,
+    val_fraction: float,
+    shard_size: int,
+    max_samples: int | None = None,
+    salt: str = "oft-control",
+) -> list[ShardPlan]:
+    """Assign items to splits and shards deterministically (see the module docstring)."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    ordered = sorted(items, key=lambda item: item_rank(item.source_id, salt))
+    ids = [item.source_id for item in ordered]
+    if len(set(ids)) != len(ids):
+        raise ValueError("source ids are not unique")
+    if max_samples is not None:
+        ordered = ordered[:max_samples]
+    n_val = round(len(ordered) * val_fraction)
+    if val_fraction > 0 and n_val == 0 and len(ordered) > 1:
+        n_val = 1
+    plans = []
+    for split, part in (("train", ordered[n_val:]), ("val", ordered[:n_val])):
+        for index, start in enumerate(range(0, len(part), shard_size)):
+            plans.append(ShardPlan(split, index, tuple(part[start : start + shard_size])))
+    return plans
+
+
+# ------------------------------------------------------------------------------------ one shard
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    """Append one file to a tar with fixed metadata."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), TAR_MTIME, 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _write_sample(tar: tarfile.TarFile, key: str, members: dict[str, bytes]) -> int:
+    """Write one sample's members in schema order; return the bytes written."""
+    schema.check_key(key)
+    schema.check_members(tuple(members))
+    for member in schema.MEMBERS:
+        if member in members:
+            _add_member(tar, f"{key}.{member}", members[member])
+    return sum(len(v) for v in members.values())
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    """Write a text file through a temporary name and a rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class _ShardJob:
+    plan: ShardPlan
+    out_dir: str
+    dataset: str
+    fingerprint: str
+    make_sample: MakeSample
+
+
+def write_shard(job: _ShardJob) -> dict[str, Any]:
+    """Write one shard (temporary name, then rename) and its state file; return its stats."""
+    out, name = Path(job.out_dir), job.plan.name
+    tmp = out / f".{name}.tmp"
+    written, nbytes, skipped = 0, 0, Counter()
+    with tarfile.open(tmp, "w") as tar:
+        for item in job.plan.items:
+            try:
+                members = job.make_sample(item)
+            except schema.SampleError as exn:
+                skipped[exn.reason] += 1
+                log.info("skipped %s: %s", item.source_id, exn)
+                continue
+            nbytes += _write_sample(tar, schema.make_key(job.dataset, item.source_id), members)
+            written += 1
+    stats = {"shard": name, "split": job.plan.split, "fingerprint": job.fingerprint,
+             "written": written, "skipped": dict(skipped), "bytes": nbytes}
+    _atomic_write_text(out / STATE_DIR / f"{name}.json", json.dumps(stats, indent=1, sort_keys=True))
+    os.replace(tmp, out / name)  # the commit point: the shard exists only when complete
+    return stats
+
+
+# ----------------------------------------------------------------------------------- the dataset
+def _read_state(out: Path, name: str) -> dict[str, Any] | None:
+    """State of a finished shard, or None if the shard is not finished."""
+    state = out / STATE_DIR / f"{name}.json"
+    if not (out / name).exists() or not state.exists():
+        return None
+    return json.loads(state.read_text(encoding="utf-8"))
+
+
+def _clear_output(out: Path) -> None:
+    """Remove everything this writer puts in OUT (shards, temporaries, state, summary)."""
+    for path in list(out.glob("*.tar")) + list(out.glob(".*.tmp")) + [out / SUMMARY]:
+        path.unlink(missing_ok=True)
+    shutil.rmtree(out / STATE_DIR, ignore_errors=True)
+
+
+def _pending_jobs(plans: Sequence[ShardPlan], out: Path, overwrite: bool, **job_kw: Any) -> list[_ShardJob]:
+    """Jobs for shards not yet finished; raise on finished shards that belong to another plan."""
+    if overwrite:
+        _clear_output(out)
+    names = {p.name for p in plans}
+    strays = sorted(p.name for p in out.glob("*.tar") if p.name not in names)
+    if strays:
+        raise ValueError(f"{out} holds shards from another run ({strays[:3]}...); use --overwrite or a new --out")
+    jobs = []
+    for plan in plans:
+        fingerprint = plan.fingerprint(job_kw["settings"])
+        state = _read_state(out, plan.name)
+        if state is not None and state["fingerprint"] != fingerprint:
+            raise ValueError(f"{out / plan.name} was written with other settings or inputs; "
+                             "use --overwrite or a new --out")
+        if state is None:
+            jobs.append(_ShardJob(plan, str(out), job_kw["dataset"], fingerprint, job_kw["make_sample"]))
+    return jobs
+
+
+def _run_jobs(jobs: list[_ShardJob], workers: int, desc: str) -> None:
+    """Run shard jobs in-process (workers <= 1) or in a process pool, with a progress bar."""
+    bar = tqdm(total=sum(len(j.plan.items) for j in jobs), desc=desc, unit="img", disable=not jobs)
+    with bar:
+        if workers <= 1 or len(jobs) <= 1:
+            for job in jobs:
+                write_shard(job)
+                bar.update(len(job.plan.items))
+            return
+        with multiprocessing.get_context().Pool(min(workers, len(jobs))) as pool:
+            for stats in pool.imap_unordered(write_shard, jobs):
+                bar.update(stats["written"] + sum(stats["skipped"].values()))
+
+
+def _summarize(out: Path, plans: Sequence[ShardPlan], pre_skipped: Counter, extra: dict[str, Any]) -> dict:
+    """Aggregate the state files of all shards into the summary dict."""
+    skipped, splits = Counter(pre_skipped), {}
+    for plan in plans:
+        state = _read_state(out, plan.name)
+        skipped.update(state["skipped"])
+        split = splits.setdefault(plan.split, {"shards": 0, "samples": 0, "bytes": 0})
+        split["shards"] += 1
+        split["samples"] += state["written"]
+        split["bytes"] += state["bytes"]
+    written = sum(s["samples"] for s in splits.values())
+    return {"schema_version": schema.SCHEMA_VERSION, "written": written, "splits": splits,
+            "skipped": dict(sorted(skipped.items())), "skipped_total": sum(skipped.values()), **extra}
+
+
+def write_dataset(
+    items: Iterable[SourceItem],
+    make_sample: MakeSample,
+    out_dir: str | Path,
+    *,
+    dataset: str,
+    settings: dict[str, Any],
+    val_fraction: float = 0.01,
+    shard_size: int = 1000,
+    max_samples: int | None = None,
+    workers: int = 1,
+    pre_skipped: Counter | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Plan, write (or resume) and summarize a sharded dataset; return the summary dict.
+
+    ``settings`` (annotator and resize settings) go into every shard's fingerprint and the summary;
+    ``pre_skipped`` counts items the converter dropped before planning (e.g. images without captions).
+    """
+    start, out = time.monotonic(), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    plans = plan_shards(items, val_fraction=val_fraction, shard_size=shard_size, max_samples=max_samples)
+    jobs = _pending_jobs(plans, out, overwrite, settings=settings, dataset=dataset, make_sample=make_sample)
+    (out / STATE_DIR).mkdir(exist_ok=True)
+    if not jobs and (out / SUMMARY).exists():
+        log.info("%s is up to date (%d shards)", out, len(plans))
+        return json.loads((out / SUMMARY).read_text(encoding="utf-8"))
+    for stale in out.glob(".*.tar.tmp"):
+        stale.unlink()  # leftovers of an interrupted run
+    _run_jobs(jobs, workers, desc=f"{dataset} -> {out.name}")
+    extra = {"dataset": dataset, "settings": settings, "val_fraction": val_fraction, "shard_size": shard_size,
+             "shards_written": len(jobs), "shards_reused": len(plans) - len(jobs),
+             "seconds": round(time.monotonic() - start, 3)}
+    summary = _summarize(out, plans, pre_skipped or Counter(), extra)
+    _atomic_write_text(out / SUMMARY, json.dumps(summary, indent=1, sort_keys=True))
+    return summary
