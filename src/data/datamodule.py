@@ -1,0 +1,123 @@
+"""Lightning datamodule over schema shards (DESIGN.md section 3, "Streaming").
+
+Batches are dicts::
+
+    {"image": float32 [B, 3, H, W] in [-1, 1],     # target, H = W = resolution
+     "condition": float32 [B, 3, H, W] in [0, 1],  # canny replicated to 3 channels; seg/landmarks RGB
+     "caption": list[str], "key": list[str]}
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import pytorch_lightning as pl
+import webdataset as wds
+
+from src.data import schema
+from src.data.pipeline import SampleDecoder, SkipCounter, eval_pipeline, resolve_shards, train_pipeline
+
+
+class ShardDataModule(pl.LightningDataModule):
+    """Streams webdataset shards for one task condition.
+
+    Args:
+        train_shards: shard spec (brace pattern, glob, directory, ``pipe:`` URL, or a list of these).
+        val_shards: same for validation, or None for no validation loader.
+        condition: ``"canny"``, ``"seg"`` or ``"landmarks"`` (see ``src.data.schema.CONDITIONS``).
+        resolution: side of the square crops.
+        batch_size / val_batch_size: per-rank batch sizes.
+        num_workers: DataLoader worker processes (0 reads in the main process).
+        shuffle_buffer: samples in the training shuffle buffer.
+        resampled: draw training shards with replacement forever (multi-node); needs ``epoch_samples``.
+        epoch_samples: samples per epoch over all ranks; with it every rank yields exactly
+            ``max(1, epoch_samples // (world_size * batch_size))`` batches per epoch.
+        seed: base seed of shard resampling, shuffling and augmentation.
+        prepare: called once in ``prepare_data()`` (e.g. ``partial(data_prep.demo.build_demo, "canny")``).
+        random_flip: horizontal flip of target and condition together during training.
+    """
+
+    def __init__(
+        self,
+        train_shards: str | Sequence[str],
+        val_shards: str | Sequence[str] | None = None,
+        condition: str = "canny",
+        resolution: int = 512,
+        batch_size: int = 4,
+        val_batch_size: int = 4,
+        num_workers: int = 0,
+        shuffle_buffer: int = 1000,
+        resampled: bool = False,
+        epoch_samples: int | None = None,
+        seed: int = 0,
+        prepare: Callable[[], object] | None = None,
+        random_flip: bool = True,
+    ) -> None:
+        super().__init__()
+        schema.condition_spec(condition)
+        for name, value in (("resolution", resolution), ("batch_size", batch_size),
+                            ("val_batch_size", val_batch_size)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        if resampled and not epoch_samples:
+            raise ValueError("resampled=True streams forever: set epoch_samples (samples per epoch)")
+        self.train_shards, self.val_shards = train_shards, val_shards
+        self.condition, self.resolution = condition, resolution
+        self.batch_size, self.val_batch_size, self.num_workers = batch_size, val_batch_size, num_workers
+        self.shuffle_buffer, self.resampled, self.epoch_samples = shuffle_buffer, resampled, epoch_samples
+        self.seed, self.prepare, self.random_flip = seed, prepare, random_flip
+        self.train_urls: list[str] = []
+        self.val_urls: list[str] = []
+        self.train_skips, self.val_skips = SkipCounter("train"), SkipCounter("val")
+
+    def prepare_data(self) -> None:
+        """Run the ``prepare`` hook (e.g. build the demo shards) once per node."""
+        if self.prepare is not None:
+            self.prepare()
+
+    def setup(self, stage: str | None = None) -> None:
+        """Resolve the shard specs (after ``prepare_data`` so freshly built shards are found)."""
+        self.train_urls = resolve_shards(self.train_shards, "data.train_shards")
+        if self.val_shards is not None:
+            self.val_urls = resolve_shards(self.val_shards, "data.val_shards")
+
+    def _world_size(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        return trainer.world_size if trainer is not None else 1
+
+    def _loader(self, pipeline: wds.DataPipeline) -> wds.WebLoader:
+        return wds.WebLoader(pipeline, batch_size=None, shuffle=False, num_workers=self.num_workers,
+                             persistent_workers=False)
+
+    def batches_per_epoch(self) -> int | None:
+        """Training batches each rank yields per epoch (None when the epoch is one pass over shards)."""
+        if not self.epoch_samples:
+            return None
+        return max(1, self.epoch_samples // (self._world_size() * self.batch_size))
+
+    def train_dataloader(self) -> wds.WebLoader:
+        """Shuffled (optionally resampled) training batches."""
+        if not self.train_urls:
+            self.setup("fit")
+        decoder = SampleDecoder(self.condition, self.resolution, True, self.random_flip, self.seed)
+        pipeline = train_pipeline(self.train_urls, decoder, batch_size=self.batch_size,
+                                  shuffle_buffer=self.shuffle_buffer, resampled=self.resampled,
+                                  seed=self.seed, skips=self.train_skips)
+        n_batches = self.batches_per_epoch()
+        if n_batches is None:
+            return self._loader(pipeline)
+        pipeline.with_epoch(math.ceil(n_batches / max(1, self.num_workers)))
+        return self._loader(pipeline).with_epoch(n_batches)
+
+    def val_dataloader(self) -> wds.WebLoader | list:
+        """Every validation sample exactly once, in order, centre-cropped, not flipped."""
+        if self.val_shards is None:
+            return []
+        if not self.val_urls:
+            self.setup("validate")
+        decoder = SampleDecoder(self.condition, self.resolution, False, False, self.seed)
+        pipeline = eval_pipeline(self.val_urls, decoder, batch_size=self.val_batch_size, skips=self.val_skips)
+        return self._loader(pipeline)
