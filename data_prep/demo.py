@@ -6,11 +6,13 @@ downloaded) plus crops/flips of them and a few procedural drawings, with hand-wr
 
     ROOT/coco/train2017/000000000001.jpg ...            (40 images, 96-128 px)
     ROOT/coco/annotations/captions_train2017.json       (3 captions per image)
-    ROOT/shards/coco-canny/train-000000.tar ...         (32 train samples, 64 x 64)
-    ROOT/shards/coco-canny/val-000000.tar               (8 val samples)
-    ROOT/shards/coco-canny/summary.json
+    ROOT/canny/train-000000.tar, train-000001.tar       (32 train samples, 64 x 64)
+    ROOT/canny/val-000000.tar                           (8 val samples)
+    ROOT/canny/summary.json
 
-It returns the shard folder. A second call finds everything in place and returns at once.
+Source layouts live under the source's name (``ROOT/coco``), shards under the task's name
+(``ROOT/{task}``, as ``conf/data/demo.yaml`` expects). It returns the shard folder. A second call
+finds everything in place and returns at once.
 
     python -m data_prep.demo --task canny --root DIR
 """
@@ -34,7 +36,8 @@ from data_prep import coco
 
 DEMO_VERSION = 1
 DEMO_RESOLUTION = 64
-DEFAULT_ROOT = Path("~/.cache/oft-control/demo")
+#: same place as ``conf/paths`` + ``conf/data/demo.yaml``: ``$OFT_CONTROL_CACHE/data/demo``.
+DEFAULT_ROOT = Path(os.environ.get("OFT_CONTROL_CACHE", "~/.cache/oft-control")) / "data" / "demo"
 
 #: photos shipped inside scikit-image's package folder (``skimage/data``), with hand-written captions.
 PHOTOS: dict[str, tuple[str, ...]] = {
@@ -143,7 +146,7 @@ def _layout_is_current(annotations: Path) -> bool:
 
 def _build_canny(root: Path) -> Path:
     """COCO layout -> canny shards through ``data_prep.coco.convert``."""
-    coco_root, out = root / "coco", root / "shards" / "coco-canny"
+    coco_root, out = root / "coco", root / "canny"
     annotations = coco_root / "annotations" / "captions_train2017.json"
     rebuilt = not _layout_is_current(annotations)
     if rebuilt:
