@@ -38,13 +38,15 @@ def _expand_one(pattern: str) -> list[str]:
     return [path] if os.path.isfile(path) else []
 
 
-def resolve_shards(spec: str | Sequence[str], what: str = "shards") -> list[str]:
+def resolve_shards(spec: str | os.PathLike | Sequence[str | os.PathLike], what: str = "shards") -> list[str]:
     """Expand a shard spec into a list of URLs.
 
     Accepts brace patterns (``train-{000000..000009}.tar``), globs (``DIR/train-*.tar``), a directory
     (all ``*.tar`` in it, sorted), lists of any of these, and ``pipe:``/``scheme://`` URLs, which pass
     through untouched. A local pattern that matches nothing raises a ValueError naming ``what``.
     """
+    if isinstance(spec, os.PathLike):
+        spec = os.fspath(spec)
     if not isinstance(spec, str):
         return [url for item in spec for url in resolve_shards(item, what)]
     if spec.startswith("pipe:") or "://" in spec:

@@ -1,0 +1,187 @@
+"""ShardDataModule round trips on the demo shards and on hand-made shards with bad samples."""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import tarfile
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from data_prep.demo import build_demo
+from src.data import schema
+from src.data.datamodule import ShardDataModule
+from src.data.pipeline import resolve_shards
+
+RES = 64  # the demo's stored resolution
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_demo("canny", tmp_path_factory.mktemp("demo"))
+
+
+def _shard_samples(path: Path) -> dict[str, dict[str, bytes]]:
+    samples: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(path) as tar:
+        for info in tar.getmembers():
+            key, _, ext = info.name.partition(".")
+            samples.setdefault(key, {})[ext] = tar.extractfile(info).read()
+    return samples
+
+
+def _all_samples(directory: Path, split: str) -> dict[str, dict[str, bytes]]:
+    return {k: v for p in sorted(directory.glob(f"{split}-*.tar")) for k, v in _shard_samples(p).items()}
+
+
+def _datamodule(train, val=None, **kw) -> ShardDataModule:
+    defaults = dict(condition="canny", resolution=RES, batch_size=4, val_batch_size=3, num_workers=0,
+                    shuffle_buffer=8, seed=0)
+    dm = ShardDataModule(train, val, **{**defaults, **kw})
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_val_round_trip_every_sample_once(demo_dir: Path, num_workers: int) -> None:
+    expected = _all_samples(demo_dir, "val")
+    dm = _datamodule(demo_dir / "train-*.tar", str(demo_dir / "val-*.tar"), num_workers=num_workers)
+    batches = list(dm.val_dataloader())
+    keys = [k for b in batches for k in b["key"]]
+    assert sorted(keys) == sorted(expected) and len(keys) == len(set(keys)) == 8
+    for batch in batches:
+        n = len(batch["key"])
+        assert batch["image"].shape == batch["condition"].shape == (n, 3, RES, RES)
+        assert batch["image"].dtype == batch["condition"].dtype == torch.float32
+        assert batch["image"].min() >= -1.0 and batch["image"].max() <= 1.0
+        assert batch["condition"].min() >= 0.0 and batch["condition"].max() <= 1.0
+        for i, key in enumerate(batch["key"]):
+            assert batch["caption"][i] == expected[key]["txt"].decode("utf-8")
+            canny = cv2.imdecode(np.frombuffer(expected[key]["canny.png"], np.uint8), cv2.IMREAD_GRAYSCALE)
+            for channel in range(3):  # single channel replicated, values exactly k/255
+                np.testing.assert_array_equal((batch["condition"][i, channel] * 255).round().numpy(), canny)
+
+
+def test_train_flip_and_crop_are_paired(demo_dir: Path) -> None:
+    expected = _all_samples(demo_dir, "train")
+    dm = _datamodule(str(demo_dir / "train-*.tar"), random_flip=True)
+    flips = set()
+    for batch in dm.train_dataloader():
+        for i, key in enumerate(batch["key"]):
+            canny = cv2.imdecode(np.frombuffer(expected[key]["canny.png"], np.uint8), cv2.IMREAD_GRAYSCALE)
+            image = schema.decode_member("jpg", expected[key]["jpg"])
+            cond = (batch["condition"][i, 0] * 255).round().numpy()
+            got = ((batch["image"][i].permute(1, 2, 0) + 1) * 127.5).round().numpy()
+            flipped = not np.array_equal(cond, canny)
+            if flipped:
+                canny, image = canny[:, ::-1], image[:, ::-1]
+            np.testing.assert_array_equal(cond, canny)
+            np.testing.assert_allclose(got, image, atol=1)
+            flips.add(flipped)
+    assert flips == {True, False}
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resampled_epoch_has_exact_batch_count(demo_dir: Path, num_workers: int) -> None:
+    dm = _datamodule(demo_dir, resampled=True, epoch_samples=40, batch_size=4, num_workers=num_workers,
+                     resolution=32)
+    assert dm.batches_per_epoch() == 10
+    for _ in range(2):
+        batches = list(dm.train_dataloader())
+        assert len(batches) == 10 and all(b["image"].shape == (4, 3, 32, 32) for b in batches)
+
+
+def test_non_resampled_train_is_one_pass(demo_dir: Path) -> None:
+    dm = _datamodule(str(demo_dir / "train-*.tar"), batch_size=4, num_workers=2)
+    keys = [k for b in dm.train_dataloader() for k in b["key"]]
+    assert sorted(keys) == sorted(_all_samples(demo_dir, "train"))
+
+
+def test_prepare_builds_before_setup_resolves(tmp_path: Path) -> None:
+    root = tmp_path / "lazy"
+    dm = ShardDataModule(str(root / "canny" / "train-*.tar"), str(root / "canny" / "val-*.tar"),
+                         resolution=32, prepare=lambda: build_demo("canny", root))
+    dm.prepare_data()
+    dm.setup("fit")
+    assert len(dm.train_urls) == 2 and len(dm.val_urls) == 1
+
+
+# ------------------------------------------------------------------------------ spec resolution
+def test_resolve_shards_forms(demo_dir: Path) -> None:
+    train = [str(demo_dir / "train-000000.tar"), str(demo_dir / "train-000001.tar")]
+    every = sorted(str(p) for p in demo_dir.glob("*.tar"))
+    assert resolve_shards(str(demo_dir / "train-{000000..000001}.tar")) == train
+    assert resolve_shards(str(demo_dir / "train-*.tar")) == train
+    assert resolve_shards(str(demo_dir)) == every
+    assert resolve_shards([train[1], str(demo_dir / "val-*.tar")]) == [train[1], every[-1]]
+    assert resolve_shards("pipe:curl -s http://host/x-{0..3}.tar") == ["pipe:curl -s http://host/x-{0..3}.tar"]
+
+
+@pytest.mark.parametrize("spec", ["nowhere/train-*.tar", "nowhere/train-{000000..000002}.tar", "nowhere"])
+def test_resolve_shards_no_match_names_spec_and_fix(spec: str) -> None:
+    with pytest.raises(ValueError, match="data.train_shards") as info:
+        resolve_shards(spec, "data.train_shards")
+    assert spec in str(info.value) and "python -m data_prep.coco" in str(info.value)
+
+
+def test_constructor_rejects_bad_values(demo_dir: Path) -> None:
+    with pytest.raises(ValueError, match="supported"):
+        ShardDataModule(str(demo_dir), condition="depth")
+    with pytest.raises(ValueError, match="epoch_samples"):
+        ShardDataModule(str(demo_dir), resampled=True)
+
+
+# ---------------------------------------------------------------------- bad samples and pickles
+class _Trap:
+    """Unpickling this object creates a file: proof that something unpickled it."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def _write_shard(path: Path, samples: dict[str, dict[str, bytes]]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for key, members in samples.items():
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def _good_members(seed: int) -> dict[str, bytes]:
+    rgb = np.random.default_rng(seed).integers(0, 255, (RES, RES, 3), dtype=np.uint8)
+    edges = cv2.Canny(rgb, 100, 200)
+    return {"jpg": schema.encode_member("jpg", rgb), "txt": f"caption {seed}".encode(),
+            "json": b"{}", "canny.png": schema.encode_member("canny.png", edges)}
+
+
+def test_pickles_are_never_loaded_and_bad_samples_are_counted(tmp_path: Path) -> None:
+    trap = tmp_path / "unpickled"
+    payload = pickle.dumps(_Trap(str(trap)))
+    pickle.loads(payload)  # the trap works...
+    assert trap.exists()
+    trap.unlink()  # ...and is reset before reading shards
+    good = _good_members(0)
+    samples = {
+        "good": {**good, "pyd": payload, "pickle": payload},
+        "nocanny": {k: v for k, v in _good_members(1).items() if k != "canny.png"},
+        "badjpg": {**_good_members(2), "jpg": b"\xff\xd8 not really a jpeg"},
+        "onlypickle": {"pyd": payload},
+    }
+    _write_shard(tmp_path / "bad-000000.tar", samples)
+    dm = _datamodule(str(tmp_path / "bad-000000.tar"), str(tmp_path / "bad-000000.tar"))
+    keys = [k for b in dm.val_dataloader() for k in b["key"]] + [k for b in dm.train_dataloader() for k in b["key"]]
+    assert keys == ["good"]  # the train batch of 4 is incomplete, so it is dropped
+    assert not trap.exists()
+    # "onlypickle" has no schema member at all: its files are never read, so it is no sample either
+    assert dm.val_skips.counts == {"missing_canny.png": 1, "undecodable_image": 1}
+    assert not os.path.exists(trap)
