@@ -54,7 +54,9 @@ class OFTConfig:
         self.exclude_modules = _as_pattern_list(self.exclude_modules, "exclude_modules")
         self._validate_blocks()
         if self.cayley not in CAYLEY_METHODS:
-            raise ValueError(f"cayley {self.cayley!r} is not one of {CAYLEY_METHODS}; use 'exact' or 'neumann'")
+            raise ValueError(
+                f"cayley {self.cayley!r} is not one of {CAYLEY_METHODS}; use 'exact' or 'neumann'"
+            )
         if int(self.neumann_terms) != self.neumann_terms or self.neumann_terms < 1:
             raise ValueError(f"neumann_terms {self.neumann_terms!r} must be an integer >= 1 (e.g. 5)")
         if self.coft and not (isinstance(self.eps, int | float) and self.eps > 0 and math.isfinite(self.eps)):
@@ -67,7 +69,9 @@ class OFTConfig:
                 "set the other to null/None"
             )
         if self.block_size is not None and (int(self.block_size) != self.block_size or self.block_size < 2):
-            raise ValueError(f"block_size {self.block_size!r} must be an integer >= 2 (a 1x1 rotation is fixed)")
+            raise ValueError(
+                f"block_size {self.block_size!r} must be an integer >= 2 (a 1x1 rotation is fixed)"
+            )
         if self.n_blocks is not None and (int(self.n_blocks) != self.n_blocks or self.n_blocks < 1):
             raise ValueError(f"n_blocks {self.n_blocks!r} must be an integer >= 1")
 
@@ -85,12 +89,15 @@ class OFTConfig:
         """Plain-python copy of the fields (for checkpoints and logs)."""
         return dataclasses.asdict(self)
 
-    def blocks_for(self, features: int, layer_name: str) -> tuple[int, int]:
-        """``(n_blocks, block_size)`` for a layer whose rotated space has ``features`` dimensions."""
+    def blocks_for(self, features: int, layer_name: str, what: str = "in_features") -> tuple[int, int]:
+        """``(n_blocks, block_size)`` for a layer whose rotated space has ``features`` dimensions.
+
+        ``what`` names that dimension in error messages (``in_features``, or the conv patch size).
+        """
         if self.block_size is not None:
             if features % self.block_size:
                 raise ValueError(
-                    f"block_size {self.block_size} does not divide in_features {features} of layer "
+                    f"block_size {self.block_size} does not divide {what} {features} of layer "
                     f"{layer_name!r}; choose a divisor of {features} such as "
                     f"{_near_divisors(features, self.block_size)}, or use n_blocks"
                 )
@@ -98,7 +105,7 @@ class OFTConfig:
         assert self.n_blocks is not None
         if features % self.n_blocks or features // self.n_blocks < 2:
             raise ValueError(
-                f"n_blocks {self.n_blocks} does not split in_features {features} of layer {layer_name!r} "
+                f"n_blocks {self.n_blocks} does not split {what} {features} of layer {layer_name!r} "
                 f"into blocks of size >= 2; choose a divisor of {features} such as "
                 f"{_near_divisors(features, self.n_blocks)}, or use block_size"
             )

@@ -7,7 +7,9 @@ from torch import Tensor
 
 
 @torch.no_grad()
-def hyperspherical_energy(weight: Tensor, chunk_size: int = 2048, dtype: torch.dtype = torch.float64) -> Tensor:
+def hyperspherical_energy(
+    weight: Tensor, chunk_size: int = 2048, dtype: torch.dtype = torch.float64
+) -> Tensor:
     """``HE(W) = sum_{i != j} 1 / ||w^_i - w^_j||`` with ``w^ = w / ||w||`` over the rows of ``W`` viewed
     ``[out, -1]`` (ordered pairs, so each unordered pair counts twice).
 

@@ -86,7 +86,10 @@ def project_coft_(model: nn.Module) -> None:
 
 def oft_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """``{"<layer>.oft_skew": tensor}``: detached contiguous copies, flat keys (safetensors-ready)."""
-    return {f"{name}.{PARAM_NAME}": layer.oft_skew.detach().clone().contiguous() for name, layer in oft_layers(model)}
+    return {
+        f"{name}.{PARAM_NAME}": layer.oft_skew.detach().clone().contiguous()
+        for name, layer in oft_layers(model)
+    }
 
 
 def load_oft_state_dict(model: nn.Module, state: Mapping[str, Tensor]) -> None:

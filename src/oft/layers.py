@@ -22,10 +22,12 @@ class OFTLayer(nn.Module):
     """
 
     base: nn.Module
+    features_name = "in_features"  # how error messages call the rotated dimension
 
     def __init__(self, base: nn.Module, config: OFTConfig, name: str = "") -> None:
         super().__init__()
-        n_blocks, block_size = config.blocks_for(self.rotated_features(base), name or type(base).__name__)
+        features, what = self.rotated_features(base), self.features_name
+        n_blocks, block_size = config.blocks_for(features, name or type(base).__name__, what)
         base.requires_grad_(False)
         self.base = base
         self.n_blocks, self.block_size, self.block_share = n_blocks, block_size, config.block_share
@@ -146,6 +148,8 @@ class OFTConv2d(OFTLayer):
     ``R`` for every group), so it is correct for any kernel, stride, padding, dilation, groups and
     padding mode: the forward is the base convolution with the rotated weight.
     """
+
+    features_name = "in_channels/groups*kh*kw"
 
     def __init__(self, base: nn.Conv2d, config: OFTConfig, name: str = "") -> None:
         if not isinstance(base, nn.Conv2d):
