@@ -123,6 +123,14 @@ def test_resolve_shards_forms(demo_dir: Path) -> None:
     assert resolve_shards("pipe:curl -s http://host/x-{0..3}.tar") == ["pipe:curl -s http://host/x-{0..3}.tar"]
 
 
+def test_relative_specs_resolve_against_root(demo_dir: Path) -> None:
+    assert resolve_shards("val-*.tar", root=str(demo_dir)) == [str(demo_dir / "val-000000.tar")]
+    absolute = str(demo_dir / "train-000000.tar")
+    assert resolve_shards(absolute, root="/elsewhere") == [absolute]
+    dm = _datamodule("train-*.tar", "val-000000.tar", root=str(demo_dir))
+    assert len(dm.train_urls) == 2 and len(dm.val_urls) == 1
+
+
 @pytest.mark.parametrize("spec", ["nowhere/train-*.tar", "nowhere/train-{000000..000002}.tar", "nowhere"])
 def test_resolve_shards_no_match_names_spec_and_fix(spec: str) -> None:
     with pytest.raises(ValueError, match="data.train_shards") as info:

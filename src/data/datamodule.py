@@ -36,6 +36,8 @@ class ShardDataModule(pl.LightningDataModule):
         seed: base seed of shard resampling, shuffling and augmentation.
         prepare: called once in ``prepare_data()`` (e.g. ``partial(data_prep.demo.build_demo, "canny")``).
         random_flip: horizontal flip of target and condition together during training.
+        root: folder that relative local shard specs are resolved against (absolute specs and
+            ``pipe:`` URLs are used as given); None resolves against the working directory.
     """
 
     def __init__(
@@ -53,6 +55,7 @@ class ShardDataModule(pl.LightningDataModule):
         seed: int = 0,
         prepare: Callable[[], object] | None = None,
         random_flip: bool = True,
+        root: str | None = None,
     ) -> None:
         super().__init__()
         schema.condition_spec(condition)
@@ -68,7 +71,7 @@ class ShardDataModule(pl.LightningDataModule):
         self.condition, self.resolution = condition, resolution
         self.batch_size, self.val_batch_size, self.num_workers = batch_size, val_batch_size, num_workers
         self.shuffle_buffer, self.resampled, self.epoch_samples = shuffle_buffer, resampled, epoch_samples
-        self.seed, self.prepare, self.random_flip = seed, prepare, random_flip
+        self.seed, self.prepare, self.random_flip, self.root = seed, prepare, random_flip, root
         self.train_urls: list[str] = []
         self.val_urls: list[str] = []
         self.train_skips, self.val_skips = SkipCounter("train"), SkipCounter("val")
@@ -80,9 +83,9 @@ class ShardDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         """Resolve the shard specs (after ``prepare_data`` so freshly built shards are found)."""
-        self.train_urls = resolve_shards(self.train_shards, "data.train_shards")
+        self.train_urls = resolve_shards(self.train_shards, "data.train_shards", self.root)
         if self.val_shards is not None:
-            self.val_urls = resolve_shards(self.val_shards, "data.val_shards")
+            self.val_urls = resolve_shards(self.val_shards, "data.val_shards", self.root)
 
     def _world_size(self) -> int:
         trainer = getattr(self, "trainer", None)

@@ -38,19 +38,24 @@ def _expand_one(pattern: str) -> list[str]:
     return [path] if os.path.isfile(path) else []
 
 
-def resolve_shards(spec: str | os.PathLike | Sequence[str | os.PathLike], what: str = "shards") -> list[str]:
+def resolve_shards(
+    spec: str | os.PathLike | Sequence[str | os.PathLike], what: str = "shards", root: str | None = None
+) -> list[str]:
     """Expand a shard spec into a list of URLs.
 
     Accepts brace patterns (``train-{000000..000009}.tar``), globs (``DIR/train-*.tar``), a directory
     (all ``*.tar`` in it, sorted), lists of any of these, and ``pipe:``/``scheme://`` URLs, which pass
-    through untouched. A local pattern that matches nothing raises a ValueError naming ``what``.
+    through untouched. Relative local specs are taken relative to ``root`` when given. A local pattern
+    that matches nothing raises a ValueError naming ``what``.
     """
     if isinstance(spec, os.PathLike):
         spec = os.fspath(spec)
     if not isinstance(spec, str):
-        return [url for item in spec for url in resolve_shards(item, what)]
+        return [url for item in spec for url in resolve_shards(item, what, root)]
     if spec.startswith("pipe:") or "://" in spec:
         return [spec]
+    if root is not None:
+        spec = os.path.join(os.path.expanduser(root), os.path.expanduser(spec))
     urls, missing = [], []
     for pattern in braceexpand(spec):
         matches = _expand_one(pattern)
