@@ -6,8 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
-
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+from helpers import compose_config
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing in the tests may reach a hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -19,23 +18,6 @@ def offline_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cache = Path(os.environ.get("OFT_CONTROL_TEST_CACHE") or tmp_path_factory.mktemp("oft-control-cache"))
     os.environ["OFT_CONTROL_CACHE"] = str(cache)
     return cache
-
-
-def compose_config(*overrides: str, output_dir: Path | None = None):
-    """Compose conf/train.yaml as `python -m src.train` would, with the Hydra runtime config set."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
-    if output_dir is not None:
-        with open_dict(cfg):
-            cfg.paths.output_dir = str(output_dir)
-    HydraConfig.instance().set_config(cfg)
-    return cfg
 
 
 @pytest.fixture
