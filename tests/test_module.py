@@ -6,13 +6,12 @@ import functools
 
 import pytest
 import torch
+from helpers import compose_config
 from hydra.utils import instantiate
 
 from src.models.backbone import load_backbone
 from src.models.control import control_injection
 from src.models.module import OFTControlModule
-
-from helpers import compose_config
 
 
 def _module(lr: float = 3e-3, preset: str = "fast") -> OFTControlModule:
