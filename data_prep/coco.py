@@ -10,7 +10,7 @@ annotator settings. With ``--resolution R`` the image is resized (shorter side t
 cropped to R x R before annotation. The ``canny.png`` member is ``cv2.Canny`` (thresholds 100, 200,
 on the grayscale image by default) of exactly the RGB array that is then JPEG-encoded into ``jpg``:
 JPEG is lossy, so recomputing Canny from the *decoded* ``jpg`` gives a slightly different map; compare
-against the pre-encoding array (``load_rgb`` + ``resize_center_crop``) instead.
+against the pre-encoding array (``data_prep.images.load_rgb`` + ``resize_center_crop``) instead.
 
 Images without captions, missing files and unreadable/corrupt images are skipped and counted by
 reason (``no_captions``, ``missing_image``, ``unreadable_image``) in ``summary.json``.
@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
+from data_prep.images import load_rgb
 from data_prep.shards import SourceItem, write_dataset
 from src.data import schema
 from src.data.annotators import CANNY_HIGH, CANNY_LOW, canny_edges
@@ -78,20 +78,6 @@ def load_coco_items(images_dir: str | Path, captions_file: str | Path) -> tuple[
                             int(image["width"]), int(image["height"]), texts)
         items.append(SourceItem(str(image["id"]), payload))
     return items, skipped
-
-
-def load_rgb(path: str | Path) -> np.ndarray:
-    """Decode an image file to an RGB uint8 array, pixels as stored (no EXIF rotation).
-
-    Raises SampleError ``missing_image`` or ``unreadable_image`` (corrupt or truncated files).
-    """
-    try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))
-    except FileNotFoundError as exn:
-        raise schema.SampleError("missing_image", str(path)) from exn
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exn:
-        raise schema.SampleError("unreadable_image", f"{path}: {exn}") from exn
 
 
 def annotate_canny(rgb: np.ndarray, options: CannyOptions) -> tuple[np.ndarray, np.ndarray]:

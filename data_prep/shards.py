@@ -4,9 +4,10 @@ A converter lists its source items (cheap, picklable) and gives a ``make_sample`
 one item into the schema's members (``src.data.schema``), raising ``SampleError(reason)`` to skip it.
 This module then
 
-- plans deterministically: items are ordered by a salted SHA-1 of their source id; the first
-  ``round(N * val_fraction)`` go to ``val`` (at least one when the fraction is positive), the rest to
-  ``train``; each split is cut into shards of ``shard_size`` samples in that order, named
+- plans deterministically: items are ordered by a salted SHA-1 of their source id; items pinned to a
+  split (``SourceItem.split``, e.g. a dataset's own validation folder) stay there; of the others the
+  first ``round(N * val_fraction)`` go to ``val`` (at least one when the fraction is positive), the
+  rest to ``train``; each split is cut into shards of ``shard_size`` samples in that order, named
   ``OUT/{split}-{index:06d}.tar``. The same inputs and settings always give the same shards, byte for
   byte (tar headers carry fixed owners and mtimes);
 - writes each shard to a hidden temporary name (``.{name}.tmp``) and renames it when complete, so an
@@ -26,6 +27,7 @@ import json
 import logging
 import multiprocessing
 import os
+import re
 import shutil
 import tarfile
 import time
@@ -48,10 +50,15 @@ TAR_MTIME = 0  # fixed so shards are reproducible byte for byte
 
 @dataclass(frozen=True)
 class SourceItem:
-    """One source sample: its stable id (unique within the dataset) and converter-specific payload."""
+    """One source sample: its stable id (unique within the dataset) and converter-specific payload.
+
+    ``split`` pins the item to a split (e.g. ADE20K's own training/validation folders); items without
+    one are assigned by ``val_fraction``.
+    """
 
     source_id: str
     payload: Any = None
+    split: str | None = None
 
 
 MakeSample = Callable[[SourceItem], dict[str, bytes]]
@@ -81,6 +88,21 @@ def item_rank(source_id: str, salt: str) -> str:
     return hashlib.sha1(f"{salt}:{source_id}".encode()).hexdigest()
 
 
+def _assign_splits(ordered: list[SourceItem], val_fraction: float) -> dict[str, list[SourceItem]]:
+    """Pinned items keep their split; of the others the first ``round(N * val_fraction)`` go to val."""
+    free = [item for item in ordered if item.split is None]
+    n_val = round(len(free) * val_fraction)
+    if val_fraction > 0 and n_val == 0 and len(free) > 1:
+        n_val = 1
+    splits = {"train": free[n_val:], "val": free[:n_val]}
+    for item in ordered:
+        if item.split is not None:
+            if not re.fullmatch(r"[a-z0-9_]+", item.split):
+                raise ValueError(f"split name {item.split!r} must be lowercase letters, digits or '_'")
+            splits.setdefault(item.split, []).append(item)
+    return splits
+
+
 def plan_shards(
     items: Iterable[SourceItem],
     *,
@@ -100,11 +122,8 @@ def plan_shards(
         raise ValueError("source ids are not unique")
     if max_samples is not None:
         ordered = ordered[:max_samples]
-    n_val = round(len(ordered) * val_fraction)
-    if val_fraction > 0 and n_val == 0 and len(ordered) > 1:
-        n_val = 1
     plans = []
-    for split, part in (("train", ordered[n_val:]), ("val", ordered[:n_val])):
+    for split, part in _assign_splits(ordered, val_fraction).items():
         for index, start in enumerate(range(0, len(part), shard_size)):
             plans.append(ShardPlan(split, index, tuple(part[start : start + shard_size])))
     return plans
