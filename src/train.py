@@ -7,6 +7,7 @@ is testable without a command line.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
@@ -31,20 +32,37 @@ def preflight(cfg: DictConfig) -> None:
     check_backbone(instantiate(cfg.model))
 
 
-def train(cfg: DictConfig) -> dict[str, float]:
-    """Fit the module described by `cfg` and return the final logged metrics as floats."""
+@dataclass
+class Run:
+    """Everything `train` composes from a config, before fitting."""
+
+    trainer: pl.Trainer
+    module: pl.LightningModule
+    datamodule: pl.LightningDataModule
+
+
+def build_run(cfg: DictConfig) -> Run:
+    """Check the config cheaply, then instantiate data, module, callbacks, loggers and trainer."""
     preflight(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     module = instantiate(cfg.module)
     log.info("trainable: %s (adapted %d UNet layers)", module.parameter_summary(), len(module.adapted_layers))
-    trainer = instantiate(cfg.trainer, callbacks=_instantiate_all(cfg.get("callbacks")),
-                          logger=_instantiate_all(cfg.get("logger")) or False)
+    callbacks = _instantiate_all(cfg.get("callbacks"))
+    loggers = _instantiate_all(cfg.get("logger"))
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    return Run(trainer, module, datamodule)
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit the module described by `cfg` and return the final logged metrics as floats."""
+    run = build_run(cfg)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
-    return {name: float(value) for name, value in trainer.callback_metrics.items()}
+    run_config = OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"])
+    OmegaConf.save(run_config, output_dir / "config.yaml", resolve=True)
+    run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+    return {name: float(value) for name, value in run.trainer.callback_metrics.items()}
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")

@@ -1,0 +1,143 @@
+"""The training entry point: configs compose, a run leaves its artefacts, checkpoints resume exactly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from src.models.backbone import BackboneNotFoundError, load_backbone
+from src.train import build_run, train
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+TASKS = sorted(p.stem for p in (CONF / "task").glob("*.yaml"))
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_every_task_config_composes_and_resolves(config_factory, task):
+    cfg = config_factory(f"task={task}")
+    assert cfg.task.name == task
+    OmegaConf.to_container(cfg.data, resolve=True, throw_on_missing=True)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes(config_factory, experiment):
+    """Experiments that need SD1.5 weights are composed and their components built, not run."""
+    from hydra.utils import instantiate
+
+    cfg = config_factory(f"experiment={experiment}", "data.train_shards='/data/shards/train-{000000..000009}.tar'")
+    resolved = {k: v for k, v in cfg.items() if k != "hydra"}
+    OmegaConf.to_container(OmegaConf.create(resolved), resolve=True, throw_on_missing=True)
+    oft = instantiate(cfg.oft, _convert_="all")
+    assert instantiate(cfg.model).name and oft.target_modules
+
+
+def test_paper_experiment_has_the_paper_settings(config_factory):
+    cfg = config_factory("experiment=paper_canny", "data.train_shards=x.tar")
+    assert (cfg.model.name, cfg.model.resolution, cfg.oft.n_blocks, cfg.oft.cayley) == ("sd15", 512, 4, "exact")
+    assert (cfg.optim.lr, cfg.data.batch_size, cfg.trainer.devices) == (1e-5, 16, 4)
+    assert (cfg.module.sampling.num_inference_steps, cfg.module.sampling.guidance_scale) == (50, 9.0)
+
+
+def test_override_typo_fails_with_hydras_error(config_factory):
+    with pytest.raises(ConfigCompositionException, match="max_stepz"):
+        config_factory("trainer.max_stepz=3")
+
+
+@pytest.mark.parametrize("path", ["/nonexistent/stable-diffusion-v1-5", "someone/not-cached-model"])
+def test_sd15_without_weights_fails_fast_in_one_line(config_factory, path, monkeypatch):
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights were loaded before the backbone check")
+
+    monkeypatch.setattr("src.models.module.load_backbone", no_weights)
+    monkeypatch.setattr("src.train.instantiate", _refuse_data_instantiation())
+    cfg = config_factory("model=sd15", f"model.path={path}")
+    with pytest.raises(BackboneNotFoundError) as err:
+        train(cfg)
+    message = str(err.value)
+    assert "\n" not in message and path in message and "model.path" in message
+
+
+def _refuse_data_instantiation():
+    from hydra.utils import instantiate
+
+    def guarded(node, *args, **kwargs):
+        if "_target_" in node and "ShardDataModule" in node._target_:
+            raise AssertionError("data was set up before the backbone check")
+        return instantiate(node, *args, **kwargs)
+
+    return guarded
+
+
+def test_fast_dev_run_on_the_defaults(config_factory):
+    metrics = train(config_factory("debug=fdr"))
+    assert "train/loss" in metrics and torch.isfinite(torch.tensor(metrics["train/loss"]))
+
+
+def test_short_run_leaves_its_artefacts_and_trains_only_adapters(config_factory, tmp_path):
+    """A 4-step run writes checkpoint, TensorBoard events, metrics CSV, a sample grid and the resolved config;
+    the frozen backbone is bit-identical to a fresh load and the checkpoint holds only trained tensors."""
+    out = tmp_path / "run"
+    cfg = config_factory("debug=default", output_dir=out)
+    run = build_run(cfg)
+    trained_before = {k: v.clone() for k, v in run.module.state_dict().items() if k in set(run.module.trainable_names())}
+    run.trainer.fit(run.module, datamodule=run.datamodule)
+    assert run.trainer.global_step == 4
+
+    fresh = load_backbone(run.module.backbone_spec)
+    for name in ("unet", "vae", "text_encoder"):
+        frozen = {k: v for k, v in getattr(run.module, name).state_dict().items() if "oft" not in k}
+        reference = getattr(fresh, name).state_dict()
+        renamed = {k.replace(".base_layer", "").replace(".base", ""): v for k, v in frozen.items()}
+        for key, value in reference.items():
+            assert torch.equal(renamed[key], value), f"frozen {name}.{key} changed"
+    after = run.module.state_dict()
+    assert all(not torch.equal(trained_before[k], after[k]) for k in trained_before)
+
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
+    assert set(ckpt["state_dict"]) == set(run.module.trainable_names())
+    assert not any(k.startswith(("vae.", "text_encoder.")) for k in ckpt["state_dict"])
+    assert ckpt["optimizer_states"] and ckpt["global_step"] == 4
+
+
+def test_train_writes_run_directory(config_factory, tmp_path):
+    out = tmp_path / "run"
+    train(config_factory("debug=default", output_dir=out))
+    assert (out / "checkpoints" / "last.ckpt").is_file()
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert "train/loss" in (out / "csv" / "metrics.csv").read_text().splitlines()[0]
+    grids = sorted((out / "samples").glob("step_*.png"))
+    assert grids
+    from PIL import Image
+
+    with Image.open(grids[-1]) as grid:  # 4 rows of condition | generated | target at 64 px
+        assert grid.size == (3 * 64 + 4 * 2, 4 * 64 + 5 * 2)
+    saved = OmegaConf.load(out / "config.yaml")
+    assert saved.task.name == "canny" and saved.paths.output_dir == str(out)
+
+
+def test_resume_restores_global_step_and_trained_weights_exactly(config_factory, tmp_path):
+    first = tmp_path / "first"
+    train(config_factory("debug=default", output_dir=first))
+    ckpt_path = first / "checkpoints" / "last.ckpt"
+    saved = torch.load(ckpt_path, weights_only=True)
+
+    cfg = config_factory("debug=default", "trainer.max_steps=6", output_dir=tmp_path / "second")
+    run = build_run(cfg)
+    restored = {}
+
+    class CaptureAtStart(pl.Callback):
+        def on_train_start(self, trainer, module):
+            restored.update(step=trainer.global_step, weights={k: v.clone() for k, v in module.state_dict().items()})
+
+    run.trainer.callbacks.append(CaptureAtStart())
+    run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=str(ckpt_path), weights_only=True)
+    assert restored["step"] == saved["global_step"] == 4
+    assert run.trainer.global_step == 6
+    for key, value in saved["state_dict"].items():
+        assert torch.equal(restored["weights"][key], value), key
