@@ -10,6 +10,7 @@ A captions source is either
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -41,3 +42,10 @@ def captions_for(captions: dict[str, tuple[str, ...]], relative: Path) -> tuple[
         if captions.get(name):
             return captions[name]
     return ()
+
+
+def captions_digest(captions: dict[str, tuple[str, ...]]) -> str | None:
+    """SHA-1 of a captions mapping (for shard fingerprints), None when there are no captions."""
+    if not captions:
+        return None
+    return hashlib.sha1(json.dumps(captions, sort_keys=True).encode("utf-8")).hexdigest()

@@ -1,18 +1,23 @@
 """Offline demo datasets in the real on-disk layouts, converted by the real converters.
 
-``build_demo("canny", root)`` writes a small COCO-2017-layout dataset made from photos that
-scikit-image ships inside its package (read straight from the package folder, so nothing is ever
-downloaded) plus crops/flips of them and a few procedural drawings, with hand-written captions:
+Nothing is downloaded: photos and textures are read from scikit-image's package folder
+(``data_prep.assets``), the rest is drawn procedurally. Per task, under ``ROOT``:
 
-    ROOT/coco/train2017/000000000001.jpg ...            (40 images, 96-128 px)
-    ROOT/coco/annotations/captions_train2017.json       (3 captions per image)
-    ROOT/canny/train-000000.tar, train-000001.tar       (32 train samples, 64 x 64)
-    ROOT/canny/val-000000.tar                           (8 val samples)
-    ROOT/canny/summary.json
+- ``canny``: COCO 2017 layout from 8 photos x 4 crops/flips + 8 drawings, hand-written captions::
 
-Source layouts live under the source's name (``ROOT/coco``), shards under the task's name
-(``ROOT/{task}``, as ``conf/data/demo.yaml`` expects). It returns the shard folder. A second call
-finds everything in place and returns at once.
+      ROOT/coco/train2017/000000000001.jpg ...            (40 images, 96-128 px)
+      ROOT/coco/annotations/captions_train2017.json       (3 captions per image)
+      ROOT/canny/train-000000.tar, train-000001.tar       (32 train samples, 64 x 64)
+      ROOT/canny/val-000000.tar, summary.json             (8 val samples)
+
+- ``seg``: ADEChallengeData2016 layout of procedural street scenes with exact labels
+  (``data_prep.demo_seg``; 32 training + 8 validation) -> ``ROOT/seg/``.
+- ``landmarks``: a face folder of variants of ``astronaut.png`` plus two photos without a face
+  (``data_prep.demo_faces``) -> ``ROOT/landmarks/`` (the two are skipped as ``no_face``).
+
+Source layouts live under the source's name, shards under the task's name (``ROOT/{task}``, as
+``conf/data/demo.yaml`` expects). ``build_demo`` returns the shard folder; a second call finds
+everything in place and returns at once.
 
     python -m data_prep.demo --task canny --root DIR
 """
@@ -21,9 +26,9 @@ from __future__ import annotations
 
 import argparse
 import fcntl
-import importlib.util
 import json
 import os
+import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,7 +37,10 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from data_prep import coco
+from data_prep import ade20k, coco, faces
+from data_prep.assets import skimage_photo
+from data_prep.demo_faces import write_faces_layout
+from data_prep.demo_seg import write_ade20k_layout
 
 DEMO_VERSION = 1
 DEMO_RESOLUTION = 64
@@ -65,16 +73,6 @@ COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220), "
 
 
 # ------------------------------------------------------------------------------------- images
-def skimage_photo(name: str) -> np.ndarray:
-    """An RGB uint8 photo read from scikit-image's package folder (never through its downloader)."""
-    spec = importlib.util.find_spec("skimage")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("scikit-image is not installed; it provides the demo photos")
-    path = Path(list(spec.submodule_search_locations)[0]) / "data" / name
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
-
-
 def variant(rgb: np.ndarray, kind: str, size: int) -> np.ndarray:
     """A crop/flip variant of a photo, resized so its shorter side is ``size``."""
     height, width = rgb.shape[:2]
@@ -119,7 +117,7 @@ def demo_images() -> Iterator[tuple[np.ndarray, tuple[str, ...]]]:
 
 # ------------------------------------------------------------------------------------- layouts
 def write_coco_layout(root: Path) -> tuple[Path, Path]:
-    """Write ``root/train2017/*.jpg`` and ``root/annotations/captions_train2017.json`` (last, atomically)."""
+    """Write ``root/train2017/*.jpg`` and ``root/annotations/captions_train2017.json``."""
     images_dir, annotations = root / "train2017", root / "annotations" / "captions_train2017.json"
     images_dir.mkdir(parents=True, exist_ok=True)
     annotations.parent.mkdir(parents=True, exist_ok=True)
@@ -131,32 +129,54 @@ def write_coco_layout(root: Path) -> tuple[Path, Path]:
         anns += [{"id": len(anns) + 1, "image_id": image_id, "caption": c} for c in captions]
     data = {"info": {"description": "OFT-Control offline demo", "version": DEMO_VERSION},
             "images": records, "annotations": anns}
-    tmp = annotations.with_name(".captions.tmp")
-    tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
-    os.replace(tmp, annotations)
+    annotations.write_text(json.dumps(data, indent=1), encoding="utf-8")
     return images_dir, annotations
 
 
-def _layout_is_current(annotations: Path) -> bool:
-    """True if a demo layout of this version is complete (its annotations file is written last)."""
-    if not annotations.exists():
+def _ensure_layout(folder: Path, write: Callable[[Path], object]) -> bool:
+    """Write a source layout unless a complete one of this version is there; True if (re)written.
+
+    A marker file is written last, so an interrupted build is redone from scratch.
+    """
+    marker = folder / ".demo-version"
+    if marker.exists() and marker.read_text(encoding="utf-8").strip() == str(DEMO_VERSION):
         return False
-    return json.loads(annotations.read_text(encoding="utf-8")).get("info", {}).get("version") == DEMO_VERSION
+    shutil.rmtree(folder, ignore_errors=True)
+    write(folder)
+    marker.write_text(str(DEMO_VERSION), encoding="utf-8")
+    return True
 
 
 def _build_canny(root: Path) -> Path:
     """COCO layout -> canny shards through ``data_prep.coco.convert``."""
-    coco_root, out = root / "coco", root / "canny"
-    annotations = coco_root / "annotations" / "captions_train2017.json"
-    rebuilt = not _layout_is_current(annotations)
-    if rebuilt:
-        write_coco_layout(coco_root)
-    coco.convert(coco_root / "train2017", annotations, out, val_fraction=0.2, shard_size=16,
-                 options=coco.CannyOptions(resolution=DEMO_RESOLUTION), overwrite=rebuilt)
+    source, out = root / "coco", root / "canny"
+    rebuilt = _ensure_layout(source, write_coco_layout)
+    coco.convert(source / "train2017", source / "annotations" / "captions_train2017.json", out,
+                 val_fraction=0.2, shard_size=16, options=coco.CannyOptions(resolution=DEMO_RESOLUTION),
+                 overwrite=rebuilt)
     return out
 
 
-BUILDERS: dict[str, Callable[[Path], Path]] = {"canny": _build_canny}
+def _build_seg(root: Path) -> Path:
+    """ADE20K layout (procedural scenes) -> segmentation shards through ``data_prep.ade20k.convert``."""
+    source, out = root / "ADEChallengeData2016", root / "seg"
+    rebuilt = _ensure_layout(source, write_ade20k_layout)
+    ade20k.convert(source, out, shard_size=16, options=ade20k.SegOptions(resolution=DEMO_RESOLUTION),
+                   overwrite=rebuilt)
+    return out
+
+
+def _build_landmarks(root: Path) -> Path:
+    """Face folder (astronaut variants) -> landmark shards through ``data_prep.faces.convert``."""
+    source, out = root / "faces", root / "landmarks"
+    rebuilt = _ensure_layout(source, write_faces_layout)
+    faces.convert(source / "images", out, captions=source / "captions.json", val_fraction=0.2, shard_size=16,
+                  options=faces.FaceOptions(resolution=DEMO_RESOLUTION), overwrite=rebuilt)
+    return out
+
+
+BUILDERS: dict[str, Callable[[Path], Path]] = {"canny": _build_canny, "seg": _build_seg,
+                                               "landmarks": _build_landmarks}
 
 
 @contextmanager

@@ -35,7 +35,8 @@ class ShardDataModule(pl.LightningDataModule):
             ``max(1, epoch_samples // (world_size * batch_size))`` batches per epoch.
         seed: base seed of shard resampling, shuffling and augmentation.
         prepare: called once in ``prepare_data()`` (e.g. ``partial(data_prep.demo.build_demo, "canny")``).
-        random_flip: horizontal flip of target and condition together during training.
+        random_flip: horizontal flip of target and condition together during training (ignored for
+            ``landmarks``, whose left/right colours a mirror would swap).
         root: folder that relative local shard specs are resolved against (absolute specs and
             ``pipe:`` URLs are used as given); None resolves against the working directory.
     """

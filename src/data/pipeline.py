@@ -164,8 +164,9 @@ class SampleDecoder:
     """Raw sample (member bytes) -> ``{"image", "condition", "caption", "key"}`` tensors.
 
     Decodes the jpg, the caption and the task's condition member, applies the same resize (shorter
-    side to ``resolution``), crop (random if ``train`` else centred) and optional horizontal flip to
-    target and condition (the condition with its spec's interpolation), and scales the image to
+    side to ``resolution``), crop (random if ``train`` else centred) and optional horizontal flip (only
+    for conditions whose spec is ``flippable``) to target and condition (the condition with its spec's
+    interpolation), and scales the image to
     [-1, 1] and the condition to [0, 1], both float32 [3, H, W].
     """
 
@@ -198,7 +199,7 @@ class SampleDecoder:
         rng = self._generator() if self.train else None
         top, left = random_offsets(height, width, size, rng) if rng else center_offsets(height, width, size)
         image, cond = crop(image, top, left, size), crop(cond, top, left, size)
-        if rng is not None and self.random_flip and rng.random() < 0.5:
+        if rng is not None and self.random_flip and self.spec.flippable and rng.random() < 0.5:
             image, cond = image[:, ::-1], cond[:, ::-1]
         return image, cond
 

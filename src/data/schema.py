@@ -75,17 +75,20 @@ class ConditionSpec:
         channels: channels stored in the member (1 is replicated to 3 when read).
         interpolation: ``"nearest"`` for label-like maps (colour palettes, renderings), ``"area"`` for
             edge maps, where nearest-neighbour downscaling would drop thin edges.
+        flippable: whether a horizontal flip keeps the condition valid. Not for face landmarks: the
+            rendering colours the left and right eye/brow differently, and a mirror swaps them.
     """
 
     member: str
     channels: int
     interpolation: str
+    flippable: bool = True
 
 
 CONDITIONS: dict[str, ConditionSpec] = {
     "canny": ConditionSpec(CANNY, channels=1, interpolation="area"),
     "seg": ConditionSpec(SEG, channels=3, interpolation="nearest"),
-    "landmarks": ConditionSpec(LANDMARKS, channels=3, interpolation="nearest"),
+    "landmarks": ConditionSpec(LANDMARKS, channels=3, interpolation="nearest", flippable=False),
 }
 
 
