@@ -75,37 +75,36 @@ class OFTLayer(nn.Module):
 
 
 class _RotatedLinearFn(torch.autograd.Function):
-    """``y = x (W R)^T + c`` on the merged weight; the backward never forms ``dL/dW'``.
+    """``y = x (W R)^T + c`` on the merged weight ``W' = W R``; the backward never forms ``dL/dW'``.
 
-    With ``u = g W`` (the gradient w.r.t. the rotated input ``R x``, one ``[T, out] x [out, in]`` GEMM,
-    the same one a frozen layer needs), blockwise: ``dL/dx_k = u_k R_k`` and ``dL/dR_k = u_k^T x_k``.
+    Backward, with ``g = dL/dy``: ``dL/dx = g W'`` (the one GEMM a frozen layer needs too). The
+    gradient w.r.t. the rotated input ``R x`` is ``u = g W = (dL/dx) R^-1`` blockwise, hence
+    ``dL/dR_k = u_k^T x_k = R_k^-T M_k`` with ``M_k = (dL/dx)_k^T x_k`` (a ``b x b`` contraction over
+    tokens) and one batched ``b x b`` solve: exact for any invertible ``R`` (Neumann included).
     """
 
     @staticmethod
-    def forward(x: Tensor, weight: Tensor, bias: Tensor | None, rotation: Tensor) -> Tensor:
-        return F.linear(x, rotate_weight(weight, rotation), bias)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
-        x, weight, _, rotation = inputs
-        ctx.save_for_backward(x, weight, rotation)
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, rotation: Tensor) -> Tensor:
+        rotated = rotate_weight(weight, rotation)
+        ctx.save_for_backward(x, rotated, rotation)
+        return F.linear(x, rotated, bias)
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        x, weight, rotation = ctx.saved_tensors
+        x, rotated, rotation = ctx.saved_tensors
         n, b, _ = rotation.shape
-        g2 = grad_out.reshape(-1, weight.shape[0])
-        x3 = x.reshape(-1, n, b)
-        u3 = (g2 @ weight).view(-1, n, b)
-        grad_x = grad_w = grad_b = grad_r = None
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.einsum("tnc,ncb->tnb", u3, rotation).reshape(x.shape)
-        if ctx.needs_input_grad[1]:
-            grad_w = rotate_weight(g2.t() @ x3.reshape(-1, n * b), rotation.transpose(1, 2))
+        g2 = grad_out.reshape(-1, rotated.shape[0])
+        x2 = x.reshape(-1, n * b)
+        grad_x2 = g2 @ rotated
+        grad_w = grad_b = grad_r = None
+        if ctx.needs_input_grad[1]:  # dL/dW = (dL/dW') R^T blockwise
+            grad_w = rotate_weight(g2.t() @ x2, rotation.transpose(1, 2))
         if ctx.needs_input_grad[2]:
             grad_b = g2.sum(0)
         if ctx.needs_input_grad[3]:
-            grad_r = torch.einsum("tnc,tnb->ncb", u3, x3)
+            m = torch.einsum("tnc,tnb->ncb", grad_x2.view(-1, n, b), x2.view(-1, n, b))
+            grad_r = torch.linalg.solve(rotation.transpose(1, 2), m)
+        grad_x = grad_x2.view(x.shape) if ctx.needs_input_grad[0] else None
         return grad_x, grad_w, grad_b, grad_r
 
 
