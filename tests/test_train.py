@@ -110,7 +110,8 @@ def test_train_writes_run_directory(config_factory, tmp_path):
     train(config_factory("debug=default", output_dir=out))
     assert (out / "checkpoints" / "last.ckpt").is_file()
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
-    assert "train/loss" in (out / "csv" / "metrics.csv").read_text().splitlines()[0]
+    header = (out / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"train/loss", "val/loss", "oft/he_drift_max", "oft/rotation_distance"} <= set(header)
     grids = sorted((out / "samples").glob("step_*.png"))
     assert grids
     from PIL import Image

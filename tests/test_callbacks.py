@@ -1,0 +1,41 @@
+"""Callbacks: sample grid layout and hyperspherical-energy drift on a real OFT model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from src.callbacks.energy import energy_drift
+from src.callbacks.samples import sample_grid
+from src.oft import OFTConfig, hyperspherical_energy, inject_oft, oft_layers, oft_parameters
+
+
+def test_sample_grid_rows_are_condition_generated_target():
+    cond, gen, target = (torch.full((2, 3, 8, 8), v) for v in (0.0, 0.5, 1.0))
+    grid = sample_grid(cond, gen, target)
+    assert grid.shape == (3, 2 * 8 + 3 * 2, 3 * 8 + 4 * 2)
+    # first row: the three tiles hold 0, 0.5 and 1 after the 2-pixel padding
+    assert grid[:, 2:10, 2:10].eq(0.0).all() and grid[:, 2:10, 12:20].eq(0.5).all()
+    assert grid[:, 2:10, 22:30].eq(1.0).all()
+
+
+@pytest.mark.parametrize("cayley,bound", [("exact", 1e-12), ("neumann", 1e-4)])
+def test_energy_drift_is_zero_for_exact_cayley_and_small_for_neumann(cayley, bound):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 24), nn.GELU(), nn.Linear(24, 8)).double()
+    inject_oft(model, OFTConfig(block_size=8, cayley=cayley, target_modules=[r"\d"]))
+    reference = {name: hyperspherical_energy(layer.base.weight) for name, layer in oft_layers(model)}
+    assert energy_drift(model, reference) == {"he_drift_max": 0.0, "he_drift_mean": 0.0, "rotation_distance": 0.0}
+    with torch.no_grad():
+        for p in oft_parameters(model):
+            p.normal_(0, 0.05)
+    stats = energy_drift(model, reference)
+    assert stats["rotation_distance"] > 0.01
+    assert stats["he_drift_max"] < bound
+    # a non-orthogonal change of the weight does move the energy: the measurement can fail
+    first = next(layer for _, layer in oft_layers(model))
+    with torch.no_grad():
+        first.base.weight[0] *= 3.0
+        first.base.weight[1] = first.base.weight[2] * 0.9 + first.base.weight[1] * 0.1
+    assert energy_drift(model, reference)["he_drift_max"] > 1e-3
