@@ -193,3 +193,14 @@ def test_pickles_are_never_loaded_and_bad_samples_are_counted(tmp_path: Path) ->
     # "onlypickle" has no schema member at all: its files are never read, so it is no sample either
     assert dm.val_skips.counts == {"missing_canny.png": 1, "undecodable_image": 1}
     assert not os.path.exists(trap)
+
+
+def test_truncated_shard_is_counted_and_other_shards_still_read(tmp_path: Path) -> None:
+    _write_shard(tmp_path / "ok-000000.tar", {f"k{i}": _good_members(i) for i in range(3)})
+    _write_shard(tmp_path / "ok-000001.tar", {f"t{i}": _good_members(10 + i) for i in range(3)})
+    data = (tmp_path / "ok-000001.tar").read_bytes()
+    (tmp_path / "ok-000001.tar").write_bytes(data[: len(data) // 2 + 100])
+    dm = _datamodule(str(tmp_path / "ok-*.tar"), str(tmp_path / "ok-*.tar"))
+    keys = [k for b in dm.val_dataloader() for k in b["key"]]
+    assert keys[:3] == ["k0", "k1", "k2"] and set(keys) < {"k0", "k1", "k2", "t0", "t1", "t2"}
+    assert dm.val_skips.counts["shard_read_error"] >= 1  # webdataset may report one broken tar twice

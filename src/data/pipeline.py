@@ -10,6 +10,7 @@ import glob
 import logging
 import os
 import random
+import tarfile
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
@@ -75,7 +76,8 @@ class SkipCounter:
     """Named, counted skip policy: a webdataset ``handler`` that skips bad samples and counts reasons.
 
     ``SampleError`` (missing member, undecodable image...) counts under its reason; errors while
-    reading a shard (``OSError``, ``tarfile.ReadError``) count as ``shard_read_error``. Anything else
+    reading a shard (``OSError``, ``EOFError``, ``tarfile.TarError``) count as ``shard_read_error`` and
+    the rest of that shard is skipped (webdataset may report one broken tar more than once). Anything else
     is a bug and is raised. With DataLoader workers each worker process keeps its own counts; every
     skip is logged (the first few per reason at WARNING, then every 1000th).
     """
@@ -87,7 +89,7 @@ class SkipCounter:
     def __call__(self, exn: Exception) -> bool:
         if isinstance(exn, schema.SampleError):
             reason = exn.reason
-        elif isinstance(exn, (OSError, EOFError)) or type(exn).__name__ == "ReadError":
+        elif isinstance(exn, (OSError, EOFError, tarfile.TarError)):
             reason = "shard_read_error"
         else:
             raise exn
