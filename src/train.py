@@ -15,7 +15,9 @@ import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from src.models.backbone import check_backbone
+from src.models.backbone import check_backbone, unet_skeleton
+from src.models.module import check_checkpoint
+from src.oft import inject_oft
 
 log = logging.getLogger(__name__)
 
@@ -27,9 +29,23 @@ def _instantiate_all(group: DictConfig | None) -> list:
     return [instantiate(node) for node in group.values() if node is not None and "_target_" in node]
 
 
-def preflight(cfg: DictConfig) -> None:
-    """Fail fast, before any weights load, on what users commonly get wrong."""
-    check_backbone(instantiate(cfg.model))
+def preflight(cfg: DictConfig) -> pl.LightningDataModule:
+    """Fail fast, before any weights load, on what users commonly get wrong; return the ready datamodule.
+
+    Checks, in order of cost: backbone weights reachable, OFT targets and block sizes against the
+    backbone's real UNet layout (built on the meta device), a resumed checkpoint's backbone and OFT layout,
+    and that the shard specs match shards.
+    """
+    backbone = instantiate(cfg.model)
+    check_backbone(backbone)
+    oft = instantiate(cfg.oft, _convert_="all")
+    inject_oft(unet_skeleton(backbone), oft)
+    if cfg.get("ckpt_path"):
+        check_checkpoint(cfg.ckpt_path, backbone, oft)
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    return datamodule
 
 
 @dataclass
@@ -43,9 +59,8 @@ class Run:
 
 def build_run(cfg: DictConfig) -> Run:
     """Check the config cheaply, then instantiate data, module, callbacks, loggers and trainer."""
-    preflight(cfg)
+    datamodule = preflight(cfg)
     pl.seed_everything(cfg.seed, workers=True)
-    datamodule = instantiate(cfg.data)
     module = instantiate(cfg.module)
     log.info("trainable: %s (adapted %d UNet layers)", module.parameter_summary(), len(module.adapted_layers))
     callbacks = _instantiate_all(cfg.get("callbacks"))

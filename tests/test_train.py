@@ -74,6 +74,30 @@ def _refuse_data_instantiation():
     return guarded
 
 
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["oft.block_size=48"], "block_size 48 does not divide in_features 32 of layer 'down_blocks.0"),
+        (["data=shards", "data.train_shards=/nonexistent/shards/train-*.tar"], "/nonexistent/shards/train-"),
+        (["ckpt_path=/nonexistent/last.ckpt"], "ckpt_path '/nonexistent/last.ckpt' does not exist"),
+    ],
+)
+def test_user_errors_fail_before_weights_load(config_factory, monkeypatch, overrides, message):
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights were loaded before the error was found")
+
+    monkeypatch.setattr("src.models.module.load_backbone", no_weights)
+    with pytest.raises((ValueError, FileNotFoundError)) as err:
+        train(config_factory(*overrides))
+    assert message in str(err.value)
+
+
+def test_unknown_task_fails_with_the_available_options(config_factory):
+    with pytest.raises(Exception, match="canny") as err:
+        config_factory("task=cany")
+    assert "cany" in str(err.value)
+
+
 def test_fast_dev_run_on_the_defaults(config_factory):
     metrics = train(config_factory("debug=fdr"))
     assert "train/loss" in metrics and torch.isfinite(torch.tensor(metrics["train/loss"]))
@@ -140,5 +164,9 @@ def test_resume_restores_global_step_and_trained_weights_exactly(config_factory,
     run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=str(ckpt_path), weights_only=True)
     assert restored["step"] == saved["global_step"] == 4
     assert run.trainer.global_step == 6
+
+    other = config_factory("debug=default", "oft=paper", f"ckpt_path={ckpt_path}", output_dir=tmp_path / "third")
+    with pytest.raises(ValueError, match="resume with the same model and oft settings"):
+        build_run(other)
     for key, value in saved["state_dict"].items():
         assert torch.equal(restored["weights"][key], value), key

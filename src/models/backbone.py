@@ -105,6 +105,20 @@ def _check_hub(spec: BackboneSpec) -> str:
     return spec.path
 
 
+def unet_skeleton(spec: BackboneSpec) -> nn.Module:
+    """The backbone's UNet built from its config on the meta device: real module names and shapes, no weights.
+
+    Lets OFT targets and block sizes be checked in a fraction of a second before anything loads.
+    """
+    from diffusers import UNet2DConditionModel
+
+    source = check_backbone(spec)
+    local = spec.local_files_only or _offline()
+    config = UNet2DConditionModel.load_config(source, subfolder="unet", revision=spec.revision, local_files_only=local)
+    with torch.device("meta"):
+        return UNet2DConditionModel.from_config(config)
+
+
 def load_backbone(spec: BackboneSpec, dtype: torch.dtype = torch.float32) -> Backbone:
     """Load the frozen UNet, VAE, text encoder, tokenizer and training noise scheduler of `spec`."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel

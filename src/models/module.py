@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -29,6 +30,28 @@ class SamplingSpec:
     num_inference_steps: int = 50
     guidance_scale: float = 9.0
     seed: int = 0
+
+
+def checkpoint_identity(backbone: BackboneSpec, oft: OFTConfig) -> dict[str, Any]:
+    """What a checkpoint must match to be loaded: the backbone and the layout of the rotations.
+
+    COFT settings are left out: they constrain training but do not change which tensors exist.
+    """
+    layout = {k: v for k, v in dataclasses.asdict(oft).items() if k not in ("eps", "coft")}
+    return {"backbone": backbone.name, "oft": repr(sorted(layout.items()))}
+
+
+def check_checkpoint(path: str, backbone: BackboneSpec, oft: OFTConfig) -> None:
+    """Fail before any weights load if `path` is missing or was trained with another backbone or OFT layout."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"ckpt_path '{path}' does not exist: point it at <run>/checkpoints/last.ckpt")
+    saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get(CHECKPOINT_META)
+    expected = checkpoint_identity(backbone, oft)
+    if saved != expected:
+        raise ValueError(
+            f"ckpt_path '{path}' was trained with {saved} but this run is configured with {expected}: "
+            "resume with the same model and oft settings, or start a new run without ckpt_path"
+        )
 
 
 class OFTControlModule(pl.LightningModule):
@@ -191,9 +214,7 @@ class OFTControlModule(pl.LightningModule):
 
     # ----------------------------------------------------------------------------------- checkpoints
     def checkpoint_identity(self) -> dict[str, Any]:
-        """What a checkpoint must match to be loaded into this module: backbone and OFT layout."""
-        oft = {k: v for k, v in dataclasses.asdict(self.oft_config).items() if k not in ("eps", "coft")}
-        return {"backbone": self.backbone_spec.name, "oft": repr(sorted(oft.items()))}
+        return checkpoint_identity(self.backbone_spec, self.oft_config)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep only the trained tensors: the frozen backbone is reloaded from its own weights."""
