@@ -163,21 +163,14 @@ def test_linear_impls_agree_and_custom_backward_is_correct(method):
     (other(x2) * g).sum().backward()
     assert torch.allclose(x1.grad, x2.grad, atol=1e-12)
     assert torch.allclose(layer.oft_skew.grad, other.oft_skew.grad, atol=1e-12)
-    xs = x[:, :2].clone().requires_grad_(True)
-    assert torch.autograd.gradcheck(
-        lambda xi, w, b: _custom_fn(xi, w, b, layer),
-        (
-            xs,
-            base.weight.detach().clone().requires_grad_(True),
-            base.bias.detach().clone().requires_grad_(True),
-        ),
-    )
-
-
-def _custom_fn(x, weight, bias, layer):
+    # the custom backward w.r.t. x, W, c and R itself, with a non-orthogonal invertible R: the
+    # blockwise-solve formula for dL/dR must hold for any invertible R (Neumann R is not orthogonal)
     from src.oft.layers import _RotatedLinearFn
 
-    return _RotatedLinearFn.apply(x, weight, bias, layer.rotation().detach())
+    rot = torch.eye(8, dtype=torch.float64) + 0.3 * torch.randn(2, 8, 8, dtype=torch.float64)
+    inputs = (x[:, :2], base.weight, base.bias, rot)
+    inputs = tuple(t.detach().clone().requires_grad_(True) for t in inputs)
+    assert torch.autograd.gradcheck(_RotatedLinearFn.apply, inputs)
 
 
 def test_non_dividing_block_size_names_the_layer():
