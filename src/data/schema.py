@@ -175,12 +175,30 @@ def _imdecode(data: bytes, flags: int, member: str) -> np.ndarray:
     return array
 
 
+def check_complete(member: str, data: bytes) -> None:
+    """Raise SampleError('truncated_image') if an image member starts well but lacks its end marker.
+
+    A JPEG (``FF D8`` ...) ends with EOI ``FF D9`` (tolerated up to 1 KiB before the end, for padding
+    or maker data: ``FF D9`` cannot occur inside entropy-coded data), a PNG with its ``IEND`` chunk.
+    Some decoders return a partly grey image for a cut-off file instead of failing; this check does not
+    depend on the decoder. Bytes that are no JPEG/PNG at all are left to the decoder to reject.
+    """
+    kind = MEMBERS.get(member, "")
+    if kind == "rgb_jpeg" and data[:2] == b"\xff\xd8" and b"\xff\xd9" not in data[-1024:]:
+        raise SampleError("truncated_image", f"{member}: no JPEG end marker ({len(data)} bytes)")
+    if kind.endswith("_png") and data[:8] == b"\x89PNG\r\n\x1a\n" and b"IEND" not in data[-32:]:
+        raise SampleError("truncated_image", f"{member}: no PNG IEND chunk ({len(data)} bytes)")
+
+
 def decode_member(member: str, data: bytes) -> Any:
     """Decode one member's bytes: images to uint8 numpy arrays (RGB order), text to str, json to data.
 
-    Images are decoded with ``IMREAD_IGNORE_ORIENTATION`` so pixels are exactly as stored.
+    Images are decoded with ``IMREAD_IGNORE_ORIENTATION`` so pixels are exactly as stored; cut-off
+    images raise ``SampleError('truncated_image')``, undecodable ones ``'undecodable_image'``, non-UTF-8
+    text ``'undecodable_text'``.
     """
     kind = MEMBERS.get(member)
+    check_complete(member, data)
     raw = cv2.IMREAD_IGNORE_ORIENTATION
     if kind in ("rgb_jpeg", "rgb_png"):
         return np.ascontiguousarray(_imdecode(data, cv2.IMREAD_COLOR | raw, member)[..., ::-1])
