@@ -182,7 +182,7 @@ def test_pickles_are_never_loaded_and_bad_samples_are_counted(tmp_path: Path) ->
     samples = {
         "good": {**good, "pyd": payload, "pickle": payload},
         "nocanny": {k: v for k, v in _good_members(1).items() if k != "canny.png"},
-        "badjpg": {**_good_members(2), "jpg": b"\xff\xd8 not really a jpeg"},
+        "badjpg": {**_good_members(2), "jpg": b"\xff\xd8 not really a jpeg \xff\xd9"},
         "onlypickle": {"pyd": payload},
     }
     _write_shard(tmp_path / "bad-000000.tar", samples)
@@ -192,6 +192,7 @@ def test_pickles_are_never_loaded_and_bad_samples_are_counted(tmp_path: Path) ->
     assert not trap.exists()
     # "onlypickle" has no schema member at all: its files are never read, so it is no sample either
     assert dm.val_skips.counts == {"missing_canny.png": 1, "undecodable_image": 1}
+    assert dm.val_skips.notes == {"unexpected_member": 3}  # good.pyd, good.pickle, onlypickle.pyd: unread
     assert not os.path.exists(trap)
 
 

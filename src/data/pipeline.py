@@ -1,17 +1,18 @@
 """Streaming pipeline over schema shards: spec resolution, safe decoding, paired transforms, batching.
 
 Only the schema's members are read from a tar (``select_files``) and only the ones a task needs are
-decoded, by explicit decoders (cv2 for images, UTF-8, json). Nothing is ever unpickled.
+decoded, by explicit decoders (cv2 for images, UTF-8, json). Nothing is ever unpickled. Bad samples
+and shards are skipped and counted by reason, and every batch carries the counts
+(``src.data.health``).
 """
 
 from __future__ import annotations
 
 import glob
+import hashlib
 import logging
 import os
 import random
-import tarfile
-from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -21,6 +22,7 @@ import webdataset as wds
 from braceexpand import braceexpand
 
 from src.data import schema
+from src.data.health import MemberFilter, SkipCounter
 from src.data.transforms import center_offsets, crop, random_offsets, resize_shorter
 
 log = logging.getLogger(__name__)
@@ -71,35 +73,6 @@ def resolve_shards(
     return urls
 
 
-# ---------------------------------------------------------------------------------- skipping
-class SkipCounter:
-    """Named, counted skip policy: a webdataset ``handler`` that skips bad samples and counts reasons.
-
-    ``SampleError`` (missing member, undecodable image...) counts under its reason; errors while
-    reading a shard (``OSError``, ``EOFError``, ``tarfile.TarError``) count as ``shard_read_error`` and
-    the rest of that shard is skipped (webdataset may report one broken tar more than once). Anything else
-    is a bug and is raised. With DataLoader workers each worker process keeps its own counts; every
-    skip is logged (the first few per reason at WARNING, then every 1000th).
-    """
-
-    def __init__(self, name: str = "data") -> None:
-        self.name = name
-        self.counts: Counter[str] = Counter()
-
-    def __call__(self, exn: Exception) -> bool:
-        if isinstance(exn, schema.SampleError):
-            reason = exn.reason
-        elif isinstance(exn, (OSError, EOFError, tarfile.TarError)):
-            reason = "shard_read_error"
-        else:
-            raise exn
-        self.counts[reason] += 1
-        count = self.counts[reason]
-        if count <= 3 or count % 1000 == 0:
-            log.warning("%s: skipped a sample (%s, %d so far): %s", self.name, reason, count, exn)
-        return True
-
-
 # ------------------------------------------------------------------------------ randomness
 def process_seed(seed: int, counter: int) -> list[int]:
     """Seed material that differs per rank, per worker and per epoch, and is reproducible.
@@ -109,6 +82,18 @@ def process_seed(seed: int, counter: int) -> list[int]:
     """
     rank, _, worker, _ = wds.utils.pytorch_worker_info()
     return [seed, rank, worker, torch.initial_seed() % 2**32, counter]
+
+
+def resume_seed(seed: int, epoch: int, step: int) -> int:
+    """Seed of a training stream that starts at (``epoch``, ``step``): ``seed`` itself for a fresh run.
+
+    A resumed run (restored epoch/step) derives a different seed, so it reshuffles shards and samples
+    instead of replaying the sample order of the run's start (see ``ShardDataModule``).
+    """
+    if epoch == 0 and step == 0:
+        return seed
+    digest = hashlib.sha1(f"{seed}:{epoch}:{step}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
 
 
 def _resample_seed() -> int:
@@ -216,7 +201,11 @@ class SampleDecoder:
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack decoded samples into a batch dict (tensors stacked, strings as lists)."""
+    """Stack decoded samples into a batch dict (tensors stacked, strings as lists).
+
+    Only the four sample fields are batched; the pipeline's last stage (``SkipCounter.attach``) then
+    adds ``batch["data_counts"]``, which the module ignores and ``DataHealth`` reads.
+    """
     return {
         "image": torch.stack([s["image"] for s in samples]),
         "condition": torch.stack([s["condition"] for s in samples]),
@@ -226,10 +215,6 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------- pipelines
-def _select_schema_member(fname: str) -> bool:
-    return schema.is_known_member(fname)
-
-
 def train_pipeline(urls: list[str], decoder: SampleDecoder, *, batch_size: int, shuffle_buffer: int,
                    resampled: bool, seed: int, skips: SkipCounter) -> wds.DataPipeline:
     """Training stream: resampled shards (or node- then worker-split shards), shuffle, decode, batch."""
@@ -240,10 +225,12 @@ def train_pipeline(urls: list[str], decoder: SampleDecoder, *, batch_size: int, 
                   BufferShuffle(len(urls), seed)]
     return wds.DataPipeline(
         *source,
-        wds.tarfile_to_samples(handler=skips, select_files=_select_schema_member),
+        wds.tarfile_to_samples(handler=skips, select_files=MemberFilter(skips)),
         BufferShuffle(max(1, shuffle_buffer), seed),
         wds.map(decoder, handler=skips),
+        skips.tally,
         wds.batched(batch_size, collation_fn=collate, partial=False),
+        skips.attach,
     )
 
 
@@ -254,8 +241,10 @@ def eval_pipeline(urls: list[str], decoder: SampleDecoder, *, batch_size: int,
     return wds.DataPipeline(
         wds.SimpleShardList(urls),
         split.shards,
-        wds.tarfile_to_samples(handler=skips, select_files=_select_schema_member),
+        wds.tarfile_to_samples(handler=skips, select_files=MemberFilter(skips)),
         split.samples,
         wds.map(decoder, handler=skips),
+        skips.tally,
         wds.batched(batch_size, collation_fn=collate, partial=True),
+        skips.attach,
     )
