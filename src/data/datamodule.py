@@ -4,7 +4,27 @@ Batches are dicts::
 
     {"image": float32 [B, 3, H, W] in [-1, 1],     # target, H = W = resolution
      "condition": float32 [B, 3, H, W] in [0, 1],  # canny replicated to 3 channels; seg/landmarks RGB
-     "caption": list[str], "key": list[str]}
+     "caption": list[str], "key": list[str],
+     "data_counts": dict[str, int]}              # events since this worker's previous batch
+
+``data_counts`` (``decoded``, ``skipped/<reason>``, ``noted/<reason>``; see ``src.data.health``) is
+how skip counts reach the main process with ``num_workers > 0``; ``src.callbacks.data_health``
+sums, logs and limits them.
+
+Data position on resume (streaming has no sample-exact position):
+
+- A checkpoint stores the epoch and global step, not a position in the stream. A resumed run starts
+  its current epoch's stream from the beginning, with a seed derived from (``seed``, restored epoch,
+  restored global step) (``pipeline.resume_seed``): shard order, shuffle buffer, augmentation and,
+  with ``resampled=True``, the drawn shards differ from the original run's, so a resume does not
+  replay the sample sequence the run started with. Samples seen before the interruption in that
+  epoch may be seen again and others may be missed in that epoch; no sample is lost for good.
+- A fresh run (epoch 0, step 0) uses ``seed`` itself: two fresh runs with the same seed, shards and
+  ``num_workers`` read the same samples in the same order.
+- Within a run, every epoch (every pass over the loader) reshuffles: in the main process through a
+  pass counter, in DataLoader workers through the per-epoch worker seed that PyTorch draws.
+- With ``resampled=True`` the stream is stateless: shards are drawn with replacement, an epoch is
+  ``batches_per_epoch()`` batches, and a resume simply draws from a new seed.
 """
 
 from __future__ import annotations
@@ -16,7 +36,14 @@ import pytorch_lightning as pl
 import webdataset as wds
 
 from src.data import schema
-from src.data.pipeline import SampleDecoder, SkipCounter, eval_pipeline, resolve_shards, train_pipeline
+from src.data.pipeline import (
+    SampleDecoder,
+    SkipCounter,
+    eval_pipeline,
+    resolve_shards,
+    resume_seed,
+    train_pipeline,
+)
 
 
 class ShardDataModule(pl.LightningDataModule):
@@ -96,6 +123,14 @@ class ShardDataModule(pl.LightningDataModule):
         return wds.WebLoader(pipeline, batch_size=None, shuffle=False, num_workers=self.num_workers,
                              persistent_workers=False)
 
+    def stream_seed(self) -> int:
+        """Seed of the training stream: ``seed`` for a fresh run, derived from the restored epoch/step
+        on resume (the trainer restores both before it asks for the training loader)."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return self.seed
+        return resume_seed(self.seed, trainer.current_epoch, trainer.global_step)
+
     def batches_per_epoch(self) -> int | None:
         """Training batches each rank yields per epoch (None when the epoch is one pass over shards)."""
         if not self.epoch_samples:
@@ -103,13 +138,14 @@ class ShardDataModule(pl.LightningDataModule):
         return max(1, self.epoch_samples // (self._world_size() * self.batch_size))
 
     def train_dataloader(self) -> wds.WebLoader:
-        """Shuffled (optionally resampled) training batches."""
+        """Shuffled (optionally resampled) training batches, seeded by :meth:`stream_seed`."""
         if not self.train_urls:
             self.setup("fit")
-        decoder = SampleDecoder(self.condition, self.resolution, True, self.random_flip, self.seed)
+        seed = self.stream_seed()
+        decoder = SampleDecoder(self.condition, self.resolution, True, self.random_flip, seed)
         pipeline = train_pipeline(self.train_urls, decoder, batch_size=self.batch_size,
                                   shuffle_buffer=self.shuffle_buffer, resampled=self.resampled,
-                                  seed=self.seed, skips=self.train_skips)
+                                  seed=seed, skips=self.train_skips)
         n_batches = self.batches_per_epoch()
         if n_batches is None:
             return self._loader(pipeline)
