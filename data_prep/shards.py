@@ -10,8 +10,8 @@ This module then
   rest to ``train``; each split is cut into shards of ``shard_size`` samples in that order, named
   ``OUT/{split}-{index:06d}.tar``. The same inputs and settings always give the same shards, byte for
   byte (tar headers carry fixed owners and mtimes);
-- writes each shard to a hidden temporary name (``.{name}.tmp``) and renames it when complete, so an
-  interrupted run never leaves a truncated shard that looks finished;
+- writes each shard to a hidden temporary name (``.{name}.tmp``), fsyncs it and renames it when
+  complete, so an interrupted (even SIGKILLed) run never leaves a truncated shard that looks finished;
 - resumes: a shard whose final file exists with a matching fingerprint (settings + source ids) in
   ``OUT/_state/{name}.json`` is skipped, and a run that has nothing left to do writes nothing at all.
   A finished shard from different settings or inputs is an error (use ``overwrite`` or a new OUT);
@@ -165,35 +165,66 @@ class _ShardJob:
     make_sample: MakeSample
 
 
+def _write_items(tar: tarfile.TarFile, job: _ShardJob) -> tuple[int, int, Counter]:
+    """Write the plan's samples to ``tar``; return (samples written, payload bytes, skips by reason)."""
+    written, nbytes, skipped = 0, 0, Counter()
+    for item in job.plan.items:
+        try:
+            members = job.make_sample(item)
+        except schema.SampleError as exn:
+            skipped[exn.reason] += 1
+            log.info("skipped %s: %s", item.source_id, exn)
+            continue
+        nbytes += _write_sample(tar, schema.make_key(job.dataset, item.source_id), members)
+        written += 1
+    return written, nbytes, skipped
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename in ``path`` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_shard(job: _ShardJob) -> dict[str, Any]:
-    """Write one shard (temporary name, then rename) and its state file; return its stats."""
+    """Write one shard (temporary name, fsync, then rename) and its state file; return its stats.
+
+    A crash or kill at any point leaves either no ``{name}`` or the complete one; the temporary file is
+    removed and rewritten by the next run.
+    """
     out, name = Path(job.out_dir), job.plan.name
     tmp = out / f".{name}.tmp"
-    written, nbytes, skipped = 0, 0, Counter()
-    with tarfile.open(tmp, "w") as tar:
-        for item in job.plan.items:
-            try:
-                members = job.make_sample(item)
-            except schema.SampleError as exn:
-                skipped[exn.reason] += 1
-                log.info("skipped %s: %s", item.source_id, exn)
-                continue
-            nbytes += _write_sample(tar, schema.make_key(job.dataset, item.source_id), members)
-            written += 1
+    with open(tmp, "wb") as raw:
+        with tarfile.open(fileobj=raw, mode="w") as tar:
+            written, nbytes, skipped = _write_items(tar, job)
+        raw.flush()
+        os.fsync(raw.fileno())
     stats = {"shard": name, "split": job.plan.split, "fingerprint": job.fingerprint,
              "written": written, "skipped": dict(skipped), "bytes": nbytes}
     _atomic_write_text(out / STATE_DIR / f"{name}.json", json.dumps(stats, indent=1, sort_keys=True))
     os.replace(tmp, out / name)  # the commit point: the shard exists only when complete
+    _fsync_dir(out)
     return stats
 
 
 # ----------------------------------------------------------------------------------- the dataset
 def _read_state(out: Path, name: str) -> dict[str, Any] | None:
-    """State of a finished shard, or None if the shard is not finished."""
+    """State of a finished shard, or None if the shard is not finished (or its state file is unreadable,
+    e.g. after a power loss: the shard is then rewritten)."""
     state = out / STATE_DIR / f"{name}.json"
     if not (out / name).exists() or not state.exists():
         return None
-    return json.loads(state.read_text(encoding="utf-8"))
+    try:
+        return json.loads(state.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        log.warning("state file %s is unreadable: %s will be rewritten", state, name)
+        return None
 
 
 def _clear_output(out: Path) -> None:
