@@ -65,6 +65,8 @@ class OFTControlModule(pl.LightningModule):
         encoder_channels: stage widths of the control encoder.
         caption_dropout: probability of replacing a caption by "" (ControlNet uses 0.5).
         sampling: how validation sample grids are drawn.
+        max_consecutive_nonfinite: stop the run after this many non-finite losses in a row (each one
+            skips its optimizer step and is counted in `train/nonfinite_steps`).
     """
 
     def __init__(
@@ -76,6 +78,7 @@ class OFTControlModule(pl.LightningModule):
         encoder_channels: Sequence[int] = (16, 32, 96, 256),
         caption_dropout: float = 0.5,
         sampling: SamplingSpec | None = None,
+        max_consecutive_nonfinite: int = 5,
     ) -> None:
         super().__init__()
         if not 0.0 <= caption_dropout <= 1.0:
@@ -90,6 +93,8 @@ class OFTControlModule(pl.LightningModule):
         self.vae_scale_factor = parts.vae_scale_factor
         self.adapted_layers = inject_oft(self.unet, oft)
         self.encoder = ControlEncoder(self.unet.conv_in.out_channels, parts.vae_scale_factor, encoder_channels)
+        self.max_consecutive_nonfinite = max_consecutive_nonfinite
+        self.nonfinite_steps, self.consecutive_nonfinite = 0, 0
         self.strict_loading = False  # checkpoints hold only the trained tensors; see on_load_checkpoint
 
     # ----------------------------------------------------------------------------------- parameters
@@ -162,10 +167,26 @@ class OFTControlModule(pl.LightningModule):
         raise ValueError(f"prediction_type '{kind}' is not supported; use epsilon or v_prediction")
 
     # ----------------------------------------------------------------------------------- lightning
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         loss = self.diffusion_loss(batch, captions=self.drop_captions(batch["caption"]))
+        if not self.loss_is_finite(loss):
+            return None  # no backward: the optimizer step finds no gradients and changes nothing
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["caption"]))
         return loss
+
+    def loss_is_finite(self, loss: torch.Tensor) -> bool:
+        """Count non-finite losses (agreed across ranks, so all skip together); stop after too many in a row."""
+        finite = self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True)
+        self.consecutive_nonfinite = 0 if finite else self.consecutive_nonfinite + 1
+        self.nonfinite_steps += 0 if finite else 1
+        self.log("train/nonfinite_steps", float(self.nonfinite_steps), batch_size=1)
+        if self.consecutive_nonfinite >= self.max_consecutive_nonfinite:
+            raise FloatingPointError(
+                f"{self.consecutive_nonfinite} non-finite losses in a row (limit "
+                f"module.max_consecutive_nonfinite={self.max_consecutive_nonfinite}): lower optim.lr, check the "
+                "data for corrupt images, or resume from the last checkpoint, which holds only finite weights"
+            )
+        return finite
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         """Loss with noise and timesteps fixed per batch index, so validation curves are comparable."""
@@ -220,6 +241,9 @@ class OFTControlModule(pl.LightningModule):
         """Keep only the trained tensors: the frozen backbone is reloaded from its own weights."""
         trained = set(self.trainable_names())
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trained}
+        broken = [k for k, v in checkpoint["state_dict"].items() if not torch.isfinite(v).all()]
+        if broken:
+            raise FloatingPointError(f"refusing to save a checkpoint with non-finite weights in {broken[:5]}")
         checkpoint[CHECKPOINT_META] = self.checkpoint_identity()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
