@@ -1,0 +1,120 @@
+"""Rebuild a trained `OFTControlModule` from a run directory (or one of its checkpoints).
+
+A run directory, as `python -m src.train` leaves it, holds `config.yaml` (the resolved config) and
+`checkpoints/*.ckpt` (the trained tensors only, plus the run's identity under `checkpoint["oft_control"]`).
+Rebuilding follows training exactly: the module is instantiated from `config.yaml` (backbone, OFT layout,
+control encoder), then the checkpoint's tensors are loaded (`torch.load(weights_only=True)`) after its
+identity has been checked. Cheap checks (files, identity, backbone reachability) run before any weights load.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from src.models.backbone import check_backbone
+from src.models.module import CHECKPOINT_META, OFTControlModule
+
+RUN_CONFIG = "config.yaml"
+LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """Where a run's config and the chosen checkpoint are."""
+
+    run_dir: Path
+    config: Path
+    checkpoint: Path
+
+
+@dataclass
+class TrainedRun:
+    """A rebuilt module (eval mode, no gradients) with the config it was trained with."""
+
+    module: OFTControlModule
+    config: DictConfig
+    files: RunFiles
+
+    @property
+    def condition(self) -> str:
+        """The task's condition (`canny`, `seg`, `landmarks`)."""
+        return str(self.config.task.condition)
+
+    @property
+    def resolution(self) -> int:
+        return int(self.config.model.resolution)
+
+
+def locate_run(source: str | os.PathLike, checkpoint: str | os.PathLike | None = None) -> RunFiles:
+    """Resolve `source` (a run directory or a checkpoint file inside `<run>/checkpoints/`) to its files."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+        ckpt = Path(checkpoint).expanduser() if checkpoint else path
+    elif path.is_dir():
+        run_dir, ckpt = path, Path(checkpoint).expanduser() if checkpoint else path / LAST_CHECKPOINT
+    else:
+        raise FileNotFoundError(
+            f"run '{source}' is neither a run directory nor a checkpoint file: pass the folder a training run "
+            "wrote (it holds config.yaml and checkpoints/last.ckpt), e.g. run=outputs/canny/runs/<date>"
+        )
+    if not (run_dir / RUN_CONFIG).is_file():
+        raise FileNotFoundError(
+            f"no {RUN_CONFIG} in run directory '{run_dir}': pass the folder `python -m src.train` wrote "
+            "(a checkpoint must sit in <run>/checkpoints/ so its config can be found)"
+        )
+    if not ckpt.is_file():
+        found = sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt"))
+        raise FileNotFoundError(f"checkpoint '{ckpt}' does not exist; checkpoints of this run: {found or 'none'}")
+    return RunFiles(run_dir, run_dir / RUN_CONFIG, ckpt)
+
+
+def load_run_config(files: RunFiles, backbone_path: str | None = None) -> DictConfig:
+    """The run's resolved config; `backbone_path` points the frozen backbone elsewhere (moved weights)."""
+    cfg = OmegaConf.load(files.config)
+    if backbone_path is not None:
+        with open_dict(cfg):
+            cfg.model.path = cfg.module.backbone.path = str(backbone_path)
+    return cfg
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """A checkpoint's tensors and identity, loaded with `weights_only=True` (never unpickles code)."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or CHECKPOINT_META not in checkpoint:
+        raise ValueError(
+            f"'{path}' is not an OFT-Control checkpoint (no state_dict and '{CHECKPOINT_META}' identity): "
+            "pass a .ckpt written by `python -m src.train`"
+        )
+    return checkpoint
+
+
+def load_run(
+    source: str | os.PathLike,
+    checkpoint: str | os.PathLike | None = None,
+    backbone_path: str | None = None,
+) -> TrainedRun:
+    """Rebuild the module of a run with its trained tensors, in eval mode with gradients off."""
+    from hydra.utils import instantiate
+
+    files = locate_run(source, checkpoint)
+    cfg = load_run_config(files, backbone_path)
+    state = read_checkpoint(files.checkpoint)
+    trained_on = state[CHECKPOINT_META].get("backbone")
+    if trained_on != cfg.model.name:
+        raise ValueError(
+            f"checkpoint '{files.checkpoint}' was trained on backbone '{trained_on}' but the run's config.yaml "
+            f"says '{cfg.model.name}': pass a checkpoint of this run"
+        )
+    check_backbone(instantiate(cfg.model))
+    module: OFTControlModule = instantiate(cfg.module)
+    module.on_load_checkpoint(state)  # identity (backbone, OFT layout) and the exact set of trained tensors
+    module.load_state_dict(state["state_dict"], strict=False)
+    module.eval().requires_grad_(False)
+    return TrainedRun(module, cfg, files)
