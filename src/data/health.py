@@ -26,9 +26,10 @@ broken tar twice), so the skip fraction of broken shards is a lower bound.
 Counts reach the main process inside the batches: every batch carries ``batch["data_counts"]``, a flat
 ``dict[str, int]`` of the events in *that worker* since its previous batch (``decoded``,
 ``skipped/<reason>``, ``noted/<reason>``). Events after a worker's last batch of a pass are not
-reported. A worker that sees ``max_consecutive_skips`` skips in a row without one good sample raises
-:class:`DataHealthError` (every shard gone, or all samples bad with resampled shards, would otherwise
-spin forever without producing a batch).
+reported; a skip is reported with the batch that the worker hands on next (the batcher reads one
+sample ahead), and the sum over batches is exact. A worker that sees ``max_consecutive_skips`` skips
+in a row without one decoded sample raises :class:`DataHealthError` (every shard gone, or all samples
+bad with resampled shards, would otherwise spin forever without producing a batch).
 """
 
 from __future__ import annotations
@@ -122,13 +123,9 @@ class SkipCounter:
             log.warning("%s: %s (%s, %d so far): %s", self.name, what, reason, count, detail)
 
     def tally(self, samples: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        """Pipeline stage after decoding: count good samples and note empty captions."""
+        """Pipeline stage after decoding: a decoded sample ends a run of consecutive skips."""
         for sample in samples:
-            self.decoded += 1
-            self._pending[DECODED] += 1
             self._consecutive = 0
-            if not sample["caption"].strip():
-                self.note(EMPTY_CAPTION, sample["key"])
             yield sample
 
     def take(self) -> dict[str, int]:
@@ -137,8 +134,18 @@ class SkipCounter:
         return pending
 
     def attach(self, batches: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        """Pipeline stage after batching: ``batch["data_counts"] = take()``."""
+        """Pipeline stage after batching: count the batch's samples and empty captions, then
+        ``batch["data_counts"] = take()``.
+
+        Counting delivered samples here (not at decoding) keeps ``decoded`` exact per batch: the
+        batcher reads one sample ahead, and samples of a dropped incomplete last batch are not counted.
+        """
         for batch in batches:
+            self.decoded += len(batch["key"])
+            self._pending[DECODED] += len(batch["key"])
+            for key, caption in zip(batch["key"], batch["caption"], strict=True):
+                if not caption.strip():
+                    self.note(EMPTY_CAPTION, key)
             batch[COUNTS_KEY] = self.take()
             yield batch
 
