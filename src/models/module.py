@@ -14,6 +14,7 @@ from torch import nn
 
 from src.models.backbone import BackboneSpec, load_backbone
 from src.models.control import ControlEncoder, control_injection
+from src.models.memory import MemoryOptions, apply_memory_options
 from src.models.sampling import build_pipeline, make_scheduler, sample_controlled
 from src.oft import OFTConfig, inject_oft, oft_parameter_count, project_coft_
 
@@ -67,6 +68,8 @@ class OFTControlModule(pl.LightningModule):
         sampling: how validation sample grids are drawn.
         max_consecutive_nonfinite: stop the run after this many non-finite losses in a row (each one
             skips its optimizer step and is counted in `train/nonfinite_steps`).
+        memory: memory/speed switches for the frozen UNet (gradient checkpointing, channels-last,
+            torch.compile); all off by default.
     """
 
     def __init__(
@@ -79,6 +82,7 @@ class OFTControlModule(pl.LightningModule):
         caption_dropout: float = 0.5,
         sampling: SamplingSpec | None = None,
         max_consecutive_nonfinite: int = 5,
+        memory: MemoryOptions | None = None,
     ) -> None:
         super().__init__()
         if not 0.0 <= caption_dropout <= 1.0:
@@ -93,6 +97,8 @@ class OFTControlModule(pl.LightningModule):
         self.vae_scale_factor = parts.vae_scale_factor
         self.adapted_layers = inject_oft(self.unet, oft)
         self.encoder = ControlEncoder(self.unet.conv_in.out_channels, parts.vae_scale_factor, encoder_channels)
+        self.memory = memory or MemoryOptions()
+        apply_memory_options(self.memory, self.unet, [self.vae, self.encoder])
         self.max_consecutive_nonfinite = max_consecutive_nonfinite
         self.nonfinite_steps, self.consecutive_nonfinite = 0, 0
         self.strict_loading = False  # checkpoints hold only the trained tensors; see on_load_checkpoint
