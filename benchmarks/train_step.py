@@ -1,0 +1,542 @@
+"""One training step of OFT-Control against ControlNet, peft OFT and peft LoRA on the same frozen UNet.
+
+    python -m benchmarks.train_step [--backbone all|tiny|sd15] [--repeats 3] [--tiny-repeats 15]
+                                    [--threads N] [--quick] [--no-write] [--json PATH]
+
+A step is what a trainer does per batch: zero the gradients, the frozen encoders (tiny backbone only),
+noise the latents, predict with the control, MSE, backward, the optimizer step (AdamW, lr 1e-5) and the
+method's own extras (COFT projection for OFT-Control, gradient clipping for ControlNet as diffusers'
+example does). The setups:
+
+- ``OFT-Control (paper|fast)``: our OFT (``conf/oft/{paper,fast}.yaml``) + our control encoder.
+- ``ControlNet``: ``ControlNetModel.from_unet`` trained as ``examples/controlnet/train_controlnet.py``
+  trains it: the ControlNet is trainable, its residuals go to the frozen UNet, AdamW over its parameters.
+- ``peft OFT (paper|fast)``: the same rotations through peft's OFT (same blocks, targets, Cayley form,
+  COFT radius) + our control encoder.
+- ``peft LoRA r=16``: LoRA on the same targets + our control encoder.
+
+Time: all setups live in one process on one frozen UNet (they share its weight tensors) and run
+interleaved, one warm-up round then ``repeats`` rounds, the order rotated every round; the table shows
+medians and the median of the per-round ratios to ``OFT-Control (paper)``. Memory: each setup runs two
+steps in its own child process (forked from a clean fork server), ``ru_maxrss`` is the kernel's
+high-water mark of that process. Checkpoint: bytes of the trained tensors written with safetensors.
+The table is rewritten in benchmarks/README.md between its markers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import gc
+import json
+import multiprocessing
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import peft
+import psutil
+import torch
+import torch.nn.functional as F
+from diffusers import ControlNetModel, DDPMScheduler, UNet2DConditionModel
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.utils import instantiate
+from peft.tuners.oft.layer import OFTRotationModule
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from src.models.control import ControlEncoder, control_injection
+from src.models.tiny import build_tiny_pipeline
+from src.oft import OFTConfig, OFTLinear, inject_oft, oft_layers, oft_parameters, project_coft_
+
+ROOT = Path(__file__).resolve().parents[1]
+README = Path(__file__).with_name("README.md")
+START, END = "<!-- train_step:start -->", "<!-- train_step:end -->"
+SD15 = ROOT / "src" / "models" / "sd15"
+REFERENCE = "OFT-Control (paper)"
+DIAGNOSTIC = "OFT-Control, input-centric"  # not the default layer path; shows where the merged path loses
+LR = 1e-5
+LORA_RANK = 16
+MAX_GRAD_NORM = 1.0  # diffusers' train_controlnet.py default (--max_grad_norm)
+# What `python -m src.train task=canny` trains with (conf/data/demo.yaml, conf/model/tiny.yaml).
+TINY_BATCH, TINY_PIXELS = 4, 64
+SD15_LATENT = 32  # 256 px, batch 1
+# Imported once by the fork server so that each memory child starts with everything loaded; the last two
+# are what `build_tiny_pipeline` imports lazily.
+PRELOAD = [
+    __name__,
+    "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion",
+    "transformers.models.clip.modeling_clip",
+    "transformers.models.clip.tokenization_clip",
+]
+
+
+# ------------------------------------------------------------------------------------------ backbones
+@dataclass
+class Backbone:
+    """A frozen UNet and the fixed inputs of one training step on it.
+
+    ``encode`` returns ``(latents, text embeddings)`` as the frozen VAE and text encoder would (tiny
+    backbone: they run every step; SD1.5: fixed random tensors of the right shapes).
+    """
+
+    name: str
+    description: str
+    unet: nn.Module
+    scheduler: object
+    condition: Tensor
+    noise: Tensor
+    timesteps: Tensor
+    encode: Callable[[], tuple[Tensor, Tensor]]
+
+
+def tiny_backbone(seed: int = 0) -> Backbone:
+    """The offline tiny SD backbone with its VAE and text encoder, batch 4 at 64 px."""
+    pipe = build_tiny_pipeline(seed)
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        module.requires_grad_(False)
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.rand(TINY_BATCH, 3, TINY_PIXELS, TINY_PIXELS, generator=generator) * 2 - 1
+    tokens = pipe.tokenizer(
+        ["a photo of a cat"] * TINY_BATCH,
+        padding="max_length",
+        truncation=True,
+        max_length=pipe.tokenizer.model_max_length,
+        return_tensors="pt",
+    ).input_ids
+    side = TINY_PIXELS // 8
+
+    @torch.no_grad()
+    def encode() -> tuple[Tensor, Tensor]:
+        latents = pipe.vae.encode(images).latent_dist.sample() * pipe.vae.config.scaling_factor
+        return latents, pipe.text_encoder(tokens)[0]
+
+    return Backbone(
+        name="tiny",
+        unet=pipe.unet,
+        scheduler=pipe.scheduler,
+        encode=encode,
+        description=f"tiny SD backbone (`src/models/tiny.py`), batch {TINY_BATCH} at {TINY_PIXELS} px "
+        f"({side}x{side} latents), frozen VAE and text encoder run every step",
+        condition=torch.rand(TINY_BATCH, 3, TINY_PIXELS, TINY_PIXELS, generator=generator),
+        noise=torch.randn(TINY_BATCH, 4, side, side, generator=generator),
+        timesteps=torch.randint(0, 1000, (TINY_BATCH,), generator=generator),
+    )
+
+
+def sd15_unet() -> nn.Module:
+    """A UNet of the public SD1.5 config (`src/models/sd15/unet_config.json`), random weights, frozen."""
+    config = json.loads((SD15 / "unet_config.json").read_text())
+    return UNet2DConditionModel(**config).requires_grad_(False)
+
+
+def sd15_backbone(seed: int = 0) -> Backbone:
+    """Random-weight SD1.5 UNet at 32x32 latents (256 px), batch 1; VAE and text encoder skipped."""
+    torch.manual_seed(seed)
+    unet = sd15_unet()
+    generator = torch.Generator().manual_seed(seed)
+    latents = torch.randn(1, 4, SD15_LATENT, SD15_LATENT, generator=generator)
+    text = torch.randn(1, 77, unet.config.cross_attention_dim, generator=generator)
+    return Backbone(
+        name="sd15",
+        unet=unet,
+        encode=lambda: (latents, text),
+        scheduler=DDPMScheduler(**json.loads((SD15 / "scheduler_config.json").read_text())),
+        description=f"random-weight UNet of the public SD1.5 config, batch 1 at {SD15_LATENT * 8} px "
+        f"({SD15_LATENT}x{SD15_LATENT} latents); random latents and 77x768 text embeddings stand in for "
+        "the frozen VAE and text encoder",
+        condition=torch.rand(1, 3, SD15_LATENT * 8, SD15_LATENT * 8, generator=generator),
+        noise=torch.randn(1, 4, SD15_LATENT, SD15_LATENT, generator=generator),
+        timesteps=torch.randint(0, 1000, (1,), generator=generator),
+    )
+
+
+BACKBONES: dict[str, Callable[[], Backbone]] = {"tiny": tiny_backbone, "sd15": sd15_backbone}
+
+
+# ------------------------------------------------------------------------------------------ setups
+def _nothing() -> None:
+    return None
+
+
+@dataclass
+class Setup:
+    """What one method trains and how it predicts: ``predict(noisy, timesteps, text, condition)``."""
+
+    trainable: dict[str, nn.Parameter]
+    predict: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+    optimizer: torch.optim.Optimizer
+    before_optimizer: Callable[[], None] = _nothing
+    after_optimizer: Callable[[], None] = _nothing
+    modules: dict[str, nn.Module] = field(default_factory=dict)
+
+    @property
+    def trainable_count(self) -> int:
+        return sum(p.numel() for p in self.trainable.values())
+
+
+def structural_copy(unet: nn.Module) -> nn.Module:
+    """A copy of ``unet`` that shares its parameter and buffer tensors (adapters wrap layers of the copy)."""
+    memo = {id(t): t for t in [*unet.parameters(), *unet.buffers()]}
+    return copy.deepcopy(unet, memo)
+
+
+def oft_preset(name: str) -> OFTConfig:
+    """The project's own preset, ``conf/oft/<name>.yaml`` composed by Hydra (defaults resolved)."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return instantiate(compose(overrides=[f"+oft={name}"]).oft, _convert_="all")
+
+
+def _named(prefix: str, module: nn.Module) -> dict[str, nn.Parameter]:
+    return {f"{prefix}.{n}": p for n, p in module.named_parameters() if p.requires_grad}
+
+
+def _with_encoder(unet: nn.Module, after_optimizer: Callable[[], None] = _nothing) -> Setup:
+    """The control encoder added to ``unet.conv_in`` (our injection), AdamW over every trainable tensor."""
+    encoder = ControlEncoder(unet.conv_in.out_channels, downscale=8)
+    trainable = _named("unet", unet) | _named("encoder", encoder)
+
+    def predict(noisy: Tensor, timesteps: Tensor, text: Tensor, condition: Tensor) -> Tensor:
+        with control_injection(unet, encoder, condition):
+            return unet(noisy, timesteps, text).sample
+
+    optimizer = torch.optim.AdamW(trainable.values(), lr=LR)
+    return Setup(
+        trainable,
+        predict,
+        optimizer,
+        after_optimizer=after_optimizer,
+        modules={"unet": unet, "encoder": encoder},
+    )
+
+
+def oft_control(base: nn.Module, preset: str, impl: str = "merged") -> Setup:
+    """(a) Our OFT with a project preset + control encoder; COFT projection after every optimizer step.
+
+    ``impl="input"`` switches every ``OFTLinear`` to its input-centric path (a diagnostic row: what
+    ``inject_oft`` builds is ``impl="merged"``).
+    """
+    unet, config = structural_copy(base), oft_preset(preset)
+    inject_oft(unet, config)
+    for _, layer in oft_layers(unet):
+        if isinstance(layer, OFTLinear):
+            layer.impl = impl
+    assert {id(p) for p in unet.parameters() if p.requires_grad} == {id(p) for p in oft_parameters(unet)}
+    return _with_encoder(unet, partial(project_coft_, unet) if config.coft else _nothing)
+
+
+def controlnet(base: nn.Module) -> Setup:
+    """(b) ``ControlNetModel.from_unet`` as diffusers' train_controlnet.py trains it (UNet frozen)."""
+    net = ControlNetModel.from_unet(base)
+    net.train()
+    trainable = _named("controlnet", net)
+
+    def predict(noisy: Tensor, timesteps: Tensor, text: Tensor, condition: Tensor) -> Tensor:
+        down, mid = net(
+            noisy, timesteps, encoder_hidden_states=text, controlnet_cond=condition, return_dict=False
+        )
+        return base(
+            noisy,
+            timesteps,
+            encoder_hidden_states=text,
+            down_block_additional_residuals=down,
+            mid_block_additional_residual=mid,
+            return_dict=False,
+        )[0]
+
+    def clip() -> None:
+        torch.nn.utils.clip_grad_norm_(trainable.values(), MAX_GRAD_NORM)
+
+    optimizer = torch.optim.AdamW(trainable.values(), lr=LR)
+    return Setup(trainable, predict, optimizer, before_optimizer=clip, modules={"controlnet": net})
+
+
+def _union(patterns: list[str]) -> str | None:
+    """Our list of ``re.fullmatch`` patterns as the one regex peft fullmatches against module names."""
+    return "|".join(f"(?:{p})" for p in patterns) or None
+
+
+def peft_oft_config(config: OFTConfig):
+    """peft's ``OFTConfig`` for the same rotations: blocks, targets, Cayley form, COFT.
+
+    peft's Neumann form with ``n`` terms is ours with ``n - 1``; its exact form is the same Cayley
+    transform (see tests/test_oft_inject.py). COFT radii are set per layer by :func:`peft_oft`.
+    """
+    return peft.OFTConfig(
+        r=config.n_blocks or 0,
+        oft_block_size=config.block_size or 0,
+        block_share=config.block_share,
+        use_cayley_neumann=config.cayley == "neumann",
+        num_cayley_neumann_terms=config.neumann_terms + 1,
+        coft=config.coft,
+        module_dropout=0.0,
+        init_weights=True,
+        target_modules=_union(config.target_modules),
+        exclude_modules=_union(config.exclude_modules),
+    )
+
+
+def peft_oft(base: nn.Module, preset: str) -> Setup:
+    """(c) The preset's rotations through peft's OFT + our control encoder.
+
+    peft takes one COFT ``eps`` and uses the radius ``eps / sqrt(n_stored)``; ours is
+    ``eps * b^2 / sqrt(n_stored)``, so each peft rotation gets ``eps * b^2`` (its ``eps`` attribute) to
+    constrain the same ball. peft projects before every forward, we after every optimizer step.
+    """
+    unet, config = structural_copy(base), oft_preset(preset)
+    peft.inject_adapter_in_model(peft_oft_config(config), unet)
+    for module in unet.modules():
+        if isinstance(module, OFTRotationModule):
+            module.eps = config.eps * module.block_size**2
+    return _with_encoder(unet)
+
+
+def peft_lora(base: nn.Module) -> Setup:
+    """(d) peft LoRA (rank 16, alpha 16) on the paper preset's targets + our control encoder."""
+    targets = oft_preset("paper").target_modules
+    config = peft.LoraConfig(
+        r=LORA_RANK, lora_alpha=LORA_RANK, lora_dropout=0.0, target_modules=_union(targets)
+    )
+    unet = structural_copy(base)
+    peft.inject_adapter_in_model(config, unet)
+    return _with_encoder(unet)
+
+
+SETUPS: dict[str, Callable[[nn.Module], Setup]] = {
+    REFERENCE: partial(oft_control, preset="paper"),
+    "OFT-Control (fast)": partial(oft_control, preset="fast"),
+    "ControlNet": controlnet,
+    "peft OFT (paper)": partial(peft_oft, preset="paper"),
+    "peft OFT (fast)": partial(peft_oft, preset="fast"),
+    f"peft LoRA r={LORA_RANK}": peft_lora,
+    f"{DIAGNOSTIC} (paper)": partial(oft_control, preset="paper", impl="input"),
+    f"{DIAGNOSTIC} (fast)": partial(oft_control, preset="fast", impl="input"),
+}
+
+
+# ------------------------------------------------------------------------------------------ one step
+def train_step(backbone: Backbone, setup: Setup) -> Tensor:
+    """Zero grads, frozen encoders, noise, predict with control, MSE on epsilon, backward, optimizer."""
+    setup.optimizer.zero_grad(set_to_none=True)
+    latents, text = backbone.encode()
+    noisy = backbone.scheduler.add_noise(latents, backbone.noise, backbone.timesteps)
+    prediction = setup.predict(noisy, backbone.timesteps, text, backbone.condition)
+    loss = F.mse_loss(prediction.float(), backbone.noise.float())
+    loss.backward()
+    setup.before_optimizer()
+    setup.optimizer.step()
+    setup.after_optimizer()
+    return loss.detach()
+
+
+def time_interleaved(backbone: Backbone, setups: dict[str, Setup], repeats: int, warmup: int = 1) -> dict:
+    """Seconds per step, ``{name: [t_round1, ...]}``; every round runs each setup once, order rotated."""
+    names = list(setups)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(warmup + repeats):
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            start = time.perf_counter()
+            train_step(backbone, setups[name])
+            if round_ >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+def median_ratio(times: dict[str, list[float]], name: str, reference: str) -> float:
+    """Median over rounds of ``t_name / t_reference`` (both measured in the same round)."""
+    return statistics.median(a / b for a, b in zip(times[name], times[reference], strict=True))
+
+
+# ------------------------------------------------------------------------------------------ memory
+def checkpoint_bytes(setup: Setup) -> int:
+    """Size of the trained tensors written as one safetensors file."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "trained.safetensors"
+        save_file({k: p.detach().contiguous() for k, p in setup.trainable.items()}, str(path))
+        return path.stat().st_size
+
+
+def _rss() -> int:
+    return psutil.Process().memory_info().rss
+
+
+def measure_memory(backbone_name: str, setup_name: str, threads: int) -> dict:
+    """Child side: build the backbone and one setup, run two steps, read this process's peak RSS."""
+    if threads:
+        torch.set_num_threads(threads)
+    began, start = time.perf_counter(), _rss()
+    backbone = BACKBONES[backbone_name]()
+    frozen = _rss()
+    setup = SETUPS[setup_name](backbone.unet)
+    for _ in range(2):  # AdamW allocates its states in the first step: the second is the steady state
+        train_step(backbone, setup)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    return dict(
+        start_rss=start,
+        frozen_rss=frozen,
+        peak_rss=peak,
+        checkpoint_bytes=checkpoint_bytes(setup),
+        checkpoint_tensors=setup.trainable_count,
+        seconds=time.perf_counter() - began,
+    )
+
+
+def _memory_child(conn, backbone_name: str, setup_name: str, threads: int) -> None:
+    try:
+        conn.send(measure_memory(backbone_name, setup_name, threads))
+    except BaseException:  # report the failure to the parent instead of dying silently
+        conn.send({"error": traceback.format_exc()})
+    finally:
+        conn.close()
+
+
+def memory_in_children(backbone_name: str, threads: int) -> dict[str, dict]:
+    """One fresh child per setup, forked from a fork server that only imported modules (never computed)."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(PRELOAD)
+    results = {}
+    for name in SETUPS:
+        receive, send = context.Pipe(duplex=False)
+        child = context.Process(target=_memory_child, args=(send, backbone_name, name, threads))
+        child.start()
+        send.close()
+        result = receive.recv()
+        child.join()
+        if "error" in result:
+            raise RuntimeError(f"memory run of {name!r} on {backbone_name} failed:\n{result['error']}")
+        results[name] = result
+        print(
+            f"[{backbone_name}] {name}: peak {result['peak_rss'] / 2**30:.2f} GiB "
+            f"({result['seconds']:.1f} s)",
+            flush=True,
+        )
+    return results
+
+
+# ------------------------------------------------------------------------------------------ report
+def measure(backbone_name: str, repeats: int, threads: int) -> dict:
+    """Memory in children first, then parameter counts and interleaved step times in this process."""
+    memory = memory_in_children(backbone_name, threads)
+    backbone = BACKBONES[backbone_name]()
+    setups = {name: build(backbone.unet) for name, build in SETUPS.items()}
+    load_before = os.getloadavg()[0]
+    times = time_interleaved(backbone, setups, repeats)
+    rows = [
+        dict(
+            name=name,
+            trainable=setup.trainable_count,
+            step_s=statistics.median(times[name]),
+            ratio=median_ratio(times, name, REFERENCE),
+            **memory[name],
+        )
+        for name, setup in setups.items()
+    ]
+    pairs = [
+        (REFERENCE, "peft OFT (paper)"),
+        ("OFT-Control (fast)", "peft OFT (fast)"),
+        (REFERENCE, "ControlNet"),
+        ("OFT-Control (fast)", "ControlNet"),
+    ]
+    result = dict(
+        backbone=backbone_name,
+        description=backbone.description,
+        repeats=repeats,
+        rows=rows,
+        times=times,
+        load=(load_before, os.getloadavg()[0]),
+        pairs=[(a, b, median_ratio(times, a, b)) for a, b in pairs],
+    )
+    del setups, backbone
+    gc.collect()
+    return result
+
+
+def table(result: dict) -> str:
+    """Markdown table and target lines of one backbone."""
+    rows = {r["name"]: r for r in result["rows"]}
+    controlnet_count = rows["ControlNet"]["trainable"]
+    lines = [
+        f"**{result['description']}** ({result['repeats']} interleaved rounds after 1 warm-up round; "
+        f"load average {result['load'][0]:.1f} before, {result['load'][1]:.1f} after the timed rounds)",
+        "",
+        "| setup | trainable params | ControlNet / setup | median step (s) | median ratio vs "
+        f"{REFERENCE} | peak RSS (GiB) | training adds (GiB) | checkpoint (MB) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows.values():
+        lines.append(
+            f"| {r['name']} | {r['trainable']:,} | {controlnet_count / r['trainable']:.1f}x | {r['step_s']:.3g} | "
+            f"{r['ratio']:.2f}x | {(r['peak_rss'] - r['start_rss']) / 2**30:.2f} | "
+            f"{(r['peak_rss'] - r['frozen_rss']) / 2**30:.2f} | {r['checkpoint_bytes'] / 1e6:.1f} |"
+        )
+    lines.append("")
+    for a, b, ratio in result["pairs"]:
+        verdict = "met" if ratio <= 1.0 else "not met"
+        lines.append(f"- step time {a} / {b}: {ratio:.2f} (median per-round ratio; target <= 1: {verdict})")
+    lines.append(
+        f"- trainable parameters ControlNet / {REFERENCE}: {controlnet_count / rows[REFERENCE]['trainable']:.1f}x"
+    )
+    return "\n".join(lines)
+
+
+def render(results: list[dict], command: str) -> str:
+    header = (
+        f"Measured {datetime.date.today().isoformat()} with `{command}` on {os.cpu_count()} CPU cores "
+        f"({platform.machine()}, torch {torch.__version__}, torch threads: {torch.get_num_threads()})."
+    )
+    return "\n\n".join([header, *(table(r) for r in results)])
+
+
+def write_section(body: str, path: Path = README, start: str = START, end: str = END) -> None:
+    """Replace the text between ``start`` and ``end`` in ``path`` (append both markers if missing)."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    if start not in text or end not in text:
+        text = text.rstrip("\n") + f"\n\n{start}\n{end}\n"
+    head, rest = text.split(start, 1)
+    tail = rest.split(end, 1)[1]
+    path.write_text(f"{head}{start}\n{body}\n{end}{tail}")
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--backbone", choices=["all", *BACKBONES], default="all")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds on SD1.5 (default 3)")
+    parser.add_argument("--tiny-repeats", type=int, default=15, help="timed rounds on tiny (default 15)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    parser.add_argument("--quick", action="store_true", help="tiny backbone, 2 rounds; never writes README")
+    parser.add_argument("--no-write", action="store_true", help="print only, leave README.md alone")
+    parser.add_argument("--json", type=Path, help="also write the raw results here")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    names = ["tiny"] if args.quick else list(BACKBONES) if args.backbone == "all" else [args.backbone]
+    repeats = {"tiny": 2 if args.quick else args.tiny_repeats, "sd15": args.repeats}
+    results = [measure(name, repeats[name], args.threads) for name in names]
+    command = " ".join(["python -m benchmarks.train_step", *(sys.argv[1:] if argv is None else argv)])
+    section = render(results, command)
+    print(section)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    if not (args.quick or args.no_write):
+        write_section(section)
+    return results
+
+
+if __name__ == "__main__":
+    # Run through the importable module so the fork server's children find the same functions.
+    from benchmarks.train_step import main as _main
+
+    _main()
