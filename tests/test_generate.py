@@ -155,3 +155,21 @@ def test_user_errors_are_raised_before_any_weights_load(run_dir, tmp_path, monke
             generate(compose_generate(*overrides, out_dir=tmp_path / "out"))
     with pytest.raises(ValueError, match="no prompt for"):
         assign_prompts(collect_inputs(image, "canny", 64), None)
+
+
+def test_run_files_and_checkpoint_identity_are_checked_before_weights_load(run_dir, tmp_path, monkeypatch):
+    from src.models.run import locate_run
+
+    files = locate_run(run_dir / "checkpoints" / "last.ckpt")
+    assert (files.run_dir, files.config) == (run_dir, run_dir / "config.yaml")
+    with pytest.raises(FileNotFoundError, match=r"step_9.ckpt' does not exist; checkpoints of this run: \['last.ckpt'\]"):
+        locate_run(run_dir, run_dir / "checkpoints" / "step_9.ckpt")
+    monkeypatch.setattr("src.models.run.check_backbone", lambda spec: pytest.fail("backbone checked"))
+    foreign = torch.load(files.checkpoint, weights_only=True)
+    foreign["oft_control"]["backbone"] = "sd15"
+    torch.save(foreign, tmp_path / "foreign.ckpt")
+    with pytest.raises(ValueError, match="trained on backbone 'sd15' but the run's config.yaml says 'tiny'"):
+        load_run(run_dir, tmp_path / "foreign.ckpt")
+    torch.save({"state_dict": {}}, tmp_path / "plain.ckpt")
+    with pytest.raises(ValueError, match="not an OFT-Control checkpoint"):
+        load_run(run_dir, tmp_path / "plain.ckpt")
