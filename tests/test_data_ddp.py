@@ -10,7 +10,9 @@ batch to ``rank<r>.json``.
 How a rank learns its place: ``wds.split_by_node`` and the pipeline's seeds call
 ``wds.utils.pytorch_worker_info()``, which takes ``RANK``/``WORLD_SIZE`` from the environment when both
 are set (torchrun, SLURM wrappers) and otherwise asks ``torch.distributed`` (Lightning's launcher sets
-``WORLD_SIZE`` but not ``RANK``). DataLoader workers are forked, so they inherit either. Every scenario
+``WORLD_SIZE`` but not ``RANK``). DataLoader workers are forked, so they inherit either (with a spawn or
+forkserver start method the ``torch.distributed`` route is lost in the workers: every rank would then
+read every shard). Every scenario
 runs under both sources: ``env`` (the variables set) and ``dist`` (both removed after
 ``init_process_group``). ``batches_per_epoch()`` reads the world size from the attached trainer only, so
 each rank attaches a minimal trainer stub carrying ``world_size``.
@@ -98,7 +100,7 @@ def _rank_entry(rank: int, shards: str, out_dir: str, port: int) -> None:
     """Set the torchrun environment of ``rank`` (in the forked child only) and run it."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # no OpenMP region in a forked child of a process that may have used one
     run_rank(shards, out_dir)
 
 
