@@ -125,6 +125,12 @@ def test_short_run_leaves_its_artefacts_and_trains_only_adapters(config_factory,
 
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
     assert set(ckpt["state_dict"]) == set(run.module.trainable_names())
+    from safetensors import safe_open
+
+    with safe_open(str(out / "weights" / "last.safetensors"), "pt") as weights:
+        assert set(weights.keys()) == set(ckpt["state_dict"])
+        assert all(torch.equal(weights.get_tensor(k), ckpt["state_dict"][k]) for k in ckpt["state_dict"])
+        assert weights.metadata()["global_step"] == "4" and weights.metadata()["backbone"] == "tiny"
     assert not any(k.startswith(("vae.", "text_encoder.")) for k in ckpt["state_dict"])
     assert ckpt["optimizer_states"] and ckpt["global_step"] == 4
 

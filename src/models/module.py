@@ -243,13 +243,18 @@ class OFTControlModule(pl.LightningModule):
     def checkpoint_identity(self) -> dict[str, Any]:
         return checkpoint_identity(self.backbone_spec, self.oft_config)
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep only the trained tensors: the frozen backbone is reloaded from its own weights."""
+    def trained_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trained tensors only (control encoder and rotations); refuses non-finite values."""
         trained = set(self.trainable_names())
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trained}
-        broken = [k for k, v in checkpoint["state_dict"].items() if not torch.isfinite(v).all()]
+        state = {k: v for k, v in self.state_dict().items() if k in trained}
+        broken = [k for k, v in state.items() if not torch.isfinite(v).all()]
         if broken:
             raise FloatingPointError(f"refusing to save a checkpoint with non-finite weights in {broken[:5]}")
+        return state
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep only the trained tensors: the frozen backbone is reloaded from its own weights."""
+        checkpoint["state_dict"] = self.trained_state_dict()
         checkpoint[CHECKPOINT_META] = self.checkpoint_identity()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
