@@ -1,6 +1,6 @@
 """One training step of OFT-Control against ControlNet, peft OFT and peft LoRA on the same frozen UNet.
 
-    python -m benchmarks.train_step [--backbone all|tiny|sd15] [--repeats 3] [--tiny-repeats 15]
+    python -m benchmarks.train_step [--backbone all|tiny|sd15] [--repeats 5] [--tiny-repeats 15]
                                     [--threads N] [--quick] [--no-write] [--json PATH]
 
 A step is what a trainer does per batch: zero the gradients, the frozen encoders (tiny backbone only),
@@ -513,7 +513,7 @@ def write_section(body: str, path: Path = README, start: str = START, end: str =
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--backbone", choices=["all", *BACKBONES], default="all")
-    parser.add_argument("--repeats", type=int, default=3, help="timed rounds on SD1.5 (default 3)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds on SD1.5 (default 5)")
     parser.add_argument("--tiny-repeats", type=int, default=15, help="timed rounds on tiny (default 15)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     parser.add_argument("--quick", action="store_true", help="tiny backbone, 2 rounds; never writes README")
