@@ -37,6 +37,15 @@ def _encoder_params(setup: bench.Setup) -> int:
     return sum(p.numel() for p in setup.modules["encoder"].parameters())
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread, as the benchmark is recorded: two threads stall each other on a loaded machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def sd15_setups() -> tuple[nn.Module, dict[str, bench.Setup]]:
     """Every setup on a meta-device SD1.5 UNet (shapes only, no memory, no compute)."""
