@@ -184,3 +184,27 @@ def test_non_dividing_block_size_names_the_layer():
         ValueError, match=r"in_channels/groups\*kh\*kw 72 of layer 'c'.*36 or 72"
     ):  # conv: in * k * k = 8*3*3
         OFTConv2d(nn.Conv2d(8, 4, 3), config, name="c")
+
+
+@pytest.mark.parametrize("tokens", [3, 40])
+def test_auto_impl_picks_the_cheaper_path_and_agrees_with_both(tokens):
+    """`impl="auto"` rotates the input for few tokens and the weight for many; outputs and grads agree."""
+    torch.manual_seed(0)
+    base = nn.Linear(8, 16).double()
+    config = OFTConfig(block_size=4, cayley="exact", target_modules=[".*"])
+    layers = {impl: OFTLinear(base, config, impl=impl) for impl in ("auto", "merged", "input")}
+    skew = torch.randn_like(layers["auto"].oft_skew) * 0.2
+    for layer in layers.values():
+        layer.oft_skew.data.copy_(skew)
+    x = torch.randn(tokens, 8, dtype=torch.float64)
+    assert layers["auto"].uses_merged(x) == (tokens >= 16)
+    outputs, grads = {}, {}
+    for impl, layer in layers.items():
+        out = layer(x)
+        out.square().sum().backward()
+        outputs[impl], grads[impl] = out, layer.oft_skew.grad
+    for impl in ("merged", "input"):
+        torch.testing.assert_close(outputs["auto"], outputs[impl], rtol=0, atol=1e-12)
+        torch.testing.assert_close(grads["auto"], grads[impl], rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="impl 'fast' must be one of"):
+        OFTLinear(base, config, impl="fast")

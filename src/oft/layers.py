@@ -118,24 +118,38 @@ def rotate_input(x: Tensor, rotation: Tensor) -> Tensor:
 class OFTLinear(OFTLayer):
     """OFT around a frozen ``nn.Linear``: ``y = W (R x) + c``.
 
-    ``impl="merged"`` (default, faster on CPU, see benchmarks/README.md) runs the forward on ``W R``
-    (cost ``out*in*b`` once per call) with a custom backward; ``impl="input"`` rotates the input
-    blockwise and lets autograd differentiate. Both agree to float precision.
+    Two exact ways to compute it, chosen per call by ``impl="auto"`` (default) from their cost:
+
+    - ``"merged"`` runs the forward on ``W R`` (``out*in*b`` multiply-adds to build, once per call) with a
+      custom backward; it wins when many tokens share the weight (``tokens >= out_features``), e.g. SD at
+      512 px, where it adds about 7% to the frozen layer (see benchmarks/README.md).
+    - ``"input"`` rotates the input blockwise (``tokens*in*b``) and lets autograd differentiate; it wins
+      when few tokens pass (low resolution, the deepest UNet blocks, small batches).
+
+    All choices agree to float precision.
     """
 
+    IMPLS = ("auto", "merged", "input")
+
     def __init__(
-        self, base: nn.Linear, config: OFTConfig, name: str = "", impl: Literal["merged", "input"] = "merged"
+        self, base: nn.Linear, config: OFTConfig, name: str = "", impl: Literal["auto", "merged", "input"] = "auto"
     ) -> None:
         if not isinstance(base, nn.Linear):
             raise TypeError(f"OFTLinear wraps nn.Linear, got {type(base).__name__} for layer {name!r}")
-        if impl not in ("merged", "input"):
-            raise ValueError(f"impl {impl!r} must be 'merged' or 'input'")
+        if impl not in self.IMPLS:
+            raise ValueError(f"impl {impl!r} must be one of {self.IMPLS}")
         super().__init__(base, config, name)
         self.impl = impl
 
+    def uses_merged(self, x: Tensor) -> bool:
+        """Whether this call takes the merged-weight path (see the class docstring for the cost model)."""
+        if self.impl != "auto":
+            return self.impl == "merged"
+        return x.numel() // x.shape[-1] >= self.base.out_features
+
     def forward(self, x: Tensor) -> Tensor:
         rotation = self.rotation().to(x.dtype)
-        if self.impl == "input":
+        if not self.uses_merged(x):
             return F.linear(rotate_input(x, rotation), self.base.weight, self.base.bias)
         return _RotatedLinearFn.apply(x, self.base.weight, self.base.bias, rotation)
 
