@@ -65,7 +65,7 @@ README = Path(__file__).with_name("README.md")
 START, END = "<!-- train_step:start -->", "<!-- train_step:end -->"
 SD15 = ROOT / "src" / "models" / "sd15"
 REFERENCE = "OFT-Control (paper)"
-DIAGNOSTIC = "OFT-Control, input-centric"  # not the default layer path; shows where the merged path loses
+DIAGNOSTIC = "OFT-Control, merged weight"  # every OFTLinear forced to impl="merged": what impl="auto" avoids
 LR = 1e-5
 LORA_RANK = 16
 MAX_GRAD_NORM = 1.0  # diffusers' train_controlnet.py default (--max_grad_norm)
@@ -222,16 +222,16 @@ def _with_encoder(unet: nn.Module, after_optimizer: Callable[[], None] = _nothin
     )
 
 
-def oft_control(base: nn.Module, preset: str, impl: str = "merged") -> Setup:
+def oft_control(base: nn.Module, preset: str, impl: str | None = None) -> Setup:
     """(a) Our OFT with a project preset + control encoder; COFT projection after every optimizer step.
 
-    ``impl="input"`` switches every ``OFTLinear`` to its input-centric path (a diagnostic row: what
-    ``inject_oft`` builds is ``impl="merged"``).
+    ``impl`` forces every ``OFTLinear`` onto one path (diagnostic rows); ``None`` keeps what
+    ``inject_oft`` builds (the library default).
     """
     unet, config = structural_copy(base), oft_preset(preset)
     inject_oft(unet, config)
     for _, layer in oft_layers(unet):
-        if isinstance(layer, OFTLinear):
+        if impl is not None and isinstance(layer, OFTLinear):
             layer.impl = impl
     assert {id(p) for p in unet.parameters() if p.requires_grad} == {id(p) for p in oft_parameters(unet)}
     return _with_encoder(unet, partial(project_coft_, unet) if config.coft else _nothing)
@@ -321,8 +321,8 @@ SETUPS: dict[str, Callable[[nn.Module], Setup]] = {
     "peft OFT (paper)": partial(peft_oft, preset="paper"),
     "peft OFT (fast)": partial(peft_oft, preset="fast"),
     f"peft LoRA r={LORA_RANK}": peft_lora,
-    f"{DIAGNOSTIC} (paper)": partial(oft_control, preset="paper", impl="input"),
-    f"{DIAGNOSTIC} (fast)": partial(oft_control, preset="fast", impl="input"),
+    f"{DIAGNOSTIC} (paper)": partial(oft_control, preset="paper", impl="merged"),
+    f"{DIAGNOSTIC} (fast)": partial(oft_control, preset="fast", impl="merged"),
 }
 
 
