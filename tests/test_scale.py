@@ -117,7 +117,7 @@ def test_ddp_strategy_settings(config_factory):
 
     strategy = instantiate(config_factory("trainer=ddp").trainer.strategy)
     assert isinstance(strategy, DDPStrategy)
-    assert strategy._ddp_kwargs == {"find_unused_parameters": False, "static_graph": True,
+    assert strategy._ddp_kwargs == {"find_unused_parameters": False, "static_graph": False,
                                     "gradient_as_bucket_view": True, "forward_sync_buffers": False}
 
 

@@ -1,5 +1,8 @@
 """Two-process DDP on CPU (gloo) through the real entry point: `python -m src.train trainer=ddp ...`.
 
+The run also accumulates gradients over two batches (DDP's no_sync with static_graph) and checkpoints
+the UNet's activations (non-reentrant), the settings a memory-bound multi-GPU run uses.
+
 The run uses Lightning's own `ddp` strategy, which re-launches `python -m src.train` for rank 1 (with the
 Hydra run directory of rank 0). `RecordRanks`, added with a `+callbacks.` override, writes what every
 rank saw and ended with; the test asserts the ranks read disjoint halves of the data in equal numbers,
@@ -20,7 +23,9 @@ import pytorch_lightning as pl
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = 4  # each rank reads one of the two demo train shards (16 samples) in 4 batches of 4
+ACCUMULATE = 2
+STEPS = 2  # optimizer steps; each rank reads one of the two demo train shards (16 samples): 4 batches of 4
+BATCHES = STEPS * ACCUMULATE
 
 
 class RecordRanks(pl.Callback):
@@ -47,7 +52,9 @@ def ddp_run(tmp_path_factory: pytest.TempPathFactory, offline_cache: Path) -> Pa
     command = [
         sys.executable, "-m", "src.train", "debug=default", "trainer=ddp", "trainer.accelerator=cpu",
         "trainer.devices=2", "trainer.precision=32-true", f"trainer.max_steps={STEPS}",
-        f"trainer.val_check_interval={STEPS}", "logger=csv", "~callbacks.samples", "~callbacks.energy",
+        f"trainer.accumulate_grad_batches={ACCUMULATE}", f"trainer.val_check_interval={BATCHES}",
+        f"callbacks.checkpoint.every_n_train_steps={STEPS}", "module.memory.gradient_checkpointing=true",
+        "logger=csv", "~callbacks.samples", "~callbacks.energy",
         f"hydra.run.dir={out}", f"+callbacks.record._target_={__name__}.RecordRanks",
         f"+callbacks.record.out_dir={out}/ranks",
     ]
@@ -61,7 +68,7 @@ def ddp_run(tmp_path_factory: pytest.TempPathFactory, offline_cache: Path) -> Pa
 @pytest.mark.slow
 def test_ranks_read_disjoint_equal_halves_of_the_data(ddp_run):
     keys = [json.loads((ddp_run / "ranks" / f"keys_rank{r}.json").read_text()) for r in (0, 1)]
-    assert len(keys[0]) == len(keys[1]) == STEPS * 4
+    assert len(keys[0]) == len(keys[1]) == BATCHES * 4
     assert not set(keys[0]) & set(keys[1])
     assert len(set(keys[0]) | set(keys[1])) == 32  # the whole demo train split, once
 
