@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from src.data import schema
-from src.data.pipeline import SampleDecoder, SkipCounter, resolve_shards
+from src.data.pipeline import SampleDecoder, SkipCounter, resolve_shards, to_model_inputs
 from src.data.transforms import resize_center_crop
 from src.models.sampling import SCHEDULERS, build_pipeline, make_scheduler, sample_controlled
 
@@ -139,7 +139,7 @@ def iter_shard_inputs(urls: Sequence[str], condition: str, resolution: int, skip
     decoder = SampleDecoder(condition, resolution, train=False, random_flip=False, seed=0)
 
     def decode(sample: dict[str, Any]) -> ConditionInput:
-        out = decoder(sample)
+        out = to_model_inputs(decoder(sample))
         labels = sample.get(schema.SEGLABEL)
         if labels is not None:
             labels = resize_center_crop(schema.decode_member(schema.SEGLABEL, labels), resolution, "nearest")

@@ -18,6 +18,7 @@ from data_prep.assets import skimage_photo
 from data_prep.demo_faces import face_variant
 from src.data import ade20k, schema
 from src.data.datamodule import ShardDataModule
+from src.data.pipeline import to_model_inputs
 
 # importing controlnet-aux registers timm models twice and says so; that is not ours to fix
 pytestmark = pytest.mark.filterwarnings("ignore:Overwriting .* in registry:UserWarning")
@@ -101,7 +102,8 @@ def test_seg_condition_through_datamodule_keeps_palette_colours(ade_root: Path, 
     dm.setup()
     colours = {tuple(c) for c in ade20k.palette_lut().tolist()}
     for batch in list(dm.val_dataloader()) + list(dm.train_dataloader()):
-        pixels = (batch["condition"].permute(0, 2, 3, 1) * 255).round().int().reshape(-1, 3).tolist()
+        condition = to_model_inputs(batch)["condition"]  # the loader's uint8 as the model sees it
+        pixels = (condition.permute(0, 2, 3, 1) * 255).round().int().reshape(-1, 3).tolist()
         assert {tuple(p) for p in pixels} <= colours  # nearest-neighbour: no blended colours
 
 

@@ -1,11 +1,17 @@
 """Lightning datamodule over schema shards (DESIGN.md section 3, "Streaming").
 
-Batches are dicts::
+Batches as the model and callbacks see them (after the transfer to the device) are dicts::
 
     {"image": float32 [B, 3, H, W] in [-1, 1],     # target, H = W = resolution
      "condition": float32 [B, 3, H, W] in [0, 1],  # canny replicated to 3 channels; seg/landmarks RGB
      "caption": list[str], "key": list[str],
      "data_counts": dict[str, int]}              # events since this worker's previous batch
+
+The loaders themselves yield the compact form: ``image`` uint8 ``[B, 3, H, W]`` and ``condition``
+uint8 ``[B, C, H, W]`` (C = 1 for canny, 3 for seg/landmarks), stored channels-last, the other fields
+as above. :meth:`ShardDataModule.on_after_batch_transfer` converts them on the device with
+``pipeline.to_model_inputs``, so DataLoader workers, shared memory and the host-to-device copy move
+uint8; code that iterates the loaders without a Trainer calls ``to_model_inputs`` itself.
 
 ``data_counts`` (``decoded``, ``skipped/<reason>``, ``noted/<reason>``; see ``src.data.health``) is
 how skip counts reach the main process with ``num_workers > 0``; ``src.callbacks.data_health``
@@ -31,6 +37,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import pytorch_lightning as pl
 import webdataset as wds
@@ -42,6 +49,7 @@ from src.data.pipeline import (
     eval_pipeline,
     resolve_shards,
     resume_seed,
+    to_model_inputs,
     train_pipeline,
 )
 
@@ -161,3 +169,8 @@ class ShardDataModule(pl.LightningDataModule):
         decoder = SampleDecoder(self.condition, self.resolution, False, False, self.seed)
         pipeline = eval_pipeline(self.val_urls, decoder, batch_size=self.val_batch_size, skips=self.val_skips)
         return self._loader(pipeline)
+
+    def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
+        """uint8 batch on the device -> the float batch of the module docstring (``to_model_inputs``);
+        the training/validation steps and the callbacks' batch hooks all receive the converted batch."""
+        return to_model_inputs(batch)

@@ -4,6 +4,10 @@ Only the schema's members are read from a tar (``select_files``) and only the on
 decoded, by explicit decoders (cv2 for images, UTF-8, json). Nothing is ever unpickled. Bad samples
 and shards are skipped and counted by reason, and every batch carries the counts
 (``src.data.health``).
+
+Samples and batches stay uint8 up to the device (a sixth of the float32 bytes through DataLoader
+workers' shared memory and the host-to-device copy); :func:`to_model_inputs` turns them into the
+model's float inputs there (``ShardDataModule.on_after_batch_transfer``; other readers call it).
 """
 
 from __future__ import annotations
@@ -13,7 +17,8 @@ import hashlib
 import logging
 import os
 import random
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from functools import cache
 from typing import Any
 
 import numpy as np
@@ -23,7 +28,7 @@ from braceexpand import braceexpand
 
 from src.data import schema
 from src.data.health import MemberFilter, SkipCounter
-from src.data.transforms import center_offsets, crop, random_offsets, resize_shorter
+from src.data.transforms import center_offsets, crop, hflip, random_offsets, resize_shorter
 
 log = logging.getLogger(__name__)
 
@@ -148,13 +153,14 @@ class EvalSplit:
 
 # ---------------------------------------------------------------------------------- decoding
 class SampleDecoder:
-    """Raw sample (member bytes) -> ``{"image", "condition", "caption", "key"}`` tensors.
+    """Raw sample (member bytes) -> ``{"image", "condition", "caption", "key"}``, pixels as uint8.
 
     Decodes the jpg, the caption and the task's condition member, applies the same resize (shorter
     side to ``resolution``), crop (random if ``train`` else centred) and optional horizontal flip (only
     for conditions whose spec is ``flippable``) to target and condition (the condition with its spec's
-    interpolation), and scales the image to
-    [-1, 1] and the condition to [0, 1], both float32 [3, H, W].
+    interpolation). ``image`` is uint8 ``[3, H, W]``, ``condition`` uint8 ``[C, H, W]`` with the
+    member's channels (1 for canny, 3 for seg/landmarks); both are views of the decoded HWC arrays
+    (no copy). :func:`to_model_inputs` makes the model's float inputs of them.
     """
 
     def __init__(self, condition: str, resolution: int, train: bool, random_flip: bool, seed: int) -> None:
@@ -187,31 +193,87 @@ class SampleDecoder:
         top, left = random_offsets(height, width, size, rng) if rng else center_offsets(height, width, size)
         image, cond = crop(image, top, left, size), crop(cond, top, left, size)
         if rng is not None and self.random_flip and self.spec.flippable and rng.random() < 0.5:
-            image, cond = image[:, ::-1], cond[:, ::-1]
+            image, cond = hflip(image), hflip(cond)
         return image, cond
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
         image, cond, caption = self._members(sample)
         image, cond = self.transform(image, cond)
-        if cond.ndim == 2:
-            cond = np.repeat(cond[:, :, None], 3, axis=2)
-        image_t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 127.5 - 1.0
-        cond_t = torch.from_numpy(np.ascontiguousarray(cond[:, :, :3])).permute(2, 0, 1).float() / 255.0
-        return {"image": image_t, "condition": cond_t, "caption": caption, "key": sample["__key__"]}
+        return {"image": _chw(image), "condition": _chw(cond), "caption": caption, "key": sample["__key__"]}
+
+
+def _chw(array: np.ndarray) -> torch.Tensor:
+    """uint8 ``[H, W]`` or ``[H, W, C]`` array -> ``[C, H, W]`` tensor over the same memory."""
+    tensor = torch.from_numpy(array)
+    return tensor[None] if tensor.ndim == 2 else tensor.permute(2, 0, 1)
+
+
+def _stack_chw(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """``[C, H, W]`` views of HWC memory -> ``[B, C, H, W]`` stored channels-last (``[B, H, W, C]``).
+
+    One copy in memory order; stacking the ``[C, H, W]`` views as they are would transpose every
+    sample on the CPU, which the float conversion on the device does for free.
+    """
+    return torch.stack([t.permute(1, 2, 0) for t in tensors]).permute(0, 3, 1, 2)
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack decoded samples into a batch dict (tensors stacked, strings as lists).
+    """Stack decoded samples into a batch dict (uint8 tensors stacked, strings as lists).
 
+    ``image`` uint8 ``[B, 3, H, W]``, ``condition`` uint8 ``[B, C, H, W]``, both stored channels-last.
     Only the four sample fields are batched; the pipeline's last stage (``SkipCounter.attach``) then
     adds ``batch["data_counts"]``, which the module ignores and ``DataHealth`` reads.
     """
     return {
-        "image": torch.stack([s["image"] for s in samples]),
-        "condition": torch.stack([s["condition"] for s in samples]),
+        "image": _stack_chw([s["image"] for s in samples]),
+        "condition": _stack_chw([s["condition"] for s in samples]),
         "caption": [s["caption"] for s in samples],
         "key": [s["key"] for s in samples],
     }
+
+
+# ------------------------------------------------------------------------------ model inputs
+@cache
+def _levels(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float value of every uint8 level for the image (``v / 127.5 - 1``) and the condition
+    (``v / 255``), computed on the CPU and then moved to ``device``.
+
+    A lookup gives the same float32 values on every device: a GPU divides by a scalar as a
+    multiplication with its reciprocal, which is one ulp off for half of the 256 levels.
+    """
+    levels = torch.arange(256, dtype=torch.float32)
+    return (levels / 127.5 - 1.0).to(device), (levels / 255.0).to(device)
+
+
+def _lookup(table: torch.Tensor, values: torch.Tensor, channels: int, name: str) -> torch.Tensor:
+    """Contiguous float32 ``table[values]`` of uint8 ``[..., C, H, W]``, one channel repeated to ``channels``."""
+    if values.dtype != torch.uint8:
+        raise TypeError(f"batch[{name!r}] is {values.dtype}, expected the uint8 that SampleDecoder/collate "
+                        "make: to_model_inputs converts a batch once")
+    if values.ndim < 3 or values.shape[-3] not in (1, channels):
+        raise ValueError(f"batch[{name!r}] has shape {tuple(values.shape)}; expected [..., 1 or {channels}, H, W]")
+    shape = (*values.shape[:-3], channels, *values.shape[-2:])
+    index = values.expand(shape).to(torch.int32, memory_format=torch.contiguous_format)
+    return table.index_select(0, index.view(-1)).view(shape)
+
+
+def to_model_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
+    """The model's float inputs of a uint8 batch (or sample), on the batch's device.
+
+    Returns a new dict with every other field kept (``caption``, ``key``, ``data_counts``) and
+
+    - ``image``: float32 ``[..., 3, H, W]`` in [-1, 1], ``v / 127.5 - 1``;
+    - ``condition``: float32 ``[..., 3, H, W]`` in [0, 1], ``v / 255``, a single channel (canny)
+      repeated to three;
+
+    both contiguous and, on any device, bit-identical to the former float pipeline's values
+    (``v.float() / 127.5 - 1`` and ``v.float() / 255`` on the CPU). ``ShardDataModule`` calls it after
+    the batch reached the device; code that reads ``SampleDecoder``/``collate`` output without
+    Lightning calls it itself.
+    """
+    image_levels, condition_levels = _levels(batch["image"].device)
+    return {**batch, "image": _lookup(image_levels, batch["image"], 3, "image"),
+            "condition": _lookup(condition_levels, batch["condition"], 3, "condition")}
 
 
 # ---------------------------------------------------------------------------------- pipelines

@@ -193,15 +193,16 @@ def check_complete(member: str, data: bytes) -> None:
 def decode_member(member: str, data: bytes) -> Any:
     """Decode one member's bytes: images to uint8 numpy arrays (RGB order), text to str, json to data.
 
-    Images are decoded with ``IMREAD_IGNORE_ORIENTATION`` so pixels are exactly as stored; cut-off
-    images raise ``SampleError('truncated_image')``, undecodable ones ``'undecodable_image'``, non-UTF-8
-    text ``'undecodable_text'``.
+    Images are decoded with ``IMREAD_IGNORE_ORIENTATION`` so pixels are exactly as stored; colour
+    images straight to RGB order (``IMREAD_COLOR_RGB``: the codec writes RGB, no channel-reversal copy;
+    the same pixels as BGR decoding reversed). Cut-off images raise ``SampleError('truncated_image')``,
+    undecodable ones ``'undecodable_image'``, non-UTF-8 text ``'undecodable_text'``.
     """
     kind = MEMBERS.get(member)
     check_complete(member, data)
     raw = cv2.IMREAD_IGNORE_ORIENTATION
     if kind in ("rgb_jpeg", "rgb_png"):
-        return np.ascontiguousarray(_imdecode(data, cv2.IMREAD_COLOR | raw, member)[..., ::-1])
+        return _imdecode(data, cv2.IMREAD_COLOR_RGB | raw, member)
     if kind == "gray_png":
         return _imdecode(data, cv2.IMREAD_GRAYSCALE | raw, member)
     if kind == "label_png":
