@@ -485,7 +485,7 @@ def table(result: dict) -> str:
     lines.append("")
     for a, b, ratio in result["pairs"]:
         verdict = "met" if ratio <= 1.0 else "not met"
-        lines.append(f"- step time {a} / {b}: {ratio:.2f} (median per-round ratio; target <= 1: {verdict})")
+        lines.append(f"- step time {a} / {b}: {ratio:.3f} (median per-round ratio; target <= 1: {verdict})")
     lines.append(
         f"- trainable parameters ControlNet / {REFERENCE}: {controlnet_count / rows[REFERENCE]['trainable']:.1f}x"
     )
