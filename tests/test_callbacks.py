@@ -39,3 +39,23 @@ def test_energy_drift_is_zero_for_exact_cayley_and_small_for_neumann(cayley, bou
         first.base.weight[0] *= 3.0
         first.base.weight[1] = first.base.weight[2] * 0.9 + first.base.weight[1] * 0.1
     assert energy_drift(model, reference)["he_drift_max"] > 1e-3
+
+
+def test_validation_generations_are_drawn_once_and_shared(config_factory, tmp_path):
+    """The sample grid and the controllability metric look at the same generations, sampled once per validation."""
+    from src.train import build_run
+
+    out = tmp_path / "run"
+    run = build_run(config_factory("debug=default", output_dir=out))
+    calls = []
+    real_generate = run.module.generate
+
+    def counting_generate(*args, **kwargs):
+        calls.append(run.module.global_step)
+        return real_generate(*args, **kwargs)
+
+    run.module.generate = counting_generate
+    run.trainer.fit(run.module, datamodule=run.datamodule)
+    assert calls == [2, 4]  # debug=default validates at steps 2 and 4
+    assert len(list((out / "samples").glob("step_*.png"))) == 2
+    assert "val/canny_f1" in run.trainer.callback_metrics

@@ -25,6 +25,10 @@ class FakeModule:
         self.calls.append(kwargs)
         return self.make(condition)
 
+    def validation_samples(self, batch, max_images):
+        n = min(max_images, len(batch["caption"]))
+        return self.generate(batch["condition"][:n], batch["caption"][:n])
+
     def log_dict(self, values, **kwargs):
         self.logged.update(values)
 

@@ -64,8 +64,11 @@ class ControllabilityMetric(pl.Callback):
         if batch_idx != 0 or trainer.sanity_checking or self.condition not in CHEAP_METRICS:
             return
         n = min(self.max_images, len(batch["caption"]))
-        options = {"num_inference_steps": self.num_inference_steps} if self.num_inference_steps else {}
-        generated = pl_module.generate(batch["condition"][:n], batch["caption"][:n], **options)
+        if self.num_inference_steps:  # a sampler of its own: generate separately
+            generated = pl_module.generate(batch["condition"][:n], batch["caption"][:n],
+                                           num_inference_steps=self.num_inference_steps)
+        else:  # the validation generations the sample grid shows, drawn once
+            generated = pl_module.validation_samples(batch, n)
         targets = (batch["image"][:n].float() + 1) / 2
         values = controllability(generated, targets, self.condition, list(batch.get("key", []))[:n] or None)
         pl_module.log_dict({f"val/{k}": float(v) for k, v in values.items()}, on_step=False, on_epoch=True,

@@ -35,7 +35,7 @@ class SampleGrid(pl.Callback):
         if batch_idx != 0 or trainer.sanity_checking or not trainer.is_global_zero:
             return
         n = min(self.max_images, len(batch["caption"]))
-        generated = pl_module.generate(batch["condition"][:n], batch["caption"][:n])
+        generated = pl_module.validation_samples(batch, n)
         target = (batch["image"][:n].float() + 1) / 2
         grid = sample_grid(batch["condition"][:n].float(), generated, target)
         path = Path(trainer.default_root_dir) / self.dirname / f"step_{trainer.global_step:06d}.png"

@@ -225,6 +225,19 @@ class OFTControlModule(pl.LightningModule):
         scheduler = make_scheduler(self.sampling.scheduler, self.noise_scheduler.config)
         return build_pipeline(self.unet, self.vae, self.text_encoder, self.tokenizer, scheduler)
 
+    def validation_samples(self, batch: dict[str, Any], max_images: int) -> torch.Tensor:
+        """Images generated from the first `max_images` samples of `batch`, drawn once per global step.
+
+        Callbacks that look at validation generations (sample grids, controllability metrics) share them,
+        so a validation pays for sampling once.
+        """
+        n = min(max_images, len(batch["caption"]))
+        tag = (self.global_step, tuple(batch.get("key", batch["caption"])[:n]))
+        cached = getattr(self, "_validation_cache", None)
+        if cached is None or cached[0][0] != tag[0] or cached[0][1][:n] != tag[1] or len(cached[1]) < n:
+            self._validation_cache = (tag, self.generate(batch["condition"][:n], batch["caption"][:n]))
+        return self._validation_cache[1][:n]
+
     def generate(self, condition: torch.Tensor, prompts: Sequence[str], **kwargs: Any) -> torch.Tensor:
         """Images in [0, 1] for conditions in [0, 1]; keyword arguments as `sample_controlled`."""
         options = dict(
