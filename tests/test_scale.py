@@ -119,6 +119,9 @@ def test_ddp_strategy_settings(config_factory):
     assert isinstance(strategy, DDPStrategy)
     assert strategy._ddp_kwargs == {"find_unused_parameters": False, "static_graph": False,
                                     "gradient_as_bucket_view": True, "forward_sync_buffers": False}
+    assert strategy._start_method == "popen"
+    spawn = instantiate(config_factory("trainer=ddp", "trainer.strategy.start_method=spawn").trainer.strategy)
+    assert spawn._start_method == "spawn"  # local multirun sweeps of multi-GPU runs
 
 
 def test_fsdp_wraps_unet_blocks_only_with_original_parameters(config_factory):
