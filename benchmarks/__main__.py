@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.train_step import README, write_section
+from benchmarks.readme import README, write_section
 
 EXPECTED = ("oft_layer", "train_step", "memory")  # run first, in this order; a missing one is reported
 HEADER_START, HEADER_END = "<!-- header:start -->", "<!-- header:end -->"

@@ -53,6 +53,8 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from benchmarks import readme
+from benchmarks.readme import write_section
 from data_prep import ade20k, coco, faces
 from data_prep.assets import skimage_photo
 from data_prep.demo import PHOTOS
@@ -62,7 +64,7 @@ from src.data import schema
 from src.data.datamodule import ShardDataModule
 from src.data.pipeline import SampleDecoder, collate, to_model_inputs
 
-README = Path(__file__).with_name("README.md")
+README = readme.README
 START, END = "<!-- data_pipeline:start -->", "<!-- data_pipeline:end -->"
 RES = 512
 BATCH = 4
@@ -359,18 +361,6 @@ def reading(rates: dict[str, list[float]]) -> str:
     )
 
 
-def write_readme(section: str) -> None:
-    """Replace the text between the markers (append a section with markers if they are missing)."""
-    text = README.read_text() if README.exists() else "# Benchmarks\n"
-    block = f"{START}\n{section}\n{END}"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        text = head + block + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    README.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> str:
     """Entry point of ``python -m benchmarks.data_pipeline``; returns the markdown section."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
@@ -423,7 +413,7 @@ def main(argv: list[str] | None = None) -> str:
     ])
     print(section)
     if not args.no_write and not args.quick:
-        write_readme(section)
+        write_section(section, README, START, END)
     return section
 
 

@@ -21,14 +21,15 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from benchmarks import readme
+from benchmarks.readme import write_section
 from src.oft import OFTConfig, OFTConv2d, OFTLinear
 
-README = Path(__file__).with_name("README.md")
+README = readme.README
 START, END = "<!-- oft_layer:start -->", "<!-- oft_layer:end -->"
 BLOCK = 32
 
@@ -134,18 +135,6 @@ def table(title: str, rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_readme(section: str) -> None:
-    """Replace the text between the markers (append a section with markers if they are missing)."""
-    text = README.read_text() if README.exists() else "# Benchmarks\n"
-    block = f"{START}\n{section}\n{END}"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        text = head + block + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    README.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--repeats", type=int, default=30, help="timed rounds per variant (default 30)")
@@ -176,7 +165,7 @@ def main(argv: list[str] | None = None) -> str:
     )
     print(section)
     if not args.no_write and not args.quick:
-        write_readme(section)
+        write_section(section, README, START, END)
     return section
 
 

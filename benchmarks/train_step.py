@@ -56,12 +56,13 @@ from peft.tuners.oft.layer import OFTRotationModule
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from benchmarks import readme
 from src.models.control import ControlEncoder, control_injection
 from src.models.tiny import build_tiny_pipeline
 from src.oft import OFTConfig, OFTLinear, inject_oft, oft_layers, oft_parameters, project_coft_
 
 ROOT = Path(__file__).resolve().parents[1]
-README = Path(__file__).with_name("README.md")
+README = readme.README
 START, END = "<!-- train_step:start -->", "<!-- train_step:end -->"
 SD15 = ROOT / "src" / "models" / "sd15"
 REFERENCE = "OFT-Control (paper)"
@@ -501,13 +502,8 @@ def render(results: list[dict], command: str) -> str:
 
 
 def write_section(body: str, path: Path = README, start: str = START, end: str = END) -> None:
-    """Replace the text between ``start`` and ``end`` in ``path`` (append both markers if missing)."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if start not in text or end not in text:
-        text = text.rstrip("\n") + f"\n\n{start}\n{end}\n"
-    head, rest = text.split(start, 1)
-    tail = rest.split(end, 1)[1]
-    path.write_text(f"{head}{start}\n{body}\n{end}{tail}")
+    """This script's section of benchmarks/README.md (see ``benchmarks.readme``)."""
+    readme.write_section(body, path, start, end)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
