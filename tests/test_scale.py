@@ -95,8 +95,6 @@ def test_accumulation_and_clipping_run_with_the_switches(config_factory, tmp_pat
     assert torch.isfinite(run.trainer.callback_metrics["train/loss"])
 
 
-@pytest.mark.xfail(strict=True, raises=NotImplementedError,
-                   reason="OFT backward solves in the autocast dtype; linalg.solve has no bf16/fp16 kernel")
 def test_bf16_mixed_precision_trains(config_factory):
     run = build_run(config_factory("debug=fdr", "trainer.precision=bf16-mixed"))
     run.trainer.fit(run.module, datamodule=run.datamodule)

@@ -93,18 +93,21 @@ class _RotatedLinearFn(torch.autograd.Function):
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         x, rotated, rotation = ctx.saved_tensors
         n, b, _ = rotation.shape
-        g2 = grad_out.reshape(-1, rotated.shape[0])
-        x2 = x.reshape(-1, n * b)
+        dtype = rotated.dtype  # under autocast the forward ran in half precision; work in that dtype
+        g2 = grad_out.reshape(-1, rotated.shape[0]).to(dtype)
+        x2 = x.reshape(-1, n * b).to(dtype)
         grad_x2 = g2 @ rotated
         grad_w = grad_b = grad_r = None
         if ctx.needs_input_grad[1]:  # dL/dW = (dL/dW') R^T blockwise
-            grad_w = rotate_weight(g2.t() @ x2, rotation.transpose(1, 2))
+            grad_w = rotate_weight(g2.t() @ x2, rotation.transpose(1, 2).to(dtype)).to(rotation.dtype)
         if ctx.needs_input_grad[2]:
             grad_b = g2.sum(0)
         if ctx.needs_input_grad[3]:
             m = torch.einsum("tnc,tnb->ncb", grad_x2.view(-1, n, b), x2.view(-1, n, b))
-            grad_r = torch.linalg.solve(rotation.transpose(1, 2), m)
-        grad_x = grad_x2.view(x.shape) if ctx.needs_input_grad[0] else None
+            # solved in at least float32: linalg.solve has no half-precision kernels (bf16-/16-mixed training)
+            wide = torch.promote_types(rotation.dtype, torch.float32)
+            grad_r = torch.linalg.solve(rotation.transpose(1, 2).to(wide), m.to(wide)).to(rotation.dtype)
+        grad_x = grad_x2.view(x.shape).to(x.dtype) if ctx.needs_input_grad[0] else None
         return grad_x, grad_w, grad_b, grad_r
 
 
