@@ -40,6 +40,7 @@ from typing import Any
 from tqdm import tqdm
 
 from src.data import schema
+from src.fileio import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -180,18 +181,6 @@ def _write_items(tar: tarfile.TarFile, job: _ShardJob) -> tuple[int, int, Counte
     return written, nbytes, skipped
 
 
-def _fsync_dir(path: Path) -> None:
-    """Make a rename in ``path`` durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_shard(job: _ShardJob) -> dict[str, Any]:
     """Write one shard (temporary name, fsync, then rename) and its state file; return its stats.
 
@@ -209,7 +198,7 @@ def write_shard(job: _ShardJob) -> dict[str, Any]:
              "written": written, "skipped": dict(skipped), "bytes": nbytes}
     _atomic_write_text(out / STATE_DIR / f"{name}.json", json.dumps(stats, indent=1, sort_keys=True))
     os.replace(tmp, out / name)  # the commit point: the shard exists only when complete
-    _fsync_dir(out)
+    fsync_dir(out)
     return stats
 
 

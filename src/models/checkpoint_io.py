@@ -3,45 +3,22 @@
 from __future__ import annotations
 
 import os
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import torch
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
+from src.fileio import atomic_path
+
 
 def atomic_torch_save(payload: Any, path: str | os.PathLike) -> None:
     """`torch.save` to a temporary file in the target folder, fsync it, then rename it over `path`.
 
-    A rename within one filesystem is atomic, so readers see the old file or the new one, never a
-    partial write; a crash leaves at most a `.tmp` file that the next save does not mistake for a checkpoint.
+    Readers see the old checkpoint or the new one, never a partial write; a crash leaves at most a
+    hidden `.tmp` file that is never mistaken for a checkpoint.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Persist the rename itself (POSIX); a no-op where folders cannot be opened."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        torch.save(payload, handle)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
