@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from data_prep.images import load_rgb
-from data_prep.shards import SourceItem, write_dataset
+from data_prep.shards import SourceItem, add_writer_args, write_dataset
 from src.data import schema
 from src.data.annotators import CANNY_HIGH, CANNY_LOW, canny_edges
 from src.data.transforms import resize_center_crop
@@ -138,19 +138,14 @@ def build_parser() -> argparse.ArgumentParser:
     """Command-line interface of the converter."""
     parser = argparse.ArgumentParser(prog="python -m data_prep.coco", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_writer_args(parser)
     parser.add_argument("--images", required=True, help="COCO image folder, e.g. DIR/train2017")
     parser.add_argument("--captions", required=True, help="e.g. DIR/annotations/captions_train2017.json")
-    parser.add_argument("--out", required=True, help="output folder for {train,val}-NNNNNN.tar")
     parser.add_argument("--val-fraction", type=float, default=0.01, help="share of images for val")
-    parser.add_argument("--max-samples", type=int, default=None, help="convert at most N images")
-    parser.add_argument("--workers", type=int, default=1, help="parallel worker processes")
-    parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
-    parser.add_argument("--resolution", type=int, default=None, help="resize shorter side + centre crop")
     parser.add_argument("--canny-low", type=int, default=CANNY_LOW)
     parser.add_argument("--canny-high", type=int, default=CANNY_HIGH)
     parser.add_argument("--canny-on", choices=("gray", "rgb"), default="gray",
                         help="run Canny on the grayscale image (default) or the RGB image (ControlNet)")
-    parser.add_argument("--overwrite", action="store_true", help="delete previous shards in --out first")
     return parser
 
 

@@ -31,7 +31,7 @@ import numpy as np
 
 from data_prep.captions import captions_digest, captions_for, load_captions
 from data_prep.images import load_rgb
-from data_prep.shards import SourceItem, write_dataset
+from data_prep.shards import SourceItem, add_writer_args, write_dataset
 from src.data import schema
 from src.data.transforms import resize_center_crop, resize_shorter
 
@@ -164,19 +164,14 @@ def build_parser() -> argparse.ArgumentParser:
     """Command-line interface of the converter."""
     parser = argparse.ArgumentParser(prog="python -m data_prep.faces", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_writer_args(parser)
     parser.add_argument("--images", required=True, help="folder of face photos (searched recursively)")
-    parser.add_argument("--out", required=True, help="output folder for {train,val}-NNNNNN.tar")
     parser.add_argument("--captions", default=None, help="JSON file or folder of {stem}.txt captions")
     parser.add_argument("--default-caption", default=FaceOptions.default_caption)
     parser.add_argument("--val-fraction", type=float, default=0.01, help="share of images for val")
-    parser.add_argument("--max-samples", type=int, default=None, help="convert at most N images")
-    parser.add_argument("--workers", type=int, default=1, help="parallel worker processes")
-    parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
-    parser.add_argument("--resolution", type=int, default=None, help="resize shorter side + centre crop")
     parser.add_argument("--detect-resolution", type=int, default=512, help="annotate at this shorter side")
     parser.add_argument("--max-faces", type=int, default=1)
     parser.add_argument("--min-confidence", type=float, default=0.5)
-    parser.add_argument("--overwrite", action="store_true", help="delete previous shards in --out first")
     return parser
 
 

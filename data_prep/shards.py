@@ -21,6 +21,7 @@ This module then
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import io
 import json
@@ -179,6 +180,16 @@ def _write_items(tar: tarfile.TarFile, job: _ShardJob) -> tuple[int, int, Counte
         nbytes += _write_sample(tar, schema.make_key(job.dataset, item.source_id), members)
         written += 1
     return written, nbytes, skipped
+
+
+def add_writer_args(parser: argparse.ArgumentParser) -> None:
+    """The options every converter shares: output folder, sample cap, workers, shard size, resolution."""
+    parser.add_argument("--out", required=True, help="output folder for {train,val}-NNNNNN.tar")
+    parser.add_argument("--max-samples", type=int, default=None, help="convert at most N images")
+    parser.add_argument("--workers", type=int, default=1, help="parallel worker processes")
+    parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    parser.add_argument("--resolution", type=int, default=None, help="resize shorter side + centre crop")
+    parser.add_argument("--overwrite", action="store_true", help="delete previous shards in --out first")
 
 
 def write_shard(job: _ShardJob) -> dict[str, Any]:
