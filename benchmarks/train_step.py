@@ -52,7 +52,6 @@ from diffusers import ControlNetModel, DDPMScheduler, UNet2DConditionModel
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
-from peft.tuners.oft.layer import OFTRotationModule
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
@@ -60,6 +59,7 @@ from benchmarks import readme
 from src.models.control import ControlEncoder, control_injection
 from src.models.tiny import build_tiny_pipeline
 from src.oft import OFTConfig, OFTLinear, inject_oft, oft_layers, oft_parameters, project_coft_
+from src.oft.peft_compat import match_coft_radius, peft_oft_config, union_pattern
 
 ROOT = Path(__file__).resolve().parents[1]
 README = readme.README
@@ -264,31 +264,6 @@ def controlnet(base: nn.Module) -> Setup:
     return Setup(trainable, predict, optimizer, before_optimizer=clip, modules={"controlnet": net})
 
 
-def _union(patterns: list[str]) -> str | None:
-    """Our list of ``re.fullmatch`` patterns as the one regex peft fullmatches against module names."""
-    return "|".join(f"(?:{p})" for p in patterns) or None
-
-
-def peft_oft_config(config: OFTConfig):
-    """peft's ``OFTConfig`` for the same rotations: blocks, targets, Cayley form, COFT.
-
-    peft's Neumann form with ``n`` terms is ours with ``n - 1``; its exact form is the same Cayley
-    transform (see tests/test_oft_inject.py). COFT radii are set per layer by :func:`peft_oft`.
-    """
-    return peft.OFTConfig(
-        r=config.n_blocks or 0,
-        oft_block_size=config.block_size or 0,
-        block_share=config.block_share,
-        use_cayley_neumann=config.cayley == "neumann",
-        num_cayley_neumann_terms=config.neumann_terms + 1,
-        coft=config.coft,
-        module_dropout=0.0,
-        init_weights=True,
-        target_modules=_union(config.target_modules),
-        exclude_modules=_union(config.exclude_modules),
-    )
-
-
 def peft_oft(base: nn.Module, preset: str) -> Setup:
     """(c) The preset's rotations through peft's OFT + our control encoder.
 
@@ -298,9 +273,7 @@ def peft_oft(base: nn.Module, preset: str) -> Setup:
     """
     unet, config = structural_copy(base), oft_preset(preset)
     peft.inject_adapter_in_model(peft_oft_config(config), unet)
-    for module in unet.modules():
-        if isinstance(module, OFTRotationModule):
-            module.eps = config.eps * module.block_size**2
+    match_coft_radius(unet, config)
     return _with_encoder(unet)
 
 
@@ -308,7 +281,7 @@ def peft_lora(base: nn.Module) -> Setup:
     """(d) peft LoRA (rank 16, alpha 16) on the paper preset's targets + our control encoder."""
     targets = oft_preset("paper").target_modules
     config = peft.LoraConfig(
-        r=LORA_RANK, lora_alpha=LORA_RANK, lora_dropout=0.0, target_modules=_union(targets)
+        r=LORA_RANK, lora_alpha=LORA_RANK, lora_dropout=0.0, target_modules=union_pattern(targets)
     )
     unet = structural_copy(base)
     peft.inject_adapter_in_model(config, unet)

@@ -13,10 +13,7 @@ writes three folders under `--out` (choose with `--formats`):
   "exports/canny/peft")`.
 - `control_encoder/`: the control encoder alone, `model.safetensors` plus `config.json`.
 
-Our rotation of an input `x` is `R x` with `R = cayley(Q)`. peft multiplies rows, `x^T R_peft`, with
-`R_peft = (I - Q)(I + Q)^-1` for exact Cayley, whose transpose is our `R`: the same `Q` is stored. peft's
-Cayley-Neumann series is our series' polynomial in `Q` (one more term counted), applied from the right, so
-the transpose is obtained with `-Q`.
+The mapping of our rotations to peft's is `src.oft.peft_compat`.
 """
 
 from __future__ import annotations
@@ -29,13 +26,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import nn
-
 from src.models.control import ControlEncoder
 from src.models.run import TrainedRun, load_run
 from src.models.sampling import build_pipeline, make_scheduler
-from src.oft import OFTConfig, OFTLinear, merge_oft, oft_layers, unmerge_oft
+from src.oft import merge_oft, unmerge_oft
+from src.oft.peft_compat import peft_adapter
 
 FORMATS = ("diffusers", "peft", "control_encoder")
 ENCODER_DIR, ENCODER_WEIGHTS, ENCODER_CONFIG = "control_encoder", "model.safetensors", "config.json"
@@ -121,35 +116,6 @@ def load_exported(folder: str | os.PathLike):
 
 
 # ------------------------------------------------------------------------------------- peft adapter
-def _peft_terms(config: OFTConfig) -> dict[str, Any]:
-    """peft's Cayley settings for ours, and the sign that maps our skew parameters to peft's."""
-    if config.cayley == "exact":
-        return {"use_cayley_neumann": False, "sign": 1.0}
-    if config.neumann_terms < 3:
-        raise ValueError(f"oft.neumann_terms {config.neumann_terms} has no peft equivalent (peft's series "
-                         "starts at 3 of our terms): export the merged diffusers folder instead")
-    return {"use_cayley_neumann": True, "num_cayley_neumann_terms": config.neumann_terms + 1, "sign": -1.0}
-
-
-def peft_adapter(unet: nn.Module, config: OFTConfig, base: str | None = None) -> tuple[Any, dict[str, torch.Tensor]]:
-    """A peft `OFTConfig` and adapter state dict (peft's saved key layout) equal to the OFT layers of `unet`."""
-    import peft
-
-    layers = dict(oft_layers(unet))
-    convs = [name for name, layer in layers.items() if not isinstance(layer, OFTLinear)]
-    if convs:
-        raise ValueError(f"peft export supports OFT on nn.Linear only, but {convs[:3]} are convolutions (peft's "
-                         "Conv2d OFT rotates another space for kernels > 1): export the merged diffusers folder")
-    terms = _peft_terms(config)
-    sign = terms.pop("sign")
-    peft_config = peft.OFTConfig(r=config.n_blocks or 0, oft_block_size=config.block_size or 0,
-                                 block_share=config.block_share, coft=False, module_dropout=0.0, init_weights=True, inference_mode=True,
-                                 target_modules=sorted(layers), base_model_name_or_path=base, **terms)
-    state = {f"base_model.model.{name}.oft_R.weight": (sign * layer.oft_skew.detach()).cpu().contiguous()
-             for name, layer in layers.items()}
-    return peft_config, state
-
-
 def export_peft(run: TrainedRun, folder: str | os.PathLike) -> Path:
     """Write the UNet rotations as a peft adapter folder (`adapter_config.json`, `adapter_model.safetensors`).
 

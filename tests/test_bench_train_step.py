@@ -16,6 +16,7 @@ from torch import nn
 from benchmarks import __main__ as bench_all
 from benchmarks import train_step as bench
 from src.oft import oft_layers, project_coft_
+from src.oft.peft_compat import skew_sign
 
 ROOT = Path(__file__).resolve().parents[1]
 SD15_PAPER_DOF = 13_144_928  # the official OFT README's r=4 row, checked in tests/test_oft_inject.py
@@ -107,7 +108,7 @@ def test_peft_oft_applies_the_same_rotations(tiny, preset):
             layer.oft_skew.normal_(std=0.05)  # some blocks beyond the COFT radius: both must clip them
         project_coft_(ours.modules["unet"])
         # peft's Neumann form rotates by the transpose of its exact form, i.e. by R(-Q)
-        sign = 1.0 if bench.oft_preset(preset).cayley == "exact" else -1.0
+        sign = skew_sign(bench.oft_preset(preset))
         for name, layer in oft_layers(ours.modules["unet"]):
             theirs.modules["unet"].get_submodule(name).oft_R["default"].weight.copy_(sign * layer.oft_skew)
         latents, text = tiny.encode()

@@ -21,6 +21,7 @@ from src.oft import (
     oft_state_dict,
     project_coft_,
 )
+from src.oft.peft_compat import peft_oft_config
 from src.oft.rotation import skew_frobenius_norm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -212,21 +213,10 @@ def test_linear_matches_peft_oft_exact_cayley(share):
     peft = pytest.importorskip("peft")
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(32, 24), nn.GELU(), nn.Linear(24, 8)).double()
+    config = OFTConfig(block_size=8, block_share=share, target_modules=["0", "2"])
     ours = copy.deepcopy(base)
-    inject_oft(ours, OFTConfig(block_size=8, block_share=share, target_modules=["0", "2"]))
-    theirs = peft.get_peft_model(
-        copy.deepcopy(base),
-        peft.OFTConfig(
-            r=0,
-            oft_block_size=8,
-            block_share=share,
-            use_cayley_neumann=False,
-            coft=False,
-            module_dropout=0.0,
-            target_modules=["0", "2"],
-            init_weights=True,
-        ),
-    )
+    inject_oft(ours, config)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft_oft_config(config))
     x = torch.randn(10, 32, dtype=torch.float64)
     assert torch.allclose(ours(x), theirs(x), atol=1e-12)
     with torch.no_grad():
