@@ -16,7 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from src.models.backbone import check_backbone, unet_skeleton
-from src.models.module import check_checkpoint
+from src.models.checkpoint import check_checkpoint
 from src.oft import inject_oft
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ import pytorch_lightning as pl
 import torch
 from helpers import compose_config
 
-from src.models.checkpoint_io import AtomicCheckpointIO, atomic_torch_save
+from src.models.checkpoint import AtomicCheckpointIO, atomic_torch_save
 from src.train import build_run
 
 ROOT = Path(__file__).resolve().parents[1]

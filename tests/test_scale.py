@@ -139,7 +139,7 @@ def test_fsdp_wraps_unet_blocks_only_with_original_parameters(config_factory):
 def test_slurm_trainer_requeues_with_lightning(config_factory):
     from pytorch_lightning.plugins.environments import SLURMEnvironment
 
-    from src.models.checkpoint_io import AtomicCheckpointIO
+    from src.models.checkpoint import AtomicCheckpointIO
 
     plugins = [instantiate(p) for p in config_factory("trainer=slurm").trainer.plugins]
     slurm = [p for p in plugins if isinstance(p, SLURMEnvironment)]

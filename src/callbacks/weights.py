@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,8 @@ class SafetensorsWeights(pl.Callback):
             return
         folder = Path(trainer.default_root_dir) / self.dirname
         tensors = pl_module.trained_state_dict()  # raises on non-finite weights before anything is written
-        metadata = {k: str(v) for k, v in pl_module.checkpoint_identity().items()}
+        identity = pl_module.checkpoint_identity()
+        metadata = {k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in identity.items()}
         metadata["global_step"] = str(trainer.global_step)
         save_safetensors_atomic(tensors, folder / f"step_{trainer.global_step:06d}.safetensors", metadata)
         save_safetensors_atomic(tensors, folder / "last.safetensors", metadata)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterable, Sequence
-from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -13,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from src.models.backbone import BackboneSpec, load_backbone
+from src.models.checkpoint import CHECKPOINT_META, check_identity, checkpoint_identity
 from src.models.control import ControlEncoder, control_injection
 from src.models.memory import MemoryOptions, apply_memory_options
 from src.models.sampling import build_pipeline, make_scheduler, sample_controlled
@@ -20,7 +20,6 @@ from src.oft import OFTConfig, inject_oft, oft_parameter_count, project_coft_
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
-CHECKPOINT_META = "oft_control"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,28 +30,6 @@ class SamplingSpec:
     num_inference_steps: int = 50
     guidance_scale: float = 9.0
     seed: int = 0
-
-
-def checkpoint_identity(backbone: BackboneSpec, oft: OFTConfig) -> dict[str, Any]:
-    """What a checkpoint must match to be loaded: the backbone and the layout of the rotations.
-
-    COFT settings are left out: they constrain training but do not change which tensors exist.
-    """
-    layout = {k: v for k, v in dataclasses.asdict(oft).items() if k not in ("eps", "coft")}
-    return {"backbone": backbone.name, "oft": repr(sorted(layout.items()))}
-
-
-def check_checkpoint(path: str, backbone: BackboneSpec, oft: OFTConfig) -> None:
-    """Fail before any weights load if `path` is missing or was trained with another backbone or OFT layout."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"ckpt_path '{path}' does not exist: point it at <run>/checkpoints/last.ckpt")
-    saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get(CHECKPOINT_META)
-    expected = checkpoint_identity(backbone, oft)
-    if saved != expected:
-        raise ValueError(
-            f"ckpt_path '{path}' was trained with {saved} but this run is configured with {expected}: "
-            "resume with the same model and oft settings, or start a new run without ckpt_path"
-        )
 
 
 class OFTControlModule(pl.LightningModule):
@@ -272,12 +249,7 @@ class OFTControlModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse checkpoints from another backbone or OFT layout, and ones missing trained tensors."""
-        saved, expected = checkpoint.get(CHECKPOINT_META), self.checkpoint_identity()
-        if saved != expected:
-            raise ValueError(
-                f"checkpoint was trained with {saved} but this run is configured with {expected}: "
-                "resume with the same model and oft settings, or start a new run without ckpt_path"
-            )
+        check_identity(checkpoint.get(CHECKPOINT_META), self.checkpoint_identity(), "", "this run's config")
         missing = sorted(set(self.trainable_names()) - set(checkpoint["state_dict"]))
         unexpected = sorted(set(checkpoint["state_dict"]) - set(self.trainable_names()))
         if missing or unexpected:

@@ -12,13 +12,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from src.models.backbone import check_backbone
-from src.models.module import CHECKPOINT_META, OFTControlModule
+from src.models.checkpoint import CHECKPOINT_META, check_identity, checkpoint_identity, read_checkpoint
+from src.models.module import OFTControlModule
 
 RUN_CONFIG = "config.yaml"
 LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"
@@ -84,17 +83,6 @@ def load_run_config(files: RunFiles, backbone_path: str | None = None) -> DictCo
     return cfg
 
 
-def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """A checkpoint's tensors and identity, loaded with `weights_only=True` (never unpickles code)."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or CHECKPOINT_META not in checkpoint:
-        raise ValueError(
-            f"'{path}' is not an OFT-Control checkpoint (no state_dict and '{CHECKPOINT_META}' identity): "
-            "pass a .ckpt written by `python -m src.train`"
-        )
-    return checkpoint
-
-
 def load_run(
     source: str | os.PathLike,
     checkpoint: str | os.PathLike | None = None,
@@ -106,13 +94,10 @@ def load_run(
     files = locate_run(source, checkpoint)
     cfg = load_run_config(files, backbone_path)
     state = read_checkpoint(files.checkpoint)
-    trained_on = state[CHECKPOINT_META].get("backbone")
-    if trained_on != cfg.model.name:
-        raise ValueError(
-            f"checkpoint '{files.checkpoint}' was trained on backbone '{trained_on}' but the run's config.yaml "
-            f"says '{cfg.model.name}': pass a checkpoint of this run"
-        )
-    check_backbone(instantiate(cfg.model))
+    backbone = instantiate(cfg.model)
+    expected = checkpoint_identity(backbone, instantiate(cfg.oft, _convert_="all"))
+    check_identity(state[CHECKPOINT_META], expected, files.checkpoint, "the run's config.yaml")
+    check_backbone(backbone)
     module: OFTControlModule = instantiate(cfg.module)
     module.on_load_checkpoint(state)  # identity (backbone, OFT layout) and the exact set of trained tensors
     module.load_state_dict(state["state_dict"], strict=False)
