@@ -257,9 +257,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--worker", choices=["step", "text"], help=argparse.SUPPRESS)
     parser.add_argument("--payload", default="{}", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    # Threads come from OMP_NUM_THREADS (set by `spawn`), never torch.set_num_threads: with torch 2.14.1's MKL,
-    # set_num_threads(n > 1) makes batched torch.linalg.solve fail for blocks >= 160 ("lu_solve pivots"),
-    # which the paper preset's exact Cayley transform needs on SD1.5 (blocks of 80-320).
+    # Threads come from OMP_NUM_THREADS (set by `spawn`). With torch 2.14.1's MKL, set_num_threads(n > 1)
+    # makes batched torch.linalg.solve fail for blocks >= 160 ("lu_solve pivots"); the exact Cayley
+    # transform no longer uses it (a Cholesky solve, src/oft/rotation.py), so either way works now.
     if args.worker == "step":
         print(json.dumps(run_case(Case(**json.loads(args.payload)), args.repeats, args.quick)))
         return

@@ -208,3 +208,52 @@ def test_auto_impl_picks_the_cheaper_path_and_agrees_with_both(tokens):
         torch.testing.assert_close(grads["auto"], grads[impl], rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="impl 'fast' must be one of"):
         OFTLinear(base, config, impl="fast")
+
+
+# The paper preset's exact Cayley on SD1.5's layer widths after `torch.set_num_threads(2)` (as Lightning
+# sets in some CPU strategies): a batched LU solve hung there (MKL "SLASWP" errors) for blocks >= ~159.
+TWO_THREAD_SCRIPT = r"""
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+from src.oft import OFTConfig, OFTLinear
+
+torch.set_num_threads(2)
+config = OFTConfig.from_dict(OmegaConf.to_container(OmegaConf.load("conf/oft/paper.yaml")))
+assert config.cayley == "exact" and config.n_blocks == 4
+torch.manual_seed(0)
+for width, inputs in [(320, 320), (640, 640), (1280, 1280), (320, 768)]:
+    for impl in ("input", "merged"):
+        layer = OFTLinear(nn.Linear(inputs, width), config, impl=impl)
+        with torch.no_grad():
+            layer.oft_skew.normal_(0, 0.01)
+        x = torch.randn(2, 64, inputs, requires_grad=True)
+        layer(x).square().mean().backward()
+        rotation = layer.rotation()
+        eye = torch.eye(rotation.shape[-1])
+        error = (rotation.mT @ rotation - eye).abs().max().item()
+        assert error < 1e-5, (width, impl, error)
+        assert torch.isfinite(layer.oft_skew.grad).all() and layer.oft_skew.grad.abs().sum() > 0
+        assert torch.isfinite(x.grad).all()
+print("ok", torch.get_num_threads())
+"""
+
+
+def test_exact_cayley_forward_backward_with_two_threads_finishes():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
+    done = subprocess.run(
+        [sys.executable, "-c", TWO_THREAD_SCRIPT],
+        cwd=Path(__file__).resolve().parents[1],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["ok", "2"]
+    assert "SLASWP" not in done.stderr

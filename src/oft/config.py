@@ -28,7 +28,7 @@ class OFTConfig:
         eps: COFT strength, in the official code's convention. The radius of a layer is
             ``eps' = eps * b**2 / sqrt(n_stored)``, where ``n_stored`` is the number of stored blocks
             (``n_blocks``, or 1 with ``block_share``); ``eps = 1e-3`` reproduces the official README runs.
-        cayley: ``"exact"``: ``R = (I + Q)(I - Q)^-1`` by a batched solve. ``"neumann"``:
+        cayley: ``"exact"``: ``R = (I + Q)(I - Q)^-1`` by a batched Cholesky solve. ``"neumann"``:
             ``R = (I + Q)(I + Q + ... + Q^(k-1))`` with ``k = neumann_terms`` (same orientation; peft's
             ``num_cayley_neumann_terms`` is ``k + 1``). Its orthogonality error is bounded by
             ``||R^T R - I||_2 <= 2 rho^k + rho^(2k)``, ``rho = ||Q||_2`` (``rho^(2k)`` for odd ``k``).

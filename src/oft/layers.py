@@ -10,7 +10,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import OFTConfig
-from .rotation import cayley, n_skew_params, project_skew_params_, rotate_weight, skew_from_params
+from .rotation import (
+    cayley,
+    n_skew_params,
+    project_skew_params_,
+    rotate_weight,
+    skew_from_params,
+    solve_transposed,
+)
 
 
 class OFTLayer(nn.Module):
@@ -80,13 +87,17 @@ class _RotatedLinearFn(torch.autograd.Function):
     Backward, with ``g = dL/dy``: ``dL/dx = g W'`` (the one GEMM a frozen layer needs too). The
     gradient w.r.t. the rotated input ``R x`` is ``u = g W = (dL/dx) R^-1`` blockwise, hence
     ``dL/dR_k = u_k^T x_k = R_k^-T M_k`` with ``M_k = (dL/dx)_k^T x_k`` (a ``b x b`` contraction over
-    tokens) and one batched ``b x b`` solve: exact for any invertible ``R`` (Neumann included).
+    tokens). With ``orthogonal=True`` (exact Cayley) ``R_k^-T = R_k``, a product; otherwise a batched
+    SPD solve (:func:`solve_transposed`): exact for any invertible ``R`` (Neumann included).
     """
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, rotation: Tensor) -> Tensor:
+    def forward(
+        ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, rotation: Tensor, orthogonal: bool = False
+    ) -> Tensor:
         rotated = rotate_weight(weight, rotation)
         ctx.save_for_backward(x, rotated, rotation)
+        ctx.orthogonal = orthogonal
         return F.linear(x, rotated, bias)
 
     @staticmethod
@@ -104,11 +115,12 @@ class _RotatedLinearFn(torch.autograd.Function):
             grad_b = g2.sum(0)
         if ctx.needs_input_grad[3]:
             m = torch.einsum("tnc,tnb->ncb", grad_x2.view(-1, n, b), x2.view(-1, n, b))
-            # solved in at least float32: linalg.solve has no half-precision kernels (bf16-/16-mixed training)
+            # in at least float32: Cholesky has no half-precision kernels (bf16-/16-mixed training)
             wide = torch.promote_types(rotation.dtype, torch.float32)
-            grad_r = torch.linalg.solve(rotation.transpose(1, 2).to(wide), m.to(wide)).to(rotation.dtype)
+            rot, m = rotation.to(wide), m.to(wide)
+            grad_r = (rot @ m if ctx.orthogonal else solve_transposed(rot, m)).to(rotation.dtype)
         grad_x = grad_x2.view(x.shape).to(x.dtype) if ctx.needs_input_grad[0] else None
-        return grad_x, grad_w, grad_b, grad_r
+        return grad_x, grad_w, grad_b, grad_r, None
 
 
 def rotate_input(x: Tensor, rotation: Tensor) -> Tensor:
@@ -154,7 +166,8 @@ class OFTLinear(OFTLayer):
         rotation = self.rotation().to(x.dtype)
         if not self.uses_merged(x):
             return F.linear(rotate_input(x, rotation), self.base.weight, self.base.bias)
-        return _RotatedLinearFn.apply(x, self.base.weight, self.base.bias, rotation)
+        orthogonal = self.cayley == "exact"
+        return _RotatedLinearFn.apply(x, self.base.weight, self.base.bias, rotation, orthogonal)
 
 
 class OFTConv2d(OFTLayer):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -49,14 +50,54 @@ def params_from_skew(skew: Tensor) -> Tensor:
     return skew[:, rows, cols]
 
 
-def cayley_exact(skew: Tensor) -> Tensor:
-    """Cayley transform ``R = (I + Q)(I - Q)^-1``, batched over blocks.
+class _CayleyExact(torch.autograd.Function):
+    """``R = (I + Q)(I - Q)^-1 = 2 (I - Q)^-1 - I`` with ``(I - Q)^-1 = (I - Q^2)^-1 (I + Q)``.
 
-    ``(I + Q)`` and ``(I - Q)^-1`` commute, so ``R = (I - Q)^-1 (I + Q)``: one batched ``linalg.solve``.
-    ``I - Q`` is always invertible for skew ``Q`` (its eigenvalues are ``1 - i*lambda``).
+    ``I - Q^2 = (I - Q)(I + Q) = I + Q^T Q`` is symmetric positive definite for skew ``Q`` (eigenvalues
+    ``1 + lambda^2 >= 1``), so one batched Cholesky factorisation and solve give ``R`` exactly: no LU
+    with pivoting, whose batched MKL kernel hangs or returns garbage after ``torch.set_num_threads(n > 1)``
+    for blocks of about 159 and larger (torch 2.14, "SLASWP" errors), and cheaper than it.
+
+    Backward without a solve: with ``X = (I - Q)^-1``, ``dR = 2 X dQ X`` and ``X = (R + I) / 2``, so
+    ``dL/dQ = 2 X^T G X^T = (R^T + I) G (R^T + I) / 2`` for ``G = dL/dR``.
     """
-    eye = torch.eye(skew.shape[-1], dtype=skew.dtype, device=skew.device)
-    return torch.linalg.solve(eye - skew, eye + skew)
+
+    @staticmethod
+    def forward(ctx: Any, skew: Tensor) -> Tensor:
+        with torch.autocast(skew.device.type, enabled=False):
+            eye = torch.eye(skew.shape[-1], dtype=skew.dtype, device=skew.device)
+            factor = torch.linalg.cholesky(eye - skew @ skew)
+            rotation = 2.0 * torch.cholesky_solve(eye + skew, factor) - eye
+        ctx.save_for_backward(rotation)
+        return rotation
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        (rotation,) = ctx.saved_tensors
+        with torch.autocast(grad.device.type, enabled=False):
+            eye = torch.eye(rotation.shape[-1], dtype=rotation.dtype, device=rotation.device)
+            half = rotation.mT + eye
+            return 0.5 * (half @ grad.to(rotation.dtype) @ half)
+
+
+def cayley_exact(skew: Tensor) -> Tensor:
+    """Cayley transform ``R = (I + Q)(I - Q)^-1``, batched over blocks ``[n, b, b]``.
+
+    Computed through the SPD matrix ``I - Q^2`` (Cholesky), see :class:`_CayleyExact`; exact to float
+    precision for any skew ``Q`` (``I - Q`` is always invertible: its eigenvalues are ``1 - i*lambda``).
+    """
+    return _CayleyExact.apply(skew)
+
+
+def solve_transposed(rotation: Tensor, rhs: Tensor) -> Tensor:
+    """``R^-T M`` for invertible blocks ``R`` as ``(R R^T)^-1 R M`` (``R R^T`` is SPD): a Cholesky solve.
+
+    Used where ``R`` need not be orthogonal (Cayley-Neumann); avoids the batched LU solve that hangs
+    with several threads (see :class:`_CayleyExact`). ``R`` is near-orthogonal, so ``R R^T`` is as well
+    conditioned as ``R``.
+    """
+    factor = torch.linalg.cholesky(rotation @ rotation.mT)
+    return torch.cholesky_solve(rotation @ rhs, factor)
 
 
 def cayley_neumann(skew: Tensor, terms: int) -> Tensor:
