@@ -36,7 +36,6 @@ from src.generate import (
     generate_images,
     iter_shard_inputs,
     load_controlled,
-    sampling_options,
 )
 from src.metrics import (
     CannyScorer,
@@ -49,6 +48,7 @@ from src.metrics import (
 )
 from src.metrics.base import to_uint8
 from src.metrics.quality import CLIPScorer, FIDScorer, build_clip_score, build_fid
+from src.models.sampling import sampling_options
 
 log = logging.getLogger(__name__)
 

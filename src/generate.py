@@ -1,7 +1,7 @@
 """Generate images from a trained run: `python -m src.generate` (Hydra; see conf/generate.yaml).
 
     python -m src.generate run=outputs/canny/runs/<date> condition=edges.png prompt="a red sports car" \
-        num_samples=4 scheduler=unipc
+        sampling.num_samples=4 sampling.scheduler=unipc
 
 `run` is a training run directory, one of its checkpoints, or a folder exported by `python -m src.export`;
 `condition` an image, a folder of images or a shard spec (whose captions are the default prompts). The
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -30,40 +29,18 @@ from torch import nn
 from src.data import schema
 from src.data.pipeline import SampleDecoder, SkipCounter, resolve_shards, to_model_inputs
 from src.data.transforms import resize_center_crop
-from src.models.sampling import SCHEDULERS, build_pipeline, make_scheduler, sample_controlled
+from src.models.sampling import (
+    SamplingOptions,
+    build_pipeline,
+    make_scheduler,
+    sample_controlled,
+    sampling_options,
+)
 
 log = logging.getLogger(__name__)
 
-DEFAULT_STEPS = {"ddim": 50, "unipc": 20}  # the paper samples with DDIM 50; UniPC is as good in 20
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 GRID_ROWS = 16
-
-
-@dataclass(frozen=True)
-class SamplingOptions:
-    """How images are sampled. Sample `s` of every condition is drawn with seed `seed + s`."""
-
-    scheduler: str = "ddim"
-    num_inference_steps: int | None = None  # None: 50 for DDIM, 20 for UniPC, else 50
-    guidance_scale: float = 9.0
-    negative_prompt: str | None = None
-    strength: float = 1.0  # scales the control embedding; 0 switches the control off
-    seed: int = 0
-    num_samples: int = 1
-    batch_size: int = 4
-
-    def __post_init__(self) -> None:
-        if self.scheduler not in SCHEDULERS:
-            raise ValueError(f"unknown scheduler '{self.scheduler}'; choose one of {', '.join(SCHEDULERS)}")
-        for name in ("num_samples", "batch_size") + (("num_inference_steps",) if self.num_inference_steps else ()):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not math.isfinite(self.strength) or not math.isfinite(self.guidance_scale):
-            raise ValueError(f"strength {self.strength} and guidance_scale {self.guidance_scale} must be finite")
-
-    @property
-    def steps(self) -> int:
-        return int(self.num_inference_steps or DEFAULT_STEPS.get(self.scheduler, 50))
 
 
 @dataclass
@@ -229,15 +206,9 @@ def write_outputs(out_dir: Path, inputs: Sequence[ConditionInput], prompts: Sequ
     return record
 
 
-def sampling_options(cfg: DictConfig) -> SamplingOptions:
-    """The sampling fields of a generate/evaluate config."""
-    fields = SamplingOptions.__dataclass_fields__
-    return SamplingOptions(**{k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k in fields})
-
-
 def generate(cfg: DictConfig) -> dict[str, Any]:
     """Generate from `cfg` (conf/generate.yaml) and write the outputs to `cfg.out_dir`; returns the record."""
-    options = sampling_options(cfg)
+    options = sampling_options(cfg.sampling)
     prompt = OmegaConf.to_container(cfg.prompt) if OmegaConf.is_list(cfg.prompt) else cfg.prompt
     condition, resolution = describe_source(cfg.run, cfg.get("checkpoint"))
     inputs = collect_inputs(cfg.condition, condition, resolution, cfg.get("limit"))

@@ -13,7 +13,6 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from src.generate import (
-    SamplingOptions,
     assign_prompts,
     collect_inputs,
     generate,
@@ -22,7 +21,7 @@ from src.generate import (
 )
 from src.models.backbone import load_backbone
 from src.models.run import load_run
-from src.models.sampling import build_pipeline, make_scheduler, sample_controlled
+from src.models.sampling import SamplingOptions, build_pipeline, make_scheduler, sample_controlled
 from src.oft import oft_parameters, project_coft_
 
 STEPS = 2  # sampling steps in tests: enough to run the scheduler loop and the guidance branches
@@ -120,8 +119,8 @@ def test_entry_point_writes_images_grid_and_record(run_dir, tmp_path):
     for item in demo_inputs(2):
         array = (item.condition[0].numpy() * 255).round().astype(np.uint8)
         Image.fromarray(array).save(folder / f"{item.key}.png")
-    cfg = compose_generate(f"run={run_dir}", f"condition={folder}", "prompt=[a cat,a cup]", "num_samples=2",
-                           f"num_inference_steps={STEPS}", "seed=7", out_dir=tmp_path / "out")
+    cfg = compose_generate(f"run={run_dir}", f"condition={folder}", "prompt=[a cat,a cup]", "sampling.num_samples=2",
+                           f"sampling.num_inference_steps={STEPS}", "sampling.seed=7", out_dir=tmp_path / "out")
     record = generate(cfg)
     out = tmp_path / "out"
     assert [(r["seed"], r["prompt"]) for r in record["images"]] == [(7, "a cat"), (8, "a cat"), (7, "a cup"), (8, "a cup")]
@@ -147,7 +146,7 @@ def test_user_errors_are_raised_before_any_weights_load(run_dir, tmp_path, monke
         ((f"run={run_dir}", f"condition={image}", "prompt=[a,b]"), ValueError, "2 prompts for 1 conditions"),
         ((f"run={run_dir}", f"condition={image}"), ValueError, "image conditions carry no caption"),
         ((f"run={run_dir}", f"condition={tmp_path / 'missing'}/*.tar", "prompt=x"), ValueError, "no shard found"),
-        ((f"run={run_dir}", f"condition={image}", "prompt=x", "scheduler=plms"), ValueError, "unknown scheduler 'plms'"),
+        ((f"run={run_dir}", f"condition={image}", "prompt=x", "sampling.scheduler=plms"), ValueError, "unknown scheduler 'plms'"),
         ((f"run={tmp_path / 'nope'}", f"condition={image}", "prompt=x"), FileNotFoundError, "neither a run directory"),
     ]
     for overrides, error, message in cases:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -15,21 +14,11 @@ from src.models.backbone import BackboneSpec, load_backbone
 from src.models.checkpoint import CHECKPOINT_META, check_identity, checkpoint_identity
 from src.models.control import ControlEncoder, control_injection
 from src.models.memory import MemoryOptions, apply_memory_options
-from src.models.sampling import build_pipeline, make_scheduler, sample_controlled
+from src.models.sampling import SamplingOptions, build_pipeline, make_scheduler, sample_controlled
 from src.oft import OFTConfig, inject_oft, oft_parameter_count, project_coft_
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingSpec:
-    """How validation samples are drawn (the paper: DDIM, 50 steps, guidance 9)."""
-
-    scheduler: str = "ddim"
-    num_inference_steps: int = 50
-    guidance_scale: float = 9.0
-    seed: int = 0
 
 
 class OFTControlModule(pl.LightningModule):
@@ -42,7 +31,7 @@ class OFTControlModule(pl.LightningModule):
         lr_scheduler: an optional factory called with the optimizer; stepped every training step.
         encoder_channels: stage widths of the control encoder.
         caption_dropout: probability of replacing a caption by "" (ControlNet uses 0.5).
-        sampling: how validation sample grids are drawn.
+        sampling: how validation samples are drawn (the `sampling/` config group).
         max_consecutive_nonfinite: stop the run after this many non-finite losses in a row (each one
             skips its optimizer step and is counted in `train/nonfinite_steps`).
         memory: memory/speed switches for the frozen UNet (gradient checkpointing, channels-last,
@@ -57,7 +46,7 @@ class OFTControlModule(pl.LightningModule):
         lr_scheduler: SchedulerFactory | None = None,
         encoder_channels: Sequence[int] = (16, 32, 96, 256),
         caption_dropout: float = 0.5,
-        sampling: SamplingSpec | None = None,
+        sampling: SamplingOptions | None = None,
         max_consecutive_nonfinite: int = 5,
         memory: MemoryOptions | None = None,
     ) -> None:
@@ -67,7 +56,7 @@ class OFTControlModule(pl.LightningModule):
         self.backbone_spec, self.oft_config = backbone, oft
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.caption_dropout = caption_dropout
-        self.sampling = sampling or SamplingSpec()
+        self.sampling = sampling or SamplingOptions()
         parts = load_backbone(backbone)
         self.unet, self.vae, self.text_encoder = parts.unet, parts.vae, parts.text_encoder
         self.tokenizer, self.noise_scheduler = parts.tokenizer, parts.noise_scheduler
@@ -218,8 +207,10 @@ class OFTControlModule(pl.LightningModule):
     def generate(self, condition: torch.Tensor, prompts: Sequence[str], **kwargs: Any) -> torch.Tensor:
         """Images in [0, 1] for conditions in [0, 1]; keyword arguments as `sample_controlled`."""
         options = dict(
-            num_inference_steps=self.sampling.num_inference_steps,
+            num_inference_steps=self.sampling.steps,
             guidance_scale=self.sampling.guidance_scale,
+            negative_prompt=self.sampling.negative_prompt,
+            strength=self.sampling.strength,
             generator=torch.Generator().manual_seed(self.sampling.seed),
         ) | kwargs
         was_training = self.training

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -10,6 +13,46 @@ from torch import nn
 from src.models.control import control_injection
 
 SCHEDULERS = ("ddim", "unipc", "euler", "ddpm")
+DEFAULT_STEPS = {"ddim": 50, "unipc": 20}  # the paper samples with DDIM 50; UniPC is as good in 20
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How images are sampled (the `sampling/` config group): validation samples, generation, evaluation.
+
+    The paper samples with DDIM, 50 steps, guidance 9. Sample `s` of every condition is drawn with seed
+    `seed + s`.
+    """
+
+    scheduler: str = "ddim"
+    num_inference_steps: int | None = None  # None: 50 for DDIM, 20 for UniPC, else 50
+    guidance_scale: float = 9.0
+    negative_prompt: str | None = None
+    strength: float = 1.0  # scales the control embedding; 0 switches the control off
+    seed: int = 0
+    num_samples: int = 1
+    batch_size: int = 4
+
+    def __post_init__(self) -> None:
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler '{self.scheduler}'; choose one of {', '.join(SCHEDULERS)}")
+        for name in ("num_samples", "batch_size") + (("num_inference_steps",) if self.num_inference_steps else ()):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not math.isfinite(self.strength) or not math.isfinite(self.guidance_scale):
+            raise ValueError(f"strength {self.strength} and guidance_scale {self.guidance_scale} must be finite")
+
+    @property
+    def steps(self) -> int:
+        return int(self.num_inference_steps or DEFAULT_STEPS.get(self.scheduler, 50))
+
+
+def sampling_options(node: Mapping[str, Any]) -> SamplingOptions:
+    """The `sampling` node of an entry config as `SamplingOptions`, raising its own errors (not Hydra's)."""
+    from omegaconf import DictConfig, OmegaConf
+
+    values = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    return SamplingOptions(**{k: v for k, v in values.items() if k != "_target_"})
 
 
 def make_scheduler(name: str, config: dict):
