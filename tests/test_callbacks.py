@@ -41,6 +41,33 @@ def test_energy_drift_is_zero_for_exact_cayley_and_small_for_neumann(cayley, bou
     assert energy_drift(model, reference)["he_drift_max"] > 1e-3
 
 
+def test_energy_drift_on_a_neuron_subset_is_zero_for_exact_cayley_and_catches_a_change():
+    """The monitor's default: HE of a fixed random subset of neurons, with only those rows of W R formed."""
+    from src.callbacks.energy import HypersphericalEnergyDrift, reference_energies
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 8)).double()
+    inject_oft(model, OFTConfig(block_size=8, cayley="exact", target_modules=[r"\d"]))
+    monitor = HypersphericalEnergyDrift(every_n_steps=3, neurons=10)
+    module = nn.Module()
+    module.unet = model
+    monitor.on_fit_start(None, module)
+    assert [len(v) for v in monitor.neurons.values()] == [10, 8]  # the 8-neuron layer: all of them
+    assert monitor.reference == reference_energies(model, monitor.neurons)
+    with torch.no_grad():
+        for p in oft_parameters(model):
+            p.normal_(0, 0.05)
+    assert energy_drift(model, monitor.reference, monitor.neurons)["he_drift_max"] < 1e-12
+    first = next(layer for _, layer in oft_layers(model))
+    rows = monitor.neurons["0"]
+    with torch.no_grad():
+        first.base.weight[rows[0]] = first.base.weight[rows[1]] * 0.9 + first.base.weight[rows[0]] * 0.1
+    assert energy_drift(model, monitor.reference, monitor.neurons)["he_drift_max"] > 1e-3
+    assert [monitor.due(step) for step in range(1, 8)] == [True, False, True, False, False, True, False]
+    monitor.last_logged_step = 6
+    assert not monitor.due(6)  # gradient accumulation: several batch ends share one optimizer step
+
+
 def test_validation_generations_are_drawn_once_and_shared(config_factory, tmp_path):
     """The sample grid and the controllability metric look at the same generations, sampled once per validation."""
     from src.train import build_run

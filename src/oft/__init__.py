@@ -1,7 +1,7 @@
 """Orthogonal Finetuning (Qiu et al., NeurIPS 2023): torch-only maths, layers and injection."""
 
 from .config import OFTConfig
-from .energy import hyperspherical_energy
+from .energy import hyperspherical_energy, hyperspherical_energy_estimate, neuron_subset
 from .inject import (
     inject_oft,
     load_oft_state_dict,
@@ -33,10 +33,12 @@ __all__ = [
     "cayley_exact",
     "cayley_neumann",
     "hyperspherical_energy",
+    "hyperspherical_energy_estimate",
     "inject_oft",
     "load_oft_state_dict",
     "merge_oft",
     "neumann_orthogonality_bound",
+    "neuron_subset",
     "oft_layers",
     "oft_parameter_count",
     "oft_parameters",
