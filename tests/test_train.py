@@ -176,3 +176,20 @@ def test_resume_restores_global_step_and_trained_weights_exactly(config_factory,
         build_run(other)
     for key, value in saved["state_dict"].items():
         assert torch.equal(restored["weights"][key], value), key
+
+
+def test_checkpoints_keep_the_last_k_plus_last(config_factory, tmp_path):
+    """Five checkpoint intervals with K = 2: the two newest step files (.ckpt and .safetensors) plus `last`."""
+    out = tmp_path / "run"
+    cfg = config_factory(
+        "debug=default", "trainer.max_steps=10", "callbacks.checkpoint.save_top_k=2",
+        "~callbacks.samples", "~callbacks.controllability", "~callbacks.energy", output_dir=out,
+    )
+    assert cfg.callbacks.weights.keep_last == 2
+    train(cfg)
+    ckpts = sorted(p.name for p in (out / "checkpoints").glob("*.ckpt"))
+    assert ckpts == ["last.ckpt", "step_000008.ckpt", "step_000010.ckpt"]
+    weights = sorted(p.name for p in (out / "weights").glob("*.safetensors"))
+    assert weights == ["last.safetensors", "step_000008.safetensors", "step_000010.safetensors"]
+    assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 10
+    assert config_factory().callbacks.checkpoint.save_top_k == 3  # the default: a few
