@@ -51,6 +51,20 @@ TINY_TEXT = dict(
     max_position_embeddings=77,
     projection_dim=32,
 )
+#: The toy backbone (pretrained by `python -m src.pretrain`, shipped in `assets/toy-sd/`): a three-level
+#: UNet with cross-attention at 8x8 and 4x4 latents, a factor-8 VAE and a 2-layer text encoder whose
+#: tokenizer knows the toy world's words whole.
+TOY_UNET = dict(
+    TINY_UNET,
+    block_out_channels=(32, 64, 64),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=64,
+    attention_head_dim=8,
+)
+TOY_VAE = dict(TINY_VAE, block_out_channels=(16, 32, 64, 64))
+TOY_TEXT = dict(TINY_TEXT, hidden_size=64, intermediate_size=128, max_position_embeddings=16, projection_dim=64)
+
 TINY_SCHEDULER = dict(
     num_train_timesteps=1000,
     beta_start=0.00085,
@@ -70,34 +84,49 @@ def _byte_alphabet() -> list[str]:
     return [table[b] for b in range(256)]
 
 
-def build_tokenizer():
-    """A character-level CLIP tokenizer generated locally: every byte, alone or ending a word, no merges."""
+def build_tokenizer(words: tuple[str, ...] = (), max_length: int = TINY_TEXT["max_position_embeddings"]):
+    """A CLIP tokenizer generated locally: every byte, alone or ending a word, plus BPE merges that make
+    each of ``words`` one token (any other text still tokenizes, character by character)."""
     from transformers import CLIPTokenizer
 
     alphabet = _byte_alphabet()
     tokens = alphabet + [ch + "</w>" for ch in alphabet] + ["<|startoftext|>", "<|endoftext|>"]
-    vocab = {tok: i for i, tok in enumerate(tokens)}
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=TINY_TEXT["max_position_embeddings"])
+    merges: list[tuple[str, str]] = []
+    for _ in range(8):  # a merge learnt for one word can pre-empt another's; repair until all are whole
+        tokenizer = CLIPTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=list(merges),
+                                  model_max_length=max_length)
+        split = {w: tokenizer.tokenize(w) for w in words}
+        broken = {w: pieces for w, pieces in split.items() if len(pieces) > 1}
+        if not broken:
+            return tokenizer
+        for pieces in broken.values():
+            for piece in pieces[1:]:
+                merge = (pieces[0], piece)
+                pieces[0] = pieces[0] + piece
+                if merge not in merges:
+                    merges.append(merge)
+                if pieces[0] not in tokens:
+                    tokens.append(pieces[0])
+    raise RuntimeError(f"could not build whole-word tokens for {sorted(broken)}")
 
 
-def build_tiny_pipeline(seed: int = 0):
-    """Random-weight SD components of tiny size, seeded, as a `StableDiffusionPipeline`."""
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+def build_tiny_pipeline(seed: int = 0, unet: dict = TINY_UNET, vae: dict = TINY_VAE, text: dict = TINY_TEXT,
+                        words: tuple[str, ...] = (), scheduler_class: str = "DDPMScheduler"):
+    """Random-weight SD components of the given sizes (tiny by default), seeded, as a `StableDiffusionPipeline`."""
+    import diffusers
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(words, text["max_position_embeddings"])
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**TINY_UNET)
-    vae = AutoencoderKL(**TINY_VAE)
     specials = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    text_config = CLIPTextConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **specials, **TINY_TEXT)
-    text_encoder = CLIPTextModel(text_config)
+    text_config = CLIPTextConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **specials, **text)
     return StableDiffusionPipeline(
-        unet=unet,
-        vae=vae,
-        text_encoder=text_encoder,
+        unet=UNet2DConditionModel(**unet),
+        vae=AutoencoderKL(**vae),
+        text_encoder=CLIPTextModel(text_config),
         tokenizer=tokenizer,
-        scheduler=DDPMScheduler(**TINY_SCHEDULER),
+        scheduler=getattr(diffusers, scheduler_class)(**TINY_SCHEDULER),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
