@@ -7,13 +7,13 @@ import torch
 from torch import nn
 
 from src.callbacks.energy import energy_drift
-from src.callbacks.samples import sample_grid
+from src.grids import image_grid
 from src.oft import OFTConfig, hyperspherical_energy, inject_oft, oft_layers, oft_parameters
 
 
-def test_sample_grid_rows_are_condition_generated_target():
+def test_image_grid_rows_are_condition_generated_target():
     cond, gen, target = (torch.full((2, 3, 8, 8), v) for v in (0.0, 0.5, 1.0))
-    grid = sample_grid(cond, gen, target)
+    grid = image_grid(cond, gen, target)
     assert grid.shape == (3, 2 * 8 + 3 * 2, 3 * 8 + 4 * 2)
     # first row: the three tiles hold 0, 0.5 and 1 after the 2-pixel padding
     assert grid[:, 2:10, 2:10].eq(0.0).all() and grid[:, 2:10, 12:20].eq(0.5).all()
@@ -86,3 +86,28 @@ def test_validation_generations_are_drawn_once_and_shared(config_factory, tmp_pa
     assert calls == [2, 4]  # debug=default validates at steps 2 and 4
     assert len(list((out / "samples").glob("step_*.png"))) == 2
     assert "val/canny_f1" in run.trainer.callback_metrics
+
+
+def test_progress_bar_has_no_negative_epoch_total():
+    from types import SimpleNamespace
+
+    from src.callbacks.progress import ProgressBar
+
+    bar = ProgressBar()
+    bar._trainer = SimpleNamespace(max_epochs=-1)
+    assert bar._get_train_description(14).strip() == "Epoch 14"
+    bar._trainer = SimpleNamespace(max_epochs=20)
+    assert bar._get_train_description(14).strip() == "Epoch 14/19"
+
+
+def test_frozen_modules_note_replaces_lightnings_eval_mode_warning(config_factory, recwarn, caplog):
+    import logging
+
+    from src.train import build_run
+
+    run = build_run(config_factory("debug=fdr", "~callbacks.samples", "~callbacks.controllability"))
+    with caplog.at_level(logging.INFO, logger="src.callbacks.progress"):
+        run.trainer.fit(run.module, datamodule=run.datamodule)
+    assert not [w for w in recwarn if "in eval mode" in str(w.message)]
+    notes = [r.getMessage() for r in caplog.records if "stay in eval mode on purpose" in r.getMessage()]
+    assert len(notes) == 1 and "(text_encoder, unet, vae)" in notes[0]
