@@ -57,8 +57,8 @@ from benchmarks import readme
 from benchmarks.readme import write_section
 from data_prep import ade20k, coco, faces
 from data_prep.assets import skimage_photo
-from data_prep.demo import PHOTOS
 from data_prep.demo_faces import FACE_CENTER, FACE_SIZE
+from data_prep.demo_photos import PHOTOS
 from data_prep.demo_seg import render_scene, scene_labels
 from src.data import schema
 from src.data.datamodule import ShardDataModule

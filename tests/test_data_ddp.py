@@ -126,7 +126,7 @@ def launch(shards: str, out_dir: Path, timeout: float = 300.0) -> None:
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     """Build 8 shards x 4 samples, run the two ranks, return their records (index = rank)."""
     from data_prep import coco
-    from data_prep.demo import write_coco_layout
+    from data_prep.demo_photos import write_coco_layout
 
     base = tmp_path_factory.mktemp("ddp-data")
     images, captions = write_coco_layout(base / "coco")

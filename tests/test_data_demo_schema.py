@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_prep import demo
+from data_prep import demo, demo_photos, toy_world
 from src.data import schema
 
 
@@ -34,12 +34,14 @@ def test_build_demo_offline_and_idempotent(tmp_path: Path, no_network: None) -> 
     out = demo.build_demo("canny", tmp_path)
     assert time.monotonic() - start < 30
     assert out == tmp_path / "canny"
-    assert sorted(p.name for p in out.glob("*.tar")) == ["train-000000.tar", "train-000001.tar", "val-000000.tar"]
+    assert sorted(p.name for p in out.glob("val-*.tar")) == ["val-000000.tar"]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["splits"]["train"]["samples"] == 32 and summary["splits"]["val"]["samples"] == 8
+    assert summary["splits"]["train"]["samples"] == demo.TOY_TRAIN and summary["splits"]["val"]["samples"] == demo.TOY_VAL
     assert summary["skipped_total"] == 0 and summary["settings"]["resolution"] == demo.DEMO_RESOLUTION
     captions = json.loads((tmp_path / "coco" / "annotations" / "captions_train2017.json").read_text())
-    assert len(captions["images"]) == 40 and len(captions["annotations"]) == 120
+    assert len(captions["images"]) == len(captions["annotations"]) == demo.TOY_TRAIN + demo.TOY_VAL
+    for ann in captions["annotations"]:  # every caption follows the toy grammar
+        assert 1 <= len(toy_world.parse_caption(ann["caption"])) <= 2
     before = _states(tmp_path / "coco") | _states(out)
     start = time.monotonic()
     assert demo.build_demo("canny", tmp_path) == out
@@ -48,8 +50,8 @@ def test_build_demo_offline_and_idempotent(tmp_path: Path, no_network: None) -> 
 
 
 def test_demo_photos_are_read_from_the_package_folder(no_network: None) -> None:
-    for name in demo.PHOTOS:
-        rgb = demo.skimage_photo(name)
+    for name in demo_photos.PHOTOS:
+        rgb = demo_photos.skimage_photo(name)
         assert rgb.dtype == np.uint8 and rgb.ndim == 3 and rgb.shape[2] == 3 and min(rgb.shape[:2]) >= 128
 
 

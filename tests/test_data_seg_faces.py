@@ -177,12 +177,13 @@ def test_landmarks_are_never_flipped(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------- demos
-@pytest.mark.parametrize("task,skipped", [("seg", {}), ("landmarks", {"no_face": 2})])
-def test_seg_and_landmarks_demos(tmp_path: Path, task: str, skipped: dict) -> None:
+@pytest.mark.parametrize("task,skipped,counts", [("seg", {}, (demo.TOY_TRAIN, demo.TOY_VAL)),
+                                                 ("landmarks", {"no_face": 2}, (32, 8))])
+def test_seg_and_landmarks_demos(tmp_path: Path, task: str, skipped: dict, counts: tuple[int, int]) -> None:
     out = demo.build_demo(task, tmp_path)
     assert out == tmp_path / task
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["splits"]["train"]["samples"] == 32 and summary["splits"]["val"]["samples"] == 8
+    assert (summary["splits"]["train"]["samples"], summary["splits"]["val"]["samples"]) == counts
     assert summary["skipped"] == skipped
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
     demo.build_demo(task, tmp_path)
