@@ -1,161 +1,51 @@
 """Export a trained run for inference elsewhere.
 
-    python -m src.export outputs/canny/runs/<date> --out exports/canny
+    python -m src.export --run outputs/canny/runs/<date> --out_dir exports/canny [--formats peft]
 
-writes three folders under `--out` (choose with `--formats`):
+writes one folder per format under `--out_dir` (default: all three; the formats are described in
+`src.models.exported`):
 
-- `diffusers/`: a complete `StableDiffusionPipeline` folder whose UNet has the rotations merged into its
-  weights (`W R`, zero inference overhead), a DDIM scheduler (the paper's sampler) and the control encoder in
-  `diffusers/control_encoder/`. Load it with `src.export.load_exported` (or `python -m src.generate
-  run=exports/canny/diffusers ...`).
-- `peft/`: the UNet rotations as a peft OFT adapter (`adapter_config.json`, `adapter_model.safetensors`)
-  for the base UNet: `PeftModel.from_pretrained(UNet2DConditionModel.from_pretrained(base, subfolder="unet"),
-  "exports/canny/peft")`.
+- `diffusers/`: a `StableDiffusionPipeline` folder with the rotations merged into the UNet (`W R`) and the
+  control encoder in `control_encoder/`: `python -m src.generate run=exports/canny/diffusers ...` or
+  `src.models.exported.load_exported`.
+- `peft/`: the UNet rotations as a peft OFT adapter for the base UNet: `PeftModel.from_pretrained(
+  UNet2DConditionModel.from_pretrained(base, subfolder="unet"), "exports/canny/peft")`.
 - `control_encoder/`: the control encoder alone, `model.safetensors` plus `config.json`.
 
-The mapping of our rotations to peft's is `src.oft.peft_compat`.
+The options are named as the keys of `python -m src.generate` and `python -m src.evaluate`: `--run`,
+`--checkpoint`, `--model_path`, `--out_dir`.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-from src.models.control import ControlEncoder
-from src.models.run import TrainedRun, load_run
-from src.models.sampling import build_pipeline, make_scheduler
-from src.oft import merge_oft, unmerge_oft
-from src.oft.peft_compat import peft_adapter
-
-FORMATS = ("diffusers", "peft", "control_encoder")
-ENCODER_DIR, ENCODER_WEIGHTS, ENCODER_CONFIG = "control_encoder", "model.safetensors", "config.json"
-ENCODER_FORMAT = "oft-control-encoder"
-EXPORT_INFO = "oft_control.json"
-PEFT_WEIGHTS = "adapter_model.safetensors"
+from src.models.exported import FORMATS, WRITERS
+from src.models.run import load_run
 
 
-# ------------------------------------------------------------------------------------- control encoder
-def encoder_config(run: TrainedRun) -> dict[str, Any]:
-    """Constructor arguments of the run's control encoder plus the condition it was trained on."""
-    module = run.module
-    return {"format": ENCODER_FORMAT, "version": 1, "out_channels": module.unet.conv_in.out_channels,
-            "downscale": module.vae_scale_factor, "channels": list(run.config.module.encoder_channels),
-            "in_channels": module.encoder.body[0].in_channels, "condition": run.condition,
-            "resolution": run.resolution}
-
-
-def export_control_encoder(run: TrainedRun, folder: str | os.PathLike) -> Path:
-    """Write the control encoder as `model.safetensors` + `config.json` into `folder`."""
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in run.module.encoder.state_dict().items()}
-    save_file(state, folder / ENCODER_WEIGHTS, metadata={"format": "pt"})
-    (folder / ENCODER_CONFIG).write_text(json.dumps(encoder_config(run), indent=2))
-    return folder
-
-
-def load_control_encoder(folder: str | os.PathLike) -> tuple[ControlEncoder, dict[str, Any]]:
-    """The control encoder exported to `folder` (strictly loaded) and its config."""
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    config_path, weights = folder / ENCODER_CONFIG, folder / ENCODER_WEIGHTS
-    if not config_path.is_file() or not weights.is_file():
-        raise FileNotFoundError(f"'{folder}' holds no exported control encoder ({ENCODER_CONFIG} + {ENCODER_WEIGHTS}); "
-                                "export one with `python -m src.export RUN --out DIR`")
-    config = json.loads(config_path.read_text())
-    if config.get("format") != ENCODER_FORMAT:
-        raise ValueError(f"{config_path} is not an {ENCODER_FORMAT} config (format {config.get('format')!r})")
-    encoder = ControlEncoder(config["out_channels"], config["downscale"], config["channels"], config["in_channels"])
-    encoder.load_state_dict(load_file(weights), strict=True)
-    return encoder.eval().requires_grad_(False), config
-
-
-# ------------------------------------------------------------------------------------- merged diffusers
-def export_diffusers(run: TrainedRun, folder: str | os.PathLike) -> Path:
-    """A `StableDiffusionPipeline` folder with `W R` merged into the UNet, plus the control encoder."""
-    module, folder = run.module, Path(folder)
-    scheduler = make_scheduler("ddim", module.noise_scheduler.config)
-    removed = merge_oft(module.unet)
-    try:
-        pipe = build_pipeline(module.unet, module.vae, module.text_encoder, module.tokenizer, scheduler)
-        pipe.save_pretrained(folder, safe_serialization=True)
-    finally:
-        unmerge_oft(module.unet, removed)
-    export_control_encoder(run, folder / ENCODER_DIR)
-    info = {"run": str(run.files.run_dir), "checkpoint": str(run.files.checkpoint),
-            "identity": module.checkpoint_identity(), "condition": run.condition, "resolution": run.resolution}
-    (folder / EXPORT_INFO).write_text(json.dumps(info, indent=2))
-    return folder
-
-
-def is_exported(folder: str | os.PathLike) -> bool:
-    """True for a folder written by `export_diffusers`."""
-    folder = Path(folder)
-    return (folder / "model_index.json").is_file() and (folder / ENCODER_DIR / ENCODER_CONFIG).is_file()
-
-
-def load_exported(folder: str | os.PathLike):
-    """`(pipeline, control encoder, encoder config)` of an exported diffusers folder."""
-    from diffusers import StableDiffusionPipeline
-
-    if not is_exported(folder):
-        raise FileNotFoundError(f"'{folder}' is not an exported OFT-Control folder (model_index.json and "
-                                f"{ENCODER_DIR}/): export one with `python -m src.export RUN --out DIR`")
-    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    encoder, config = load_control_encoder(Path(folder) / ENCODER_DIR)
-    return pipe, encoder, config
-
-
-# ------------------------------------------------------------------------------------- peft adapter
-def export_peft(run: TrainedRun, folder: str | os.PathLike) -> Path:
-    """Write the UNet rotations as a peft adapter folder (`adapter_config.json`, `adapter_model.safetensors`).
-
-    COFT is off in the adapter: the exported rotations already satisfy the constraint, and peft would
-    re-project them with its own radius convention at every forward.
-    """
-    from safetensors.torch import save_file
-
-    from src.models.backbone import check_backbone
-
-    folder = Path(folder)
-    base = check_backbone(run.module.backbone_spec)
-    peft_config, state = peft_adapter(run.module.unet, run.module.oft_config, base)
-    peft_config.save_pretrained(str(folder))
-    save_file(state, folder / PEFT_WEIGHTS, metadata={"format": "pt"})
-    return folder
-
-
-# ------------------------------------------------------------------------------------- entry point
-WRITERS = {"diffusers": export_diffusers, "peft": export_peft, "control_encoder": export_control_encoder}
-
-
-def _prepare_out(out: Path, formats: Sequence[str], overwrite: bool) -> dict[str, Path]:
+def prepare_out_dir(out_dir: Path, formats: Sequence[str], overwrite: bool) -> dict[str, Path]:
     """Target folders per format; refuses to write into non-empty ones unless `overwrite`."""
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown or not formats:
         raise ValueError(f"unknown export format(s) {unknown or formats}; choose from {', '.join(FORMATS)}")
-    targets = {name: out / name for name in formats}
+    targets = {name: out_dir / name for name in formats}
     busy = [str(p) for p in targets.values() if p.exists() and any(p.iterdir())]
     if busy and not overwrite:
-        raise FileExistsError(f"export folder(s) {busy} are not empty: choose another --out or pass --overwrite")
+        raise FileExistsError(f"export folder(s) {busy} are not empty: choose another --out_dir or pass --overwrite")
     for path in targets.values():
         shutil.rmtree(path, ignore_errors=True)
     return targets
 
 
-def export(run: str | os.PathLike, out: str | os.PathLike, formats: Sequence[str] = FORMATS,
+def export(run: str | os.PathLike, out_dir: str | os.PathLike, formats: Sequence[str] = FORMATS,
            checkpoint: str | None = None, model_path: str | None = None, overwrite: bool = False) -> dict[str, Path]:
-    """Export `run` (a run directory or checkpoint) to `out/<format>` for each format; returns the folders."""
-    targets = _prepare_out(Path(out).expanduser(), list(formats), overwrite)
+    """Export `run` (a run directory or checkpoint) to `out_dir/<format>` for each format; returns the folders."""
+    targets = prepare_out_dir(Path(out_dir).expanduser(), list(formats), overwrite)
     trained = load_run(run, checkpoint, model_path)
     return {name: WRITERS[name](trained, path) for name, path in targets.items()}
 
@@ -163,11 +53,12 @@ def export(run: str | os.PathLike, out: str | os.PathLike, formats: Sequence[str
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m src.export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run", help="a training run directory (config.yaml, checkpoints/) or one of its .ckpt files")
-    parser.add_argument("--out", required=True, help="folder that receives one subfolder per format")
+    parser.add_argument("--run", required=True,
+                        help="a training run directory (config.yaml, checkpoints/) or one of its .ckpt files")
+    parser.add_argument("--out_dir", required=True, help="folder that receives one subfolder per format")
     parser.add_argument("--formats", nargs="+", default=list(FORMATS), choices=FORMATS, help="what to export")
     parser.add_argument("--checkpoint", default=None, help="a checkpoint other than <run>/checkpoints/last.ckpt")
-    parser.add_argument("--model-path", default=None, help="the frozen backbone's folder, if it moved since training")
+    parser.add_argument("--model_path", default=None, help="the frozen backbone's folder, if it moved since training")
     parser.add_argument("--overwrite", action="store_true", help="replace existing export folders")
     return parser
 
@@ -175,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict[str, Path]:
     """Entry point of `python -m src.export`."""
     args = build_parser().parse_args(argv)
-    written = export(args.run, args.out, args.formats, args.checkpoint, args.model_path, args.overwrite)
+    written = export(args.run, args.out_dir, args.formats, args.checkpoint, args.model_path, args.overwrite)
     for name, path in written.items():
         print(f"{name}: {path}")
     return written

@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import hydra
 import pytorch_lightning as pl
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from src.models.backbone import check_backbone, unet_skeleton
 from src.models.checkpoint import check_checkpoint
+from src.models.run import write_run_config
 from src.oft import inject_oft
 
 log = logging.getLogger(__name__)
@@ -72,10 +72,7 @@ def build_run(cfg: DictConfig) -> Run:
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit the module described by `cfg` and return the final logged metrics as floats."""
     run = build_run(cfg)
-    output_dir = Path(cfg.paths.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    run_config = OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"])
-    OmegaConf.save(run_config, output_dir / "config.yaml", resolve=True)
+    write_run_config(cfg, cfg.paths.output_dir)
     run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
     return {name: float(value) for name, value in run.trainer.callback_metrics.items()}
 

@@ -12,7 +12,8 @@ from helpers import CONF_DIR
 from omegaconf import OmegaConf
 from test_generate import STEPS, make_trained_run
 
-from src.evaluate import CaseKeeper, evaluate
+from src.evaluate import evaluate
+from src.metrics.evaluation import CaseKeeper
 from src.metrics.segmentation import SegmenterNotFoundError
 
 

@@ -8,9 +8,10 @@ import torch
 from test_generate import STEPS, demo_inputs, make_trained_run
 from torch import nn
 
-from src.export import export, load_control_encoder
-from src.generate import generate_images, load_controlled
+from src.export import export
 from src.models.backbone import load_backbone
+from src.models.exported import load_control_encoder
+from src.models.inference import generate_images, load_controlled
 from src.models.run import load_run
 from src.models.sampling import SamplingOptions
 from src.oft import OFTConfig, inject_oft

@@ -12,14 +12,10 @@ from helpers import CONF_DIR, compose_config
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from src.generate import (
-    assign_prompts,
-    collect_inputs,
-    generate,
-    generate_images,
-    load_controlled,
-)
+from src.data.inputs import assign_prompts, collect_inputs
+from src.generate import generate
 from src.models.backbone import load_backbone
+from src.models.inference import generate_images, load_controlled
 from src.models.run import load_run
 from src.models.sampling import SamplingOptions, build_pipeline, make_scheduler, sample_controlled
 from src.oft import oft_parameters, project_coft_

@@ -14,7 +14,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import open_dict, read_write
 
-from src.sweep import JOB_FILE, SweepSummary, final_metrics, main, write_summary
+from src.callbacks.sweep_summary import JOB_FILE, SweepSummary, final_metrics, write_summary
+from src.sweep import main
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ["debug=default", "trainer.max_steps=2", "trainer.val_check_interval=2", "logger=csv",
@@ -53,7 +54,7 @@ def test_summary_tables_every_job_and_names_the_best(tmp_path):
 def test_summary_cli_and_maximize(tmp_path, capsys):
     _fake_job(tmp_path, 0, ["optim.lr=1e-5"], 0.5)
     _fake_job(tmp_path, 1, ["optim.lr=1e-4"], 0.25)
-    main([str(tmp_path), "--maximize"])
+    main(["--sweep_dir", str(tmp_path), "--maximize"])
     assert "Best: job 0 (`optim.lr=1e-5`)" in capsys.readouterr().out
 
 

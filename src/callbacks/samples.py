@@ -6,15 +6,10 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
 from pytorch_lightning.loggers import TensorBoardLogger
-from torchvision.utils import make_grid, save_image
+from torchvision.utils import save_image
 
-
-def sample_grid(condition: torch.Tensor, generated: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """One row per sample: condition, generated image, target image; all in [0, 1], `[3, H', W']`."""
-    rows = torch.stack([condition, generated, target], dim=1).flatten(0, 1)
-    return make_grid(rows.float().cpu().clamp(0, 1), nrow=3, padding=2, pad_value=1.0)
+from src.grids import image_grid
 
 
 class SampleGrid(pl.Callback):
@@ -37,7 +32,7 @@ class SampleGrid(pl.Callback):
         n = min(self.max_images, len(batch["caption"]))
         generated = pl_module.validation_samples(batch, n)
         target = (batch["image"][:n].float() + 1) / 2
-        grid = sample_grid(batch["condition"][:n].float(), generated, target)
+        grid = image_grid(batch["condition"][:n].float(), generated, target)
         path = Path(trainer.default_root_dir) / self.dirname / f"step_{trainer.global_step:06d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         save_image(grid, path)

@@ -1,4 +1,4 @@
-"""Rebuild a trained `OFTControlModule` from a run directory (or one of its checkpoints).
+"""Run directories: writing a run's config, and rebuilding a trained `OFTControlModule` from one.
 
 A run directory, as `python -m src.train` leaves it, holds `config.yaml` (the resolved config) and
 `checkpoints/*.ckpt` (the trained tensors only, plus the run's identity under `checkpoint["oft_control"]`).
@@ -72,6 +72,31 @@ def locate_run(source: str | os.PathLike, checkpoint: str | os.PathLike | None =
         found = sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt"))
         raise FileNotFoundError(f"checkpoint '{ckpt}' does not exist; checkpoints of this run: {found or 'none'}")
     return RunFiles(run_dir, run_dir / RUN_CONFIG, ckpt)
+
+
+def write_run_config(cfg: DictConfig, run_dir: str | os.PathLike) -> Path:
+    """Save the resolved config (without Hydra's own node) as `<run_dir>/config.yaml`; returns its path."""
+    path = Path(run_dir) / RUN_CONFIG
+    path.parent.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"]), path, resolve=True)
+    return path
+
+
+def validation_shards(source: str | os.PathLike, checkpoint: str | os.PathLike | None = None) -> list[str]:
+    """The validation shards a run was trained with (built first if the run used the offline demo data)."""
+    from hydra.utils import instantiate
+
+    from src.data.pipeline import resolve_shards
+
+    try:
+        data = OmegaConf.load(locate_run(source, checkpoint).config).data
+    except FileNotFoundError:  # an exported folder has no run config
+        raise ValueError(f"'{source}' has no training config to take validation shards from: set shards=...") from None
+    if not data.get("val_shards"):
+        raise ValueError(f"the run of '{source}' had no data.val_shards: set shards=DIR/val-*.tar")
+    if data.get("prepare"):
+        instantiate(data.prepare)()  # the offline demo data, built once
+    return resolve_shards(data.val_shards, "data.val_shards", data.get("root"))
 
 
 def load_run_config(files: RunFiles, backbone_path: str | None = None) -> DictConfig:

@@ -1,0 +1,128 @@
+"""Exported folders: writing them from a trained run, and reading them back.
+
+- `diffusers/`: a complete `StableDiffusionPipeline` folder whose UNet has the rotations merged into its
+  weights (`W R`, zero inference overhead), a DDIM scheduler (the paper's sampler), the control encoder in
+  `control_encoder/` and `oft_control.json` (where it came from). `load_exported` reads it.
+- `peft/`: the UNet rotations as a peft OFT adapter (`adapter_config.json`, `adapter_model.safetensors`)
+  for the base UNet (the mapping is `src.oft.peft_compat`).
+- `control_encoder/`: the control encoder alone, `model.safetensors` plus `config.json` (its constructor
+  arguments, condition and resolution); `load_control_encoder` reads it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from src.models.control import ControlEncoder
+from src.models.run import TrainedRun
+from src.models.sampling import build_pipeline, make_scheduler
+from src.oft import merge_oft, unmerge_oft
+from src.oft.peft_compat import peft_adapter
+
+FORMATS = ("diffusers", "peft", "control_encoder")
+ENCODER_DIR, ENCODER_WEIGHTS, ENCODER_CONFIG = "control_encoder", "model.safetensors", "config.json"
+ENCODER_FORMAT = "oft-control-encoder"
+EXPORT_INFO = "oft_control.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+EXPORT_HINT = "export one with `python -m src.export --run RUN --out_dir DIR`"
+
+
+# ------------------------------------------------------------------------------------- control encoder
+def encoder_config(run: TrainedRun) -> dict[str, Any]:
+    """Constructor arguments of the run's control encoder plus the condition it was trained on."""
+    module = run.module
+    return {"format": ENCODER_FORMAT, "version": 1, "out_channels": module.unet.conv_in.out_channels,
+            "downscale": module.vae_scale_factor, "channels": list(run.config.module.encoder_channels),
+            "in_channels": module.encoder.body[0].in_channels, "condition": run.condition,
+            "resolution": run.resolution}
+
+
+def export_control_encoder(run: TrainedRun, folder: str | os.PathLike) -> Path:
+    """Write the control encoder as `model.safetensors` + `config.json` into `folder`."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in run.module.encoder.state_dict().items()}
+    save_file(state, folder / ENCODER_WEIGHTS, metadata={"format": "pt"})
+    (folder / ENCODER_CONFIG).write_text(json.dumps(encoder_config(run), indent=2))
+    return folder
+
+
+def load_control_encoder(folder: str | os.PathLike) -> tuple[ControlEncoder, dict[str, Any]]:
+    """The control encoder exported to `folder` (strictly loaded) and its config."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    config_path, weights = folder / ENCODER_CONFIG, folder / ENCODER_WEIGHTS
+    if not config_path.is_file() or not weights.is_file():
+        raise FileNotFoundError(f"'{folder}' holds no exported control encoder ({ENCODER_CONFIG} + {ENCODER_WEIGHTS}); "
+                                f"{EXPORT_HINT}")
+    config = json.loads(config_path.read_text())
+    if config.get("format") != ENCODER_FORMAT:
+        raise ValueError(f"{config_path} is not an {ENCODER_FORMAT} config (format {config.get('format')!r})")
+    encoder = ControlEncoder(config["out_channels"], config["downscale"], config["channels"], config["in_channels"])
+    encoder.load_state_dict(load_file(weights), strict=True)
+    return encoder.eval().requires_grad_(False), config
+
+
+# ------------------------------------------------------------------------------------- merged diffusers
+def export_diffusers(run: TrainedRun, folder: str | os.PathLike) -> Path:
+    """A `StableDiffusionPipeline` folder with `W R` merged into the UNet, plus the control encoder."""
+    module, folder = run.module, Path(folder)
+    scheduler = make_scheduler("ddim", module.noise_scheduler.config)
+    removed = merge_oft(module.unet)
+    try:
+        pipe = build_pipeline(module.unet, module.vae, module.text_encoder, module.tokenizer, scheduler)
+        pipe.save_pretrained(folder, safe_serialization=True)
+    finally:
+        unmerge_oft(module.unet, removed)
+    export_control_encoder(run, folder / ENCODER_DIR)
+    info = {"run": str(run.files.run_dir), "checkpoint": str(run.files.checkpoint),
+            "identity": module.checkpoint_identity(), "condition": run.condition, "resolution": run.resolution}
+    (folder / EXPORT_INFO).write_text(json.dumps(info, indent=2))
+    return folder
+
+
+def is_exported(folder: str | os.PathLike) -> bool:
+    """True for a folder written by `export_diffusers`."""
+    folder = Path(folder)
+    return (folder / "model_index.json").is_file() and (folder / ENCODER_DIR / ENCODER_CONFIG).is_file()
+
+
+def load_exported(folder: str | os.PathLike):
+    """`(pipeline, control encoder, encoder config)` of an exported diffusers folder."""
+    from diffusers import StableDiffusionPipeline
+
+    if not is_exported(folder):
+        raise FileNotFoundError(f"'{folder}' is not an exported OFT-Control folder (model_index.json and "
+                                f"{ENCODER_DIR}/): {EXPORT_HINT}")
+    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    encoder, config = load_control_encoder(Path(folder) / ENCODER_DIR)
+    return pipe, encoder, config
+
+
+# ------------------------------------------------------------------------------------- peft adapter
+def export_peft(run: TrainedRun, folder: str | os.PathLike) -> Path:
+    """Write the UNet rotations as a peft adapter folder (`adapter_config.json`, `adapter_model.safetensors`).
+
+    COFT is off in the adapter: the exported rotations already satisfy the constraint, and peft would
+    re-project them with its own radius convention at every forward.
+    """
+    from safetensors.torch import save_file
+
+    from src.models.backbone import check_backbone
+
+    folder = Path(folder)
+    base = check_backbone(run.module.backbone_spec)
+    peft_config, state = peft_adapter(run.module.unet, run.module.oft_config, base)
+    peft_config.save_pretrained(str(folder))
+    save_file(state, folder / PEFT_WEIGHTS, metadata={"format": "pt"})
+    return folder
+
+
+WRITERS = {"diffusers": export_diffusers, "peft": export_peft, "control_encoder": export_control_encoder}
