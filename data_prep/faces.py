@@ -4,8 +4,9 @@ Reads every ``.jpg/.jpeg/.png/.webp/.bmp`` under ``--images`` (recursively; the 
 path relative to it, without extension). Captions come from ``--captions`` (a JSON file or a folder
 of ``{stem}.txt`` files, see ``data_prep.captions``), else ``--default-caption``.
 
-Landmarks are found with MediaPipe FaceMesh (478 points with irises) through controlnet-aux's
-``MediapipeFaceDetector`` machinery and drawn with its drawing specs, so ``landmarks.png`` looks like
+Landmarks are found with MediaPipe FaceMesh (478 points with irises) with controlnet-aux's
+``MediapipeFaceDetector`` settings (``src.data.annotators.detect_faces``, which the landmark metric uses
+too) and drawn with its drawing specs, so ``landmarks.png`` looks like
 ControlNet's face condition. As in controlnet-aux, the image is annotated at ``--detect-resolution``
 (shorter side) and faces smaller than its minimum face size (64 px there) are ignored; the drawing is
 then resized to the stored image (area when shrinking, linear when enlarging). ``landmarks.json``
@@ -20,9 +21,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 from dataclasses import asdict, dataclass
-from functools import lru_cache, partial
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from data_prep.captions import captions_digest, captions_for, load_captions
 from data_prep.images import load_rgb
 from data_prep.shards import SourceItem, add_writer_args, write_dataset
 from src.data import schema
+from src.data.annotators import detect_faces
 from src.data.transforms import resize_center_crop, resize_shorter
 
 DATASET = "faces"
@@ -76,26 +77,6 @@ def _mediapipe_face():
     from controlnet_aux.mediapipe_face import mediapipe_face_common
 
     return mediapipe_face_common
-
-
-@lru_cache(maxsize=4)
-def _face_mesh(max_faces: int, min_confidence: float, pid: int):
-    """One FaceMesh per process and setting (built on first use; ``pid`` keeps forks from sharing one)."""
-    mesh_module = _mediapipe_face().mp_face_mesh
-    return mesh_module.FaceMesh(static_image_mode=True, max_num_faces=max_faces, refine_landmarks=True,
-                                min_detection_confidence=min_confidence)
-
-
-def detect_faces(rgb: np.ndarray, max_faces: int = 1, min_confidence: float = 0.5) -> list[Any]:
-    """MediaPipe face landmark lists of the faces in ``rgb`` at least controlnet-aux's minimum size."""
-    found = _face_mesh(max_faces, min_confidence, os.getpid()).process(np.ascontiguousarray(rgb)).multi_face_landmarks
-    min_size, (height, width) = _mediapipe_face().min_face_size_pixels, rgb.shape[:2]
-    faces = []
-    for face in found or []:
-        xs, ys = [p.x for p in face.landmark], [p.y for p in face.landmark]
-        if min((max(xs) - min(xs)) * width, (max(ys) - min(ys)) * height) >= min_size:
-            faces.append(face)
-    return faces
 
 
 def render_faces(shape: tuple[int, ...], faces: list[Any]) -> np.ndarray:

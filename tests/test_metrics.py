@@ -139,6 +139,20 @@ def test_landmark_error_is_zero_on_itself_and_about_k_for_a_k_pixel_shift(astron
     assert summary["landmark_error_px"] == pytest.approx(np.mean([v["landmark_error_px"] for v in values]))
 
 
+@pytest.mark.filterwarnings("ignore:Overwriting .* in registry:UserWarning")
+def test_the_metric_detects_with_the_converters_detector(astronaut):
+    """The landmark metric finds the points the face converter stored, with controlnet-aux's face size limit."""
+    from controlnet_aux.mediapipe_face import mediapipe_face_common
+
+    from data_prep import faces
+    from src.data import annotators
+
+    assert annotators.MIN_FACE_SIZE == mediapipe_face_common.min_face_size_pixels
+    assert faces.detect_faces is annotators.detect_faces
+    _, _, stored = faces.annotate_landmarks(astronaut, faces.FaceOptions())
+    np.testing.assert_allclose(FaceLandmarker()(astronaut), np.array(stored[0]), atol=0.01)
+
+
 # --- quality metrics --------------------------------------------------------------------------------------
 class ChannelStats(nn.Module):
     """A custom FID feature extractor: per-channel mean and standard deviation of uint8 images."""

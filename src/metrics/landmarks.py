@@ -2,10 +2,9 @@
 (not a fixed reference face: the official script has that bug) and report the mean per-point distance in
 pixels of the evaluated image. Faces that are not found are counted, not scored.
 
-Detection is MediaPipe FaceMesh (478 points with irises) with the settings of controlnet-aux's
-`MediapipeFaceDetector`, which also made the shards' landmark conditions: static images, refined
-landmarks, detection confidence 0.5, the image annotated at 512 px (shorter side), faces under 64 px
-ignored. MediaPipe's model files ship inside its wheel, so this runs offline.
+Detection is `src.data.annotators.detect_faces`, the function that made the shards' landmark conditions
+(MediaPipe FaceMesh with controlnet-aux's `MediapipeFaceDetector` settings), with the converter's defaults:
+detection confidence 0.5, the image annotated at 512 px (shorter side), faces under 64 px ignored.
 """
 
 from __future__ import annotations
@@ -14,10 +13,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from src.data.annotators import MIN_FACE_SIZE, detect_faces
 from src.data.transforms import resize_shorter
 from src.metrics.base import EvalSample, Scorer, mean
-
-MIN_FACE_SIZE = 64  # controlnet-aux MediapipeFaceDetector's min_face_size_pixels
 
 
 def landmark_error(predicted: np.ndarray, target: np.ndarray) -> float:
@@ -42,28 +40,16 @@ class FaceLandmarker:
             raise ValueError(f"detect_resolution {detect_resolution} must be >= 1 and min_confidence "
                              f"{min_confidence} in [0, 1]")
         self.detect_resolution, self.min_confidence, self.min_face_size = detect_resolution, min_confidence, min_face_size
-        self._mesh = None
-
-    def _face_mesh(self):
-        if self._mesh is None:
-            import mediapipe as mp
-
-            self._mesh = mp.solutions.face_mesh.FaceMesh(
-                static_image_mode=True, max_num_faces=1, refine_landmarks=True,
-                min_detection_confidence=self.min_confidence)
-        return self._mesh
 
     def __call__(self, rgb: np.ndarray) -> np.ndarray | None:
         if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
             raise ValueError(f"landmark detection expects an RGB uint8 image, got {rgb.dtype} {rgb.shape}")
         detect = np.ascontiguousarray(resize_shorter(rgb, self.detect_resolution))
-        found = self._face_mesh().process(detect).multi_face_landmarks or []
-        for face in found:
-            points = np.array([[p.x, p.y] for p in face.landmark], dtype=np.float64)
-            extent = (points.max(0) - points.min(0)) * (detect.shape[1], detect.shape[0])
-            if extent.min() >= self.min_face_size:
-                return points * (rgb.shape[1], rgb.shape[0])
-        return None
+        faces = detect_faces(detect, 1, self.min_confidence, self.min_face_size)
+        if not faces:
+            return None
+        points = np.array([[p.x, p.y] for p in faces[0].landmark], dtype=np.float64)
+        return points * (rgb.shape[1], rgb.shape[0])
 
 
 class LandmarkScorer(Scorer):
