@@ -42,31 +42,62 @@ def _batch() -> dict:
             "key": ["k0", "k1", "k2"]}
 
 
-def _run(callback, module, batch_idx=0, sanity=False):
+def _run(callback, module, batches=1, sanity=False, batch=None):
     trainer = SimpleNamespace(sanity_checking=sanity)
-    callback.on_validation_batch_end(trainer, module, None, _batch(), batch_idx)
+    callback.on_validation_epoch_start(trainer, module)
+    for batch_idx in range(batches):
+        callback.on_validation_batch_end(trainer, module, None, batch or _batch(), batch_idx)
+    callback.on_validation_epoch_end(trainer, module)
 
 
 def test_canny_f1_is_one_for_the_targets_and_zero_for_blank_images():
     batch = _batch()
     perfect = FakeModule(lambda condition: (batch["image"][: len(condition)] + 1) / 2)
     _run(ControllabilityMetric("canny", max_images=2, num_inference_steps=3), perfect)
-    assert perfect.logged == {"val/canny_f1": 1.0, "val/canny_iou": 1.0}
+    assert perfect.logged["val/canny_f1"] == perfect.logged["val/canny_iou"] == 1.0
+    assert perfect.logged["val/canny_f1_chance"] < 0.5  # the same images against each other's (flipped) targets
     assert perfect.calls == [{"num_inference_steps": 3}]
     blank = FakeModule(lambda condition: torch.zeros(len(condition), 3, 64, 64))
     _run(ControllabilityMetric("canny"), blank)
-    assert blank.logged == {"val/canny_f1": 0.0, "val/canny_iou": 0.0} and blank.calls == [{}]
+    assert blank.logged == {"val/canny_f1": 0.0, "val/canny_iou": 0.0, "val/canny_f1_chance": 0.0}
+    assert blank.calls == [{}]
 
 
-def test_nothing_runs_outside_the_first_real_validation_batch_or_without_a_cheap_metric():
-    for callback, kwargs in [(ControllabilityMetric("canny"), {"batch_idx": 1}),
-                             (ControllabilityMetric("canny"), {"sanity": True}),
-                             (ControllabilityMetric("seg"), {})]:
-        module = FakeModule(lambda condition: pytest.fail("generated"))
+def test_images_are_collected_over_batches_up_to_max_images():
+    module = FakeModule(lambda condition: torch.zeros(len(condition), 3, 64, 64))
+    callback = ControllabilityMetric("canny", max_images=4)
+    _run(callback, module, batches=3)
+    assert len(module.calls) == 2  # 3 images from the first batch, 1 from the second, none from the third
+
+
+def test_nothing_runs_in_the_sanity_check_or_without_a_metric():
+    for callback, kwargs in [(ControllabilityMetric("canny"), {"sanity": True}), (ControllabilityMetric("seg"), {})]:
+        module = FakeModule(lambda condition: torch.zeros(len(condition), 3, 64, 64))
         _run(callback, module, **kwargs)
         assert module.logged == {}
     with pytest.raises(ValueError, match="unknown condition 'edges'"):
         ControllabilityMetric("edges")
+
+
+def _toy_batch(count: int = 6) -> dict:
+    from data_prep.toy_world import render, scene_at
+
+    scenes = [scene_at(3, i) for i in range(count)]
+    images = torch.stack([torch.from_numpy(render(s, 64)[0]).permute(2, 0, 1).float() / 255 for s in scenes])
+    return {"image": images * 2 - 1, "condition": torch.rand(count, 3, 64, 64),
+            "caption": [s.caption for s in scenes], "key": [f"k{i}" for i in range(count)]}
+
+
+def test_toy_captions_add_caption_fidelity_and_segmentation_miou_above_chance():
+    batch = _toy_batch()
+    module = FakeModule(lambda condition: (batch["image"][: len(condition)] + 1) / 2)
+    _run(ControllabilityMetric("seg"), module, batch=batch)
+    logged = module.logged
+    assert logged["val/caption_colour_acc"] == logged["val/caption_shape_acc"] == 1.0
+    assert logged["val/seg_miou"] > 0.9 and logged["val/seg_miou_chance"] < 0.5
+    flipped = FakeModule(lambda condition: (batch["image"][: len(condition)].flip(-1) + 1) / 2)
+    _run(ControllabilityMetric("seg"), flipped, batch=batch)
+    assert flipped.logged["val/seg_miou"] < logged["val/seg_miou"]
 
 
 @pytest.mark.parametrize("task", TASKS)

@@ -1,10 +1,18 @@
-"""A cheap controllability metric during training, logged beside the validation loss.
+"""A cheap controllability metric during training, logged beside the validation loss, with its chance level.
 
-At each validation the module generates from the first few samples of the first validation batch (with its
-own `generate`: the validation sampler and seed) and scores the images against their targets with the
-evaluation's metric: canny F1 and IoU for canny (`val/canny_f1`, `val/canny_iou`), landmark error and face
-detection rate for landmarks (`val/landmark_error_px`, `val/landmark_detection_rate`). Segmentation needs a
-pretrained segmenter, too heavy for a training loop: run `python -m src.evaluate` on checkpoints instead.
+At each validation the module generates from the first `max_images` validation samples (with its own
+`generate`: the validation sampler and seed; the first batch's images are the ones the sample grid shows)
+and scores them with the evaluation's metric:
+
+- canny: F1 and IoU of `Canny(100, 200)` edges against the targets' (`val/canny_f1`, `val/canny_iou`), and the
+  same images against the other samples' targets (`val/canny_f1_chance`: what an image that ignores its
+  condition scores);
+- landmarks: landmark error and face detection rate (`val/landmark_error_px`, `val/landmark_detection_rate`);
+- segmentation, when the captions are toy-world captions: the toy judge's shape mIoU of the generated images
+  against the targets' class maps (`val/seg_miou`, chance `val/seg_miou_chance`; real datasets need a
+  pretrained segmenter, too heavy for a training loop: run `python -m src.evaluate` on checkpoints);
+- and for every task, when the captions are toy-world captions, the toy judge's caption fidelity
+  (`val/caption_colour_acc`, `val/caption_shape_acc`, `val/caption_object_acc`).
 """
 
 from __future__ import annotations
@@ -13,8 +21,8 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
-import torch
 
 from src.data.schema import condition_spec
 from src.metrics import CannyScorer, EvalSample, LandmarkScorer, Scorer
@@ -29,47 +37,94 @@ CHEAP_METRICS: dict[str, tuple[Callable[[], Scorer], tuple[str, ...]]] = {
 }
 
 
-def controllability(generated: torch.Tensor, targets: torch.Tensor, condition: str,
-                    keys: list[str] | None = None) -> dict[str, float]:
-    """The cheap metric of `condition` for generated and target images `[N, 3, H, W]` in [0, 1]."""
-    factory, logged = CHEAP_METRICS[condition]
-    scorer = factory()
-    keys = keys or [str(i) for i in range(len(targets))]
-    samples = [EvalSample(key, "", target) for key, target in zip(keys, to_uint8(targets), strict=True)]
-    scorer.score_batch(to_uint8(generated), samples)
-    return {name: value for name, value in scorer.summary().items() if name in logged}
+def _others(images: list[np.ndarray]) -> list[np.ndarray]:
+    """Each position paired with another sample's image (a cyclic shift): the chance-level pairing."""
+    return images[1:] + images[:1]
+
+
+def toy_metrics(generated: list[np.ndarray], targets: list[np.ndarray], captions: list[str],
+                condition: str) -> dict[str, float]:
+    """The toy judge's caption fidelity and (segmentation) shape mIoU with its chance level; {} if the
+    captions are not toy-world captions."""
+    from data_prep.toy_world import parse_caption
+    from src.metrics import toy
+
+    try:
+        for caption in captions:
+            parse_caption(caption)
+    except ValueError:
+        return {}
+    fidelity = toy.caption_fidelity(generated, captions)
+    values = {f"caption_{k}": fidelity[k] for k in ("colour_acc", "shape_acc", "object_acc")}
+    if condition == "seg" and len(generated) > 1:
+        predicted, labels = [toy.segment(g) for g in generated], [toy.segment(t) for t in targets]
+        values["seg_miou"] = toy.shape_miou(predicted, labels)
+        values["seg_miou_chance"] = toy.shape_miou(predicted, _others(labels))
+    return values
 
 
 class ControllabilityMetric(pl.Callback):
-    """Logs `val/<metric>` of the task's cheap controllability metric at every validation.
+    """Logs `val/<metric>` of the task's cheap controllability metric (and its chance level) at every validation.
 
     Args:
-        condition: the task's condition (`${task.condition}`); conditions without a cheap metric log nothing.
-        max_images: how many samples of the first validation batch are generated and scored.
+        condition: the task's condition (`${task.condition}`).
+        max_images: how many validation samples (from the first batches) are generated and scored.
         num_inference_steps: sampling steps, None for the module's validation sampler setting.
     """
 
-    def __init__(self, condition: str, max_images: int = 4, num_inference_steps: int | None = None) -> None:
+    def __init__(self, condition: str, max_images: int = 16, num_inference_steps: int | None = None) -> None:
         condition_spec(condition)
         if max_images < 1:
             raise ValueError(f"max_images must be >= 1, got {max_images}")
         self.condition, self.max_images, self.num_inference_steps = condition, max_images, num_inference_steps
-        if condition not in CHEAP_METRICS:
-            log.info("no cheap controllability metric for condition '%s'; use python -m src.evaluate", condition)
+        self._reset()
+
+    def _reset(self) -> None:
+        self.generated: list[np.ndarray] = []
+        self.targets: list[np.ndarray] = []
+        self.captions: list[str] = []
+        self.keys: list[str] = []
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._reset()
 
     def on_validation_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        if batch_idx != 0 or trainer.sanity_checking or self.condition not in CHEAP_METRICS:
+        n = min(self.max_images - len(self.generated), len(batch["caption"]))
+        if trainer.sanity_checking or n <= 0:
             return
-        n = min(self.max_images, len(batch["caption"]))
         if self.num_inference_steps:  # a sampler of its own: generate separately
             generated = pl_module.generate(batch["condition"][:n], batch["caption"][:n],
                                            num_inference_steps=self.num_inference_steps)
-        else:  # the validation generations the sample grid shows, drawn once
+        else:  # the validation generations the sample grid shows (batch 0), drawn once
             generated = pl_module.validation_samples(batch, n)
-        targets = (batch["image"][:n].float() + 1) / 2
-        values = controllability(generated, targets, self.condition, list(batch.get("key", []))[:n] or None)
+        self.generated += to_uint8(generated)
+        self.targets += to_uint8((batch["image"][:n].float() + 1) / 2)
+        self.captions += list(batch["caption"][:n])
+        self.keys += [str(k) for k in list(batch.get("key", []))[:n]]
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or not self.generated:
+            return
+        values = self.scores()
         pl_module.log_dict({f"val/{k}": float(v) for k, v in values.items()}, on_step=False, on_epoch=True,
-                           batch_size=n, sync_dist=True)
+                           batch_size=len(self.generated), sync_dist=True)
+        self._reset()
+
+    def scores(self) -> dict[str, float]:
+        """Every metric of the collected generations (see the module docstring)."""
+        values: dict[str, float] = {}
+        if self.condition in CHEAP_METRICS:
+            values |= self._score(self.targets)
+            if self.condition == "canny" and len(self.targets) > 1:
+                values["canny_f1_chance"] = self._score(_others(self.targets))["canny_f1"]
+        return values | toy_metrics(self.generated, self.targets, self.captions, self.condition)
+
+    def _score(self, targets: list[np.ndarray]) -> dict[str, float]:
+        factory, logged = CHEAP_METRICS[self.condition]
+        scorer = factory()
+        keys = self.keys if len(self.keys) == len(targets) else [str(i) for i in range(len(targets))]
+        scorer.score_batch(self.generated, [EvalSample(k, "", t) for k, t in zip(keys, targets, strict=True)])
+        return {name: value for name, value in scorer.summary().items() if name in logged}

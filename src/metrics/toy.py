@@ -155,3 +155,13 @@ def backbone_fidelity(folder: str | Path, count: int = 48, seed: int = 0, steps:
         **{f"single_{k}": round(v, 3) for k, v in own.items()},
         **{f"single_{k}_shuffled": round(v, 3) for k, v in chance.items()},
     }
+
+
+def shape_miou(predicted: Sequence[np.ndarray], labels: Sequence[np.ndarray]) -> float:
+    """mIoU over the shape classes (1 circle, 2 square, 3 triangle), pixels pooled over images; every
+    pixel counts, so shapes drawn on the background are false positives."""
+    from src.metrics.segmentation import confusion_matrix, mean_iou
+
+    total = sum(confusion_matrix(p, t, len(SHAPES) + 1) for p, t in zip(predicted, labels, strict=True))
+    _, iou = mean_iou(total)
+    return float(np.nanmean(iou[1:])) if np.any(~np.isnan(iou[1:])) else float("nan")
