@@ -34,7 +34,7 @@ import numpy as np
 from data_prep.captions import captions_digest, captions_for, load_captions
 from data_prep.images import load_labels, load_rgb
 from data_prep.shards import SourceItem, add_writer_args, write_dataset
-from src.data import ade20k, schema
+from src.data import palette, schema
 from src.data.transforms import resize_center_crop
 
 DATASET = "ade20k"
@@ -82,20 +82,20 @@ def annotate_seg(rgb: np.ndarray, labels: np.ndarray, options: SegOptions) -> tu
     """Stored image, class indices (uint8) and colour map, resized/cropped together if asked."""
     if labels.shape != rgb.shape[:2]:
         raise schema.SampleError("size_mismatch", f"image {rgb.shape[:2]} vs annotation {labels.shape}")
-    if labels.size and int(labels.max()) > ade20k.N_CLASSES:
+    if labels.size and int(labels.max()) > palette.N_CLASSES:
         raise schema.SampleError("label_out_of_range", f"max label {int(labels.max())}")
     labels = labels.astype(np.uint8)
     if options.resolution is not None:
         rgb = resize_center_crop(rgb, options.resolution)
         labels = resize_center_crop(labels, options.resolution, "nearest")
-    return rgb, labels, ade20k.colorize(labels)
+    return rgb, labels, palette.colorize(labels)
 
 
 def make_seg_sample(item: SourceItem, options: SegOptions) -> dict[str, bytes]:
     """Schema members (jpg, txt, json, seg.png, seglabel.png) of one ADE20K image."""
     info: AdeImage = item.payload
     rgb, labels, seg = annotate_seg(load_rgb(info.image), load_labels(info.annotation), options)
-    captions = info.captions or (ade20k.classes_caption(labels, options.max_caption_classes),)
+    captions = info.captions or (palette.classes_caption(labels, options.max_caption_classes),)
     meta = {
         "source": DATASET, "source_id": item.source_id, "folder": info.folder,
         "width": rgb.shape[1], "height": rgb.shape[0], "resolution": options.resolution,

@@ -16,7 +16,7 @@ from data_prep import ade20k as ade_prep
 from data_prep import demo, faces
 from data_prep.assets import skimage_photo
 from data_prep.demo_faces import face_variant
-from src.data import ade20k, schema
+from src.data import palette, schema
 from src.data.datamodule import ShardDataModule
 from src.data.pipeline import to_model_inputs
 
@@ -79,12 +79,12 @@ def test_ade20k_members_labels_palette_and_skips(ade_root: Path, tmp_path: Path)
         source = np.asarray(Image.open(ade_root / "annotations" / folder / f"{meta['source_id']}.png"))
         labels = _png(members["seglabel.png"])
         np.testing.assert_array_equal(labels, source)
-        np.testing.assert_array_equal(_png(members["seg.png"])[..., ::-1], ade20k.colorize(labels))
+        np.testing.assert_array_equal(_png(members["seg.png"])[..., ::-1], palette.colorize(labels))
         caption = members["txt"].decode()
         if meta["source_id"] == "ADE_train_00000002":
             assert caption == "a captioned scene" and meta["caption_source"] == "file"
         else:
-            assert caption == ade20k.classes_caption(labels) and meta["caption_source"] == "classes"
+            assert caption == palette.classes_caption(labels) and meta["caption_source"] == "classes"
 
 
 def test_ade20k_resized_labels_stay_exact(ade_root: Path, tmp_path: Path) -> None:
@@ -92,7 +92,7 @@ def test_ade20k_resized_labels_stay_exact(ade_root: Path, tmp_path: Path) -> Non
     for members in _samples(tmp_path / "seg").values():
         labels = _png(members["seglabel.png"])
         assert labels.shape == (24, 24)
-        np.testing.assert_array_equal(_png(members["seg.png"])[..., ::-1], ade20k.colorize(labels))
+        np.testing.assert_array_equal(_png(members["seg.png"])[..., ::-1], palette.colorize(labels))
 
 
 def test_seg_condition_through_datamodule_keeps_palette_colours(ade_root: Path, tmp_path: Path) -> None:
@@ -100,7 +100,7 @@ def test_seg_condition_through_datamodule_keeps_palette_colours(ade_root: Path, 
     dm = ShardDataModule(str(tmp_path / "seg" / "train-*.tar"), str(tmp_path / "seg" / "val-*.tar"),
                          condition="seg", resolution=16, batch_size=2, val_batch_size=2)
     dm.setup()
-    colours = {tuple(c) for c in ade20k.palette_lut().tolist()}
+    colours = {tuple(c) for c in palette.palette_lut().tolist()}
     for batch in list(dm.val_dataloader()) + list(dm.train_dataloader()):
         condition = to_model_inputs(batch)["condition"]  # the loader's uint8 as the model sees it
         pixels = (condition.permute(0, 2, 3, 1) * 255).round().int().reshape(-1, 3).tolist()
@@ -110,9 +110,9 @@ def test_seg_condition_through_datamodule_keeps_palette_colours(ade_root: Path, 
 def test_classes_caption() -> None:
     labels = np.zeros((10, 10), np.uint8)
     labels[:6], labels[6:], labels[9, 9] = 3, 2, 7  # sky, building, one pixel of road
-    assert ade20k.classes_caption(labels) == "a photo of sky, building and road"
-    assert ade20k.classes_caption(labels, min_share=0.05) == "a photo of sky and building"
-    assert ade20k.classes_caption(np.zeros((4, 4), np.uint8)) == "a photo"
+    assert palette.classes_caption(labels) == "a photo of sky, building and road"
+    assert palette.classes_caption(labels, min_share=0.05) == "a photo of sky and building"
+    assert palette.classes_caption(np.zeros((4, 4), np.uint8)) == "a photo"
 
 
 # -------------------------------------------------------------------------------------- faces
@@ -155,7 +155,7 @@ def test_face_drawing_matches_controlnet_aux_and_palette_matches(faces_dir: Path
     rgb = skimage_photo("astronaut.png")
     ours = faces.render_faces(rgb.shape, faces.detect_faces(rgb))
     np.testing.assert_array_equal(ours, generate_annotation(rgb, 1, 0.5))
-    assert [list(c) for c in ade20k.ADE20K_PALETTE] == ade_palette()
+    assert [list(c) for c in palette.ADE20K_PALETTE] == ade_palette()
 
 
 def test_landmarks_are_never_flipped(tmp_path: Path) -> None:

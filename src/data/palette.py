@@ -1,4 +1,4 @@
-"""ADE20K (SceneParsing, 150 classes) metadata: class names, the colour palette, colourising labels.
+"""The ADE20K colour palette (SceneParsing, 150 classes): class names, colours, colourising label maps.
 
 Label maps hold 0 ("other"/unlabelled) and 1..150. ControlNet's segmentation condition colours a
 class with the ADE20K palette that controlnet-aux ships (``controlnet_aux.util.ade_palette()``, one
