@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import io
+import tarfile
 from pathlib import Path
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+RES = 64  # the demo shards' stored resolution
+STEPS = 2  # sampling steps in tests: enough to run the scheduler loop and the guidance branches
 
 
-def compose_config(*overrides: str, output_dir: Path | None = None):
-    """Compose conf/train.yaml as `python -m src.train` would, with the Hydra runtime config set."""
+# ----------------------------------------------------------------------------------------------- configs
+def compose_config(*overrides: str, name: str = "train", output_dir: Path | None = None):
+    """Compose `conf/<name>.yaml` as `python -m src.<name>` would, with the Hydra runtime config set.
+
+    `output_dir` is where the run writes: `paths.output_dir` for training, `out_dir` for generate/evaluate.
+    """
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
@@ -16,9 +24,108 @@ def compose_config(*overrides: str, output_dir: Path | None = None):
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
+        cfg = compose(name, overrides=list(overrides), return_hydra_config=True)
     if output_dir is not None:
         with open_dict(cfg):
-            cfg.paths.output_dir = str(output_dir)
+            if "paths" in cfg:
+                cfg.paths.output_dir = str(output_dir)
+            else:
+                cfg.out_dir = str(output_dir)
     HydraConfig.instance().set_config(cfg)
     return cfg
+
+
+# ----------------------------------------------------------------------------------------------- shards
+class PickleTrap:
+    """Unpickling this object creates a file: proof that something unpickled it."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def write_shard(path: Path, samples: dict[str, dict[str, bytes]]) -> None:
+    """A tar shard of `{key: {member extension: bytes}}`, written with the standard library only."""
+    with tarfile.open(path, "w") as tar:
+        for key, members in samples.items():
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def read_shard(path: Path) -> dict[str, dict[str, bytes]]:
+    """`{key: {member extension: bytes}}` of a shard, read with the standard library only."""
+    samples: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(path) as tar:
+        for info in tar.getmembers():
+            key, _, ext = info.name.partition(".")
+            samples.setdefault(key, {})[ext] = tar.extractfile(info).read()
+    return samples
+
+
+def read_shards(directory: Path, pattern: str = "*.tar") -> dict[str, dict[str, bytes]]:
+    """The samples of every shard in `directory` matching `pattern`, in shard order."""
+    return {k: v for path in sorted(directory.glob(pattern)) for k, v in read_shard(path).items()}
+
+
+def good_members(seed: int) -> dict[str, bytes]:
+    """The members of a valid canny sample at `RES` px (random image, its edges, a caption)."""
+    import cv2
+    import numpy as np
+
+    from src.data import schema
+
+    rgb = np.random.default_rng(seed).integers(0, 255, (RES, RES, 3), dtype=np.uint8)
+    edges = cv2.Canny(rgb, 100, 200)
+    return {"jpg": schema.encode_member("jpg", rgb), "txt": f"caption {seed}".encode(),
+            "json": b"{}", "canny.png": schema.encode_member("canny.png", edges)}
+
+
+def make_datamodule(train, val=None, **kw):
+    """A canny `ShardDataModule` at `RES` px without workers, set up for fitting."""
+    from src.data.datamodule import ShardDataModule
+
+    defaults = dict(condition="canny", resolution=RES, batch_size=4, val_batch_size=3, num_workers=0,
+                    shuffle_buffer=8, seed=0)
+    dm = ShardDataModule(train, val, **{**defaults, **kw})
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+# ----------------------------------------------------------------------------------------------- runs
+def make_trained_run(out: Path, *overrides: str) -> Path:
+    """A run directory as `python -m src.train` leaves it, with perturbed trained tensors instead of training:
+    `config.yaml` plus `checkpoints/last.ckpt` written through the module's own checkpoint hook."""
+    import torch
+    from hydra.utils import instantiate
+
+    from src.models.run import write_run_config
+    from src.oft import project_coft_
+
+    cfg = compose_config("debug=default", *overrides, output_dir=out)
+    module = instantiate(cfg.module)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            if param.requires_grad:
+                param.add_(torch.randn(param.shape, generator=generator) * (0.05 if "oft" in name else 0.02))
+    project_coft_(module.unet)
+    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    write_run_config(cfg, out)
+    checkpoint = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, out / "checkpoints" / "last.ckpt")
+    return out
+
+
+def demo_inputs(n: int = 2):
+    """The first `n` validation samples of the canny demo shards, as generation inputs."""
+    from data_prep.demo import build_demo
+    from src.data.inputs import collect_inputs
+
+    shards = build_demo("canny", Path(compose_config().paths.data_dir) / "demo")
+    return collect_inputs(str(shards / "val-*.tar"), "canny", RES, limit=n)

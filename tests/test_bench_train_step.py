@@ -18,6 +18,8 @@ from benchmarks import train_step as bench
 from src.oft import oft_layers, project_coft_
 from src.oft.peft_compat import skew_sign
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # one torch thread, as the benchmark is recorded
+
 ROOT = Path(__file__).resolve().parents[1]
 SD15_PAPER_DOF = 13_144_928  # the official OFT README's r=4 row, checked in tests/test_oft_inject.py
 
@@ -36,15 +38,6 @@ def _targets(unet: nn.Module) -> list[nn.Linear]:
 
 def _encoder_params(setup: bench.Setup) -> int:
     return sum(p.numel() for p in setup.modules["encoder"].parameters())
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread, as the benchmark is recorded: two threads stall each other on a loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

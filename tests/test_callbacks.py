@@ -68,21 +68,9 @@ def test_energy_drift_on_a_neuron_subset_is_zero_for_exact_cayley_and_catches_a_
     assert not monitor.due(6)  # gradient accumulation: several batch ends share one optimizer step
 
 
-def test_validation_generations_are_drawn_once_and_shared(config_factory, tmp_path):
+def test_validation_generations_are_drawn_once_and_shared(short_fit):
     """The sample grid and the controllability metric look at the same generations, sampled once per validation."""
-    from src.train import build_run
-
-    out = tmp_path / "run"
-    run = build_run(config_factory("debug=default", output_dir=out))
-    calls = []
-    real_generate = run.module.generate
-
-    def counting_generate(*args, **kwargs):
-        calls.append(run.module.global_step)
-        return real_generate(*args, **kwargs)
-
-    run.module.generate = counting_generate
-    run.trainer.fit(run.module, datamodule=run.datamodule)
+    out, run, calls = short_fit.out, short_fit.run, short_fit.generate_steps
     assert calls == [2, 4]  # debug=default validates at steps 2 and 4
     assert len(list((out / "samples").glob("step_*.png"))) == 2
     assert "val/canny_f1" in run.trainer.callback_metrics

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 import webdataset as wds
+from helpers import read_shard
 from PIL import Image
 
 from data_prep import coco
@@ -67,16 +67,6 @@ def _convert(root: Path, out: Path, **kw):
     return coco.convert(root / "train2017", root / "annotations" / "captions_train2017.json", out, **kw)
 
 
-def _read_tar(path: Path) -> dict[str, dict[str, bytes]]:
-    """Samples of a shard read with the standard library only."""
-    samples: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(path) as tar:
-        for info in tar.getmembers():
-            key, _, ext = info.name.partition(".")
-            samples.setdefault(key, {})[ext] = tar.extractfile(info).read()
-    return samples
-
-
 def _file_states(out: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(out)): (p.stat().st_mtime_ns, p.stat().st_ino) for p in out.rglob("*")}
 
@@ -86,7 +76,7 @@ def test_shards_layout_members_and_summary(coco_root: Path, tmp_path: Path) -> N
     summary = _convert(coco_root, out)
     names = sorted(p.name for p in out.glob("*.tar"))
     assert names == ["train-000000.tar", "train-000001.tar", "train-000002.tar", "val-000000.tar"]
-    per_shard = {name: _read_tar(out / name) for name in names}
+    per_shard = {name: read_shard(out / name) for name in names}
     samples = {k: v for shard in per_shard.values() for k, v in shard.items()}
     assert len(samples) == summary["written"] == N_GOOD
     assert all(set(members) == MEMBERS for members in samples.values())
@@ -118,7 +108,7 @@ def test_canny_is_bit_exact_on_the_pre_encoding_image(coco_root: Path, tmp_path:
     out = tmp_path / "shards"
     _convert(coco_root, out, options=coco.CannyOptions(resolution=resolution))
     for shard in out.glob("*.tar"):
-        for members in _read_tar(shard).values():
+        for members in read_shard(shard).values():
             meta = json.loads(members["json"])
             rgb = np.asarray(Image.open(coco_root / "train2017" / meta["file_name"]).convert("RGB"))
             if resolution is not None:

@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
-import io
 import os
 import pickle
-import tarfile
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 import torch
+from helpers import RES, PickleTrap, good_members, make_datamodule, read_shards, write_shard
 
 from data_prep.demo import build_demo
 from src.data import schema
 from src.data.datamodule import ShardDataModule
 from src.data.pipeline import resolve_shards, to_model_inputs
-
-RES = 64  # the demo's stored resolution
 
 
 @pytest.fixture(scope="module")
@@ -26,32 +23,14 @@ def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_demo("canny", tmp_path_factory.mktemp("demo"))
 
 
-def _shard_samples(path: Path) -> dict[str, dict[str, bytes]]:
-    samples: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(path) as tar:
-        for info in tar.getmembers():
-            key, _, ext = info.name.partition(".")
-            samples.setdefault(key, {})[ext] = tar.extractfile(info).read()
-    return samples
-
-
-def _all_samples(directory: Path, split: str) -> dict[str, dict[str, bytes]]:
-    return {k: v for p in sorted(directory.glob(f"{split}-*.tar")) for k, v in _shard_samples(p).items()}
-
-
-def _datamodule(train, val=None, **kw) -> ShardDataModule:
-    defaults = dict(condition="canny", resolution=RES, batch_size=4, val_batch_size=3, num_workers=0,
-                    shuffle_buffer=8, seed=0)
-    dm = ShardDataModule(train, val, **{**defaults, **kw})
-    dm.prepare_data()
-    dm.setup("fit")
-    return dm
+def _split_samples(directory: Path, split: str) -> dict[str, dict[str, bytes]]:
+    return read_shards(directory, f"{split}-*.tar")
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_val_round_trip_every_sample_once(demo_dir: Path, num_workers: int) -> None:
-    expected = _all_samples(demo_dir, "val")
-    dm = _datamodule(demo_dir / "train-*.tar", str(demo_dir / "val-*.tar"), num_workers=num_workers)
+    expected = _split_samples(demo_dir, "val")
+    dm = make_datamodule(demo_dir / "train-*.tar", str(demo_dir / "val-*.tar"), num_workers=num_workers)
     batches = list(dm.val_dataloader())
     keys = [k for b in batches for k in b["key"]]
     assert sorted(keys) == sorted(expected) and len(keys) == len(set(keys)) == 8
@@ -73,8 +52,8 @@ def test_val_round_trip_every_sample_once(demo_dir: Path, num_workers: int) -> N
 
 
 def test_train_flip_and_crop_are_paired(demo_dir: Path) -> None:
-    expected = _all_samples(demo_dir, "train")
-    dm = _datamodule(str(demo_dir / "train-*.tar"), random_flip=True)
+    expected = _split_samples(demo_dir, "train")
+    dm = make_datamodule(str(demo_dir / "train-*.tar"), random_flip=True)
     flips = set()
     for batch in dm.train_dataloader():
         for i, key in enumerate(batch["key"]):
@@ -93,7 +72,7 @@ def test_train_flip_and_crop_are_paired(demo_dir: Path) -> None:
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_resampled_epoch_has_exact_batch_count(demo_dir: Path, num_workers: int) -> None:
-    dm = _datamodule(demo_dir, resampled=True, epoch_samples=40, batch_size=4, num_workers=num_workers,
+    dm = make_datamodule(demo_dir, resampled=True, epoch_samples=40, batch_size=4, num_workers=num_workers,
                      resolution=32)
     assert dm.batches_per_epoch() == 10
     for _ in range(2):
@@ -102,9 +81,9 @@ def test_resampled_epoch_has_exact_batch_count(demo_dir: Path, num_workers: int)
 
 
 def test_non_resampled_train_is_one_pass(demo_dir: Path) -> None:
-    dm = _datamodule(str(demo_dir / "train-*.tar"), batch_size=4, num_workers=2)
+    dm = make_datamodule(str(demo_dir / "train-*.tar"), batch_size=4, num_workers=2)
     keys = [k for b in dm.train_dataloader() for k in b["key"]]
-    assert sorted(keys) == sorted(_all_samples(demo_dir, "train"))
+    assert sorted(keys) == sorted(_split_samples(demo_dir, "train"))
 
 
 def test_prepare_builds_before_setup_resolves(tmp_path: Path) -> None:
@@ -131,7 +110,7 @@ def test_relative_specs_resolve_against_root(demo_dir: Path) -> None:
     assert resolve_shards("val-*.tar", root=str(demo_dir)) == [str(demo_dir / "val-000000.tar")]
     absolute = str(demo_dir / "train-000000.tar")
     assert resolve_shards(absolute, root="/elsewhere") == [absolute]
-    dm = _datamodule("train-*.tar", "val-000000.tar", root=str(demo_dir))
+    dm = make_datamodule("train-*.tar", "val-000000.tar", root=str(demo_dir))
     assert len(dm.train_urls) == 2 and len(dm.val_urls) == 1
 
 
@@ -150,47 +129,21 @@ def test_constructor_rejects_bad_values(demo_dir: Path) -> None:
 
 
 # ---------------------------------------------------------------------- bad samples and pickles
-class _Trap:
-    """Unpickling this object creates a file: proof that something unpickled it."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
-
-
-def _write_shard(path: Path, samples: dict[str, dict[str, bytes]]) -> None:
-    with tarfile.open(path, "w") as tar:
-        for key, members in samples.items():
-            for ext, data in members.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-
-
-def _good_members(seed: int) -> dict[str, bytes]:
-    rgb = np.random.default_rng(seed).integers(0, 255, (RES, RES, 3), dtype=np.uint8)
-    edges = cv2.Canny(rgb, 100, 200)
-    return {"jpg": schema.encode_member("jpg", rgb), "txt": f"caption {seed}".encode(),
-            "json": b"{}", "canny.png": schema.encode_member("canny.png", edges)}
-
-
 def test_pickles_are_never_loaded_and_bad_samples_are_counted(tmp_path: Path) -> None:
     trap = tmp_path / "unpickled"
-    payload = pickle.dumps(_Trap(str(trap)))
+    payload = pickle.dumps(PickleTrap(str(trap)))
     pickle.loads(payload)  # the trap works...
     assert trap.exists()
     trap.unlink()  # ...and is reset before reading shards
-    good = _good_members(0)
+    good = good_members(0)
     samples = {
         "good": {**good, "pyd": payload, "pickle": payload},
-        "nocanny": {k: v for k, v in _good_members(1).items() if k != "canny.png"},
-        "badjpg": {**_good_members(2), "jpg": b"\xff\xd8 not really a jpeg \xff\xd9"},
+        "nocanny": {k: v for k, v in good_members(1).items() if k != "canny.png"},
+        "badjpg": {**good_members(2), "jpg": b"\xff\xd8 not really a jpeg \xff\xd9"},
         "onlypickle": {"pyd": payload},
     }
-    _write_shard(tmp_path / "bad-000000.tar", samples)
-    dm = _datamodule(str(tmp_path / "bad-000000.tar"), str(tmp_path / "bad-000000.tar"))
+    write_shard(tmp_path / "bad-000000.tar", samples)
+    dm = make_datamodule(str(tmp_path / "bad-000000.tar"), str(tmp_path / "bad-000000.tar"))
     keys = [k for b in dm.val_dataloader() for k in b["key"]] + [k for b in dm.train_dataloader() for k in b["key"]]
     assert keys == ["good"]  # the train batch of 4 is incomplete, so it is dropped
     assert not trap.exists()
@@ -201,11 +154,11 @@ def test_pickles_are_never_loaded_and_bad_samples_are_counted(tmp_path: Path) ->
 
 
 def test_truncated_shard_is_counted_and_other_shards_still_read(tmp_path: Path) -> None:
-    _write_shard(tmp_path / "ok-000000.tar", {f"k{i}": _good_members(i) for i in range(3)})
-    _write_shard(tmp_path / "ok-000001.tar", {f"t{i}": _good_members(10 + i) for i in range(3)})
+    write_shard(tmp_path / "ok-000000.tar", {f"k{i}": good_members(i) for i in range(3)})
+    write_shard(tmp_path / "ok-000001.tar", {f"t{i}": good_members(10 + i) for i in range(3)})
     data = (tmp_path / "ok-000001.tar").read_bytes()
     (tmp_path / "ok-000001.tar").write_bytes(data[: len(data) // 2 + 100])
-    dm = _datamodule(str(tmp_path / "ok-*.tar"), str(tmp_path / "ok-*.tar"))
+    dm = make_datamodule(str(tmp_path / "ok-*.tar"), str(tmp_path / "ok-*.tar"))
     keys = [k for b in dm.val_dataloader() for k in b["key"]]
     assert keys[:3] == ["k0", "k1", "k2"] and set(keys) < {"k0", "k1", "k2", "t0", "t1", "t2"}
     assert dm.val_skips.counts["shard_read_error"] >= 1  # webdataset may report one broken tar twice

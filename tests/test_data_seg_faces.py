@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import io
 import json
-import tarfile
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+from helpers import read_shards, write_shard
 from PIL import Image
 
 from data_prep import ade20k as ade_prep
@@ -22,16 +21,6 @@ from src.data.pipeline import to_model_inputs
 
 # importing controlnet-aux registers timm models twice and says so; that is not ours to fix
 pytestmark = pytest.mark.filterwarnings("ignore:Overwriting .* in registry:UserWarning")
-
-
-def _samples(directory: Path, pattern: str = "*.tar") -> dict[str, dict[str, bytes]]:
-    samples: dict[str, dict[str, bytes]] = {}
-    for shard in sorted(directory.glob(pattern)):
-        with tarfile.open(shard) as tar:
-            for info in tar.getmembers():
-                key, _, ext = info.name.partition(".")
-                samples.setdefault(key, {})[ext] = tar.extractfile(info).read()
-    return samples
 
 
 def _png(data: bytes) -> np.ndarray:
@@ -72,7 +61,7 @@ def test_ade20k_members_labels_palette_and_skips(ade_root: Path, tmp_path: Path)
     summary = ade_prep.convert(ade_root, out, captions=tmp_path / "captions.json", shard_size=3)
     assert summary["skipped"] == {"label_out_of_range": 1, "missing_annotation": 1, "size_mismatch": 1}
     assert summary["splits"]["train"]["samples"] == 4 and summary["splits"]["val"]["samples"] == 2
-    for members in _samples(out).values():
+    for members in read_shards(out).values():
         assert set(members) == {"jpg", "txt", "json", "seg.png", "seglabel.png"}
         meta = json.loads(members["json"])
         folder = meta["folder"]
@@ -89,7 +78,7 @@ def test_ade20k_members_labels_palette_and_skips(ade_root: Path, tmp_path: Path)
 
 def test_ade20k_resized_labels_stay_exact(ade_root: Path, tmp_path: Path) -> None:
     ade_prep.convert(ade_root, tmp_path / "seg", options=ade_prep.SegOptions(resolution=24))
-    for members in _samples(tmp_path / "seg").values():
+    for members in read_shards(tmp_path / "seg").values():
         labels = _png(members["seglabel.png"])
         assert labels.shape == (24, 24)
         np.testing.assert_array_equal(_png(members["seg.png"])[..., ::-1], palette.colorize(labels))
@@ -136,7 +125,7 @@ def test_faces_members_points_and_skips(faces_dir: Path, tmp_path: Path) -> None
     summary = faces.convert(faces_dir, out, captions=tmp_path / "captions", val_fraction=0.0,
                             options=faces.FaceOptions(resolution=64))
     assert summary["written"] == 3 and summary["skipped"] == {"no_face": 1, "unreadable_image": 1}
-    for key, members in _samples(out).items():
+    for key, members in read_shards(out).items():
         assert set(members) == {"jpg", "txt", "json", "landmarks.png", "landmarks.json"}
         points = np.asarray(json.loads(members["landmarks.json"])["faces"][0])
         assert points.shape == (478, 2) and (points >= 0).all() and (points <= 64).all()
@@ -163,11 +152,7 @@ def test_landmarks_are_never_flipped(tmp_path: Path) -> None:
     drawing = np.zeros((16, 16, 3), np.uint8)
     drawing[:, :4] = (10, 200, 250)  # something on the left only
     members["landmarks.png"] = schema.encode_member("landmarks.png", drawing)
-    with tarfile.open(tmp_path / "f-000000.tar", "w") as tar:
-        for ext, data in members.items():
-            info = tarfile.TarInfo(f"k.{ext}")
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+    write_shard(tmp_path / "f-000000.tar", {"k": members})
     dm = ShardDataModule(str(tmp_path / "f-000000.tar"), condition="landmarks", resolution=16, batch_size=1,
                          random_flip=True, shuffle_buffer=1)
     dm.setup()

@@ -8,32 +8,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import CONF_DIR
+from helpers import STEPS, compose_config
 from omegaconf import OmegaConf
-from test_generate import STEPS, make_trained_run
 
 from src.evaluate import evaluate
 from src.metrics.evaluation import CaseKeeper
 from src.metrics.segmentation import SegmenterNotFoundError
 
 
-def compose_evaluate(*overrides: str, out_dir: Path):
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("evaluate", overrides=[*overrides, f"out_dir={out_dir}"])
-
-
-@pytest.fixture(scope="module")
-def run_dir(offline_cache, tmp_path_factory) -> Path:
-    return make_trained_run(tmp_path_factory.mktemp("evaluate") / "run")
-
-
-def test_evaluation_writes_consistent_reports(run_dir, tmp_path):
-    cfg = compose_evaluate(f"run={run_dir}", "max_samples=5", f"sampling.num_inference_steps={STEPS}", "cases=2",
-                           out_dir=tmp_path)
+def test_evaluation_writes_consistent_reports(trained_run, tmp_path):
+    cfg = compose_config(f"run={trained_run}", "max_samples=5", f"sampling.num_inference_steps={STEPS}", "cases=2",
+                         name="evaluate", output_dir=tmp_path)
     report = evaluate(cfg)
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["metrics"] == report["metrics"] and saved["samples"] == 5 == len(saved["per_sample"])
@@ -49,7 +34,7 @@ def test_evaluation_writes_consistent_reports(run_dir, tmp_path):
             assert grid.size == (3 * 64 + 4 * 2, 2 * 64 + 3 * 2)
 
 
-def test_a_perfect_generator_scores_one(run_dir, tmp_path, monkeypatch):
+def test_a_perfect_generator_scores_one(trained_run, tmp_path, monkeypatch):
     """Returning each sample's own target image must give canny IoU = F1 = 1: the wiring of conditions,
     generations and targets (order, scaling, crop) is right."""
     from src import evaluate as module
@@ -68,14 +53,14 @@ def test_a_perfect_generator_scores_one(run_dir, tmp_path, monkeypatch):
 
     monkeypatch.setattr(module, "iter_shard_inputs", remember)
     monkeypatch.setattr(module, "generate_images", oracle)
-    cfg = compose_evaluate(f"run={run_dir}", "max_samples=6", "sampling.batch_size=4", out_dir=tmp_path)
+    cfg = compose_config(f"run={trained_run}", "max_samples=6", "sampling.batch_size=4", name="evaluate", output_dir=tmp_path)
     metrics = evaluate(cfg)["metrics"]
     assert (metrics["canny_iou"], metrics["canny_f1"], metrics["canny_images"]) == (1.0, 1.0, 6)
 
 
-def test_missing_segmenter_fails_before_the_model_loads(run_dir, tmp_path, monkeypatch):
+def test_missing_segmenter_fails_before_the_model_loads(trained_run, tmp_path, monkeypatch):
     seg_run = tmp_path / "seg_run"
-    shutil.copytree(run_dir, seg_run)
+    shutil.copytree(trained_run, seg_run)
     config = OmegaConf.load(seg_run / "config.yaml")
     config.task.condition = "seg"
     OmegaConf.save(config, seg_run / "config.yaml")
@@ -85,10 +70,10 @@ def test_missing_segmenter_fails_before_the_model_loads(run_dir, tmp_path, monke
 
     monkeypatch.setattr("src.evaluate.load_controlled", refuse)
     shards = str(Path(config.data.val_shards))
-    cfg = compose_evaluate(f"run={seg_run}", f"shards={shards}", out_dir=tmp_path / "out")
+    cfg = compose_config(f"run={seg_run}", f"shards={shards}", name="evaluate", output_dir=tmp_path / "out")
     with pytest.raises(SegmenterNotFoundError, match="segformer-b4"):
         evaluate(cfg)
-    cfg = compose_evaluate(f"run={run_dir}", "fid.enabled=true", out_dir=tmp_path / "out")
+    cfg = compose_config(f"run={trained_run}", "fid.enabled=true", name="evaluate", output_dir=tmp_path / "out")
     with pytest.raises(FileNotFoundError, match="fid"):
         evaluate(cfg)
 

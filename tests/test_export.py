@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_generate import STEPS, demo_inputs, make_trained_run
+from helpers import STEPS, demo_inputs, make_trained_run
 from torch import nn
 
 from src.export import export
@@ -19,10 +19,9 @@ from src.oft.peft_compat import peft_adapter
 
 
 @pytest.fixture(scope="module")
-def runs(offline_cache, tmp_path_factory):
-    """A run per OFT preset: `fast` (Cayley-Neumann, block size 32) and `paper` (exact Cayley, 4 blocks)."""
-    root = tmp_path_factory.mktemp("export")
-    return {preset: make_trained_run(root / preset, f"oft={preset}") for preset in ("fast", "paper")}
+def runs(trained_run, tmp_path_factory):
+    """A run per OFT preset: `fast` (the default: Cayley-Neumann, block size 32) and `paper` (exact Cayley, 4 blocks)."""
+    return {"fast": trained_run, "paper": make_trained_run(tmp_path_factory.mktemp("export") / "paper", "oft=paper")}
 
 
 @pytest.fixture(scope="module")

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import CONF_DIR, compose_config
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
+from helpers import STEPS, compose_config, demo_inputs
 
 from src.data.inputs import assign_prompts, collect_inputs
 from src.generate import generate
@@ -18,54 +15,12 @@ from src.models.backbone import load_backbone
 from src.models.inference import generate_images, load_controlled
 from src.models.run import load_run
 from src.models.sampling import SamplingOptions, build_pipeline, make_scheduler, sample_controlled
-from src.oft import oft_parameters, project_coft_
-
-STEPS = 2  # sampling steps in tests: enough to run the scheduler loop and the guidance branches
-
-
-def make_trained_run(out: Path, *overrides: str) -> Path:
-    """A run directory as `python -m src.train` leaves it, with perturbed trained tensors instead of training:
-    `config.yaml` plus `checkpoints/last.ckpt` written through the module's own checkpoint hook."""
-    cfg = compose_config("debug=default", *overrides, output_dir=out)
-    module = instantiate(cfg.module)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in module.named_parameters():
-            if param.requires_grad:
-                param.add_(torch.randn(param.shape, generator=generator) * (0.05 if "oft" in name else 0.02))
-    project_coft_(module.unet)
-    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), out / "config.yaml", resolve=True)
-    checkpoint = {"state_dict": module.state_dict()}
-    module.on_save_checkpoint(checkpoint)
-    torch.save(checkpoint, out / "checkpoints" / "last.ckpt")
-    return out
-
-
-def demo_inputs(n: int = 2):
-    from data_prep.demo import build_demo
-
-    shards = build_demo("canny", Path(compose_config().paths.data_dir) / "demo")
-    return collect_inputs(str(shards / "val-*.tar"), "canny", 64, limit=n)
-
-
-def compose_generate(*overrides: str, out_dir: Path):
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("generate", overrides=[*overrides, f"out_dir={out_dir}"])
+from src.oft import oft_parameters
 
 
 @pytest.fixture(scope="module")
-def run_dir(offline_cache, tmp_path_factory) -> Path:
-    return make_trained_run(tmp_path_factory.mktemp("generate") / "run")
-
-
-@pytest.fixture(scope="module")
-def controlled(run_dir):
-    return load_controlled(run_dir)
+def controlled(trained_run):
+    return load_controlled(trained_run)
 
 
 def test_generation_is_deterministic_per_seed_and_independent_of_batching(controlled):
@@ -83,10 +38,10 @@ def test_generation_is_deterministic_per_seed_and_independent_of_batching(contro
     assert (unipc[0, 0] - images[0, 0]).abs().max() > 1e-3
 
 
-def test_strength_zero_is_the_base_model_and_strength_scales_the_control(run_dir):
+def test_strength_zero_is_the_base_model_and_strength_scales_the_control(trained_run):
     """Strength 0: the control encoder never runs (the adapted UNet alone); with identity rotations that is
     exactly the frozen backbone's own pipeline. Other strengths change the image, monotonically in size."""
-    run = load_run(run_dir)
+    run = load_run(trained_run)
     with torch.no_grad():
         for param in oft_parameters(run.module.unet):
             param.zero_()
@@ -107,7 +62,7 @@ def test_strength_zero_is_the_base_model_and_strength_scales_the_control(run_dir
     assert 1e-4 < changes[0] < changes[1] < changes[2], changes
 
 
-def test_entry_point_writes_images_grid_and_record(run_dir, tmp_path):
+def test_entry_point_writes_images_grid_and_record(trained_run, tmp_path):
     from PIL import Image
 
     folder = tmp_path / "conditions"
@@ -115,8 +70,9 @@ def test_entry_point_writes_images_grid_and_record(run_dir, tmp_path):
     for item in demo_inputs(2):
         array = (item.condition[0].numpy() * 255).round().astype(np.uint8)
         Image.fromarray(array).save(folder / f"{item.key}.png")
-    cfg = compose_generate(f"run={run_dir}", f"condition={folder}", "prompt=[a cat,a cup]", "sampling.num_samples=2",
-                           f"sampling.num_inference_steps={STEPS}", "sampling.seed=7", out_dir=tmp_path / "out")
+    cfg = compose_config(f"run={trained_run}", f"condition={folder}", "prompt=[a cat,a cup]", "sampling.num_samples=2",
+                         f"sampling.num_inference_steps={STEPS}", "sampling.seed=7", name="generate",
+                         output_dir=tmp_path / "out")
     record = generate(cfg)
     out = tmp_path / "out"
     assert [(r["seed"], r["prompt"]) for r in record["images"]] == [(7, "a cat"), (8, "a cat"), (7, "a cup"), (8, "a cup")]
@@ -129,7 +85,7 @@ def test_entry_point_writes_images_grid_and_record(run_dir, tmp_path):
     assert np.abs(first.astype(int) - np.asarray(Image.open(source)).astype(int)).max() <= 1
 
 
-def test_user_errors_are_raised_before_any_weights_load(run_dir, tmp_path, monkeypatch):
+def test_user_errors_are_raised_before_any_weights_load(trained_run, tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("weights were loaded before the inputs were checked")
 
@@ -139,32 +95,32 @@ def test_user_errors_are_raised_before_any_weights_load(run_dir, tmp_path, monke
 
     Image.fromarray(np.zeros((64, 64), np.uint8)).save(image)
     cases = [
-        ((f"run={run_dir}", f"condition={image}", "prompt=[a,b]"), ValueError, "2 prompts for 1 conditions"),
-        ((f"run={run_dir}", f"condition={image}"), ValueError, "image conditions carry no caption"),
-        ((f"run={run_dir}", f"condition={tmp_path / 'missing'}/*.tar", "prompt=x"), ValueError, "no shard found"),
-        ((f"run={run_dir}", f"condition={image}", "prompt=x", "sampling.scheduler=plms"), ValueError, "unknown scheduler 'plms'"),
+        ((f"run={trained_run}", f"condition={image}", "prompt=[a,b]"), ValueError, "2 prompts for 1 conditions"),
+        ((f"run={trained_run}", f"condition={image}"), ValueError, "image conditions carry no caption"),
+        ((f"run={trained_run}", f"condition={tmp_path / 'missing'}/*.tar", "prompt=x"), ValueError, "no shard found"),
+        ((f"run={trained_run}", f"condition={image}", "prompt=x", "sampling.scheduler=plms"), ValueError, "unknown scheduler 'plms'"),
         ((f"run={tmp_path / 'nope'}", f"condition={image}", "prompt=x"), FileNotFoundError, "neither a run directory"),
     ]
     for overrides, error, message in cases:
         with pytest.raises(error, match=message):
-            generate(compose_generate(*overrides, out_dir=tmp_path / "out"))
+            generate(compose_config(*overrides, name="generate", output_dir=tmp_path / "out"))
     with pytest.raises(ValueError, match="no prompt for"):
         assign_prompts(collect_inputs(image, "canny", 64), None)
 
 
-def test_run_files_and_checkpoint_identity_are_checked_before_weights_load(run_dir, tmp_path, monkeypatch):
+def test_run_files_and_checkpoint_identity_are_checked_before_weights_load(trained_run, tmp_path, monkeypatch):
     from src.models.run import locate_run
 
-    files = locate_run(run_dir / "checkpoints" / "last.ckpt")
-    assert (files.run_dir, files.config) == (run_dir, run_dir / "config.yaml")
+    files = locate_run(trained_run / "checkpoints" / "last.ckpt")
+    assert (files.run_dir, files.config) == (trained_run, trained_run / "config.yaml")
     with pytest.raises(FileNotFoundError, match=r"step_9.ckpt' does not exist; checkpoints of this run: \['last.ckpt'\]"):
-        locate_run(run_dir, run_dir / "checkpoints" / "step_9.ckpt")
+        locate_run(trained_run, trained_run / "checkpoints" / "step_9.ckpt")
     monkeypatch.setattr("src.models.run.check_backbone", lambda spec: pytest.fail("backbone checked"))
     foreign = torch.load(files.checkpoint, weights_only=True)
     foreign["oft_control"]["backbone"] = "sd15"
     torch.save(foreign, tmp_path / "foreign.ckpt")
     with pytest.raises(ValueError, match="trained on backbone 'sd15' but the run's config.yaml says 'tiny'"):
-        load_run(run_dir, tmp_path / "foreign.ckpt")
+        load_run(trained_run, tmp_path / "foreign.ckpt")
     torch.save({"state_dict": {}}, tmp_path / "plain.ckpt")
     with pytest.raises(ValueError, match="not an OFT-Control checkpoint"):
-        load_run(run_dir, tmp_path / "plain.ckpt")
+        load_run(trained_run, tmp_path / "plain.ckpt")

@@ -147,7 +147,7 @@ def test_the_metric_detects_with_the_converters_detector(astronaut):
     from data_prep import faces
     from src.data import annotators
 
-    assert annotators.MIN_FACE_SIZE == mediapipe_face_common.min_face_size_pixels
+    assert mediapipe_face_common.min_face_size_pixels == annotators.MIN_FACE_SIZE
     assert faces.detect_faces is annotators.detect_faces
     _, _, stored = faces.annotate_landmarks(astronaut, faces.FaceOptions())
     np.testing.assert_allclose(FaceLandmarker()(astronaut), np.array(stored[0]), atol=0.01)

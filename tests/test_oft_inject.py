@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import compose_config
 from torch import nn
 
 from src.oft import (
@@ -23,6 +24,8 @@ from src.oft import (
 )
 from src.oft.peft_compat import peft_oft_config
 from src.oft.rotation import skew_frobenius_norm
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # many tiny ops: one thread, no OpenMP contention
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,15 +44,6 @@ def tiny_model(seed: int = 0) -> nn.Module:
 def run(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     attn = model["down"][0]["attn1"]
     return attn["to_out"](torch.tanh(attn["to_q"](x)) * attn["to_k"](x))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These cases are many tiny ops: one thread avoids OpenMP contention on the shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 CONFIG = {"n_blocks": 2, "target_modules": [r".*attn1\.(to_q|to_k|to_out\.0)"]}
@@ -73,6 +67,7 @@ CONFIG = {"n_blocks": 2, "target_modules": [r".*attn1\.(to_q|to_k|to_out\.0)"]}
         ),
     ],
 )
+
 def test_config_validation_messages(kwargs, message):
     with pytest.raises(ValueError) as err:
         OFTConfig(**kwargs)
@@ -234,11 +229,9 @@ def test_linear_matches_peft_oft_exact_cayley(share):
 
 
 def preset(name: str) -> OFTConfig:
-    from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return instantiate(compose(overrides=[f"+oft={name}"]).oft)
+    return instantiate(compose_config(f"oft={name}").oft)
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,8 @@ from torch import nn
 from src.oft import OFTConfig, OFTConv2d, OFTLinear, hyperspherical_energy, merge_oft, unmerge_oft
 from src.oft.rotation import skew_from_params
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # many tiny ops: one thread, no OpenMP contention
+
 # name -> (factory, input shape); conv inputs are 32x32 as the spec asks
 LAYERS = {
     "linear": (lambda: nn.Linear(16, 6), (3, 5, 16)),
@@ -57,15 +59,6 @@ def reference_output(base, rot: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     if isinstance(base, nn.Linear):
         return F.linear(x, weight, base.bias)
     return F.conv2d(x, weight, base.bias, base.stride, base.padding, base.dilation, base.groups)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These cases are many tiny ops: one thread avoids OpenMP contention on the shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 params = pytest.mark.parametrize("kind", list(LAYERS))

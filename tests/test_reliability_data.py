@@ -1,4 +1,4 @@
-"""Issue #7, data: bad samples, hostile members, broken and vanishing shards never cost a run.
+"""Data reliability: bad samples, hostile members, broken and vanishing shards never cost a run.
 
 Every skip is counted by a named reason, the counts travel inside the batches to the main process
 (also from DataLoader workers), ``DataHealth`` logs them and stops the run over its limit, and a
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
-from test_data_datamodule import RES, _datamodule, _good_members, _Trap, _write_shard
+from helpers import RES, PickleTrap, good_members, make_datamodule, write_shard
 
 from src.callbacks.data_health import DataHealth
 from src.data import schema
@@ -32,7 +32,7 @@ PER_SHARD = {"decoded": N_GOOD + 2, "skipped/truncated_image": 1, "skipped/size_
 
 def _bad_samples(prefix: str, seed: int, payload: bytes) -> dict[str, dict[str, bytes]]:
     """N_GOOD good samples and one of each kind of bad sample, under keys starting with ``prefix``."""
-    good = _good_members(seed + 100)
+    good = good_members(seed + 100)
     samples = {  # bad ones first, so a short run meets them
         f"{prefix}truncjpg": {**good, "jpg": good["jpg"][: len(good["jpg"]) // 2]},
         f"{prefix}wrongsize": {**good, "canny.png": schema.encode_member("canny.png", np.zeros((RES // 2, RES),
@@ -42,14 +42,14 @@ def _bad_samples(prefix: str, seed: int, payload: bytes) -> dict[str, dict[str, 
         f"{prefix}emptycaption": {**good, "txt": b""},  # kept: an empty prompt is valid training data
         f"{prefix}pickles": {**good, "pyd": payload, "pickle": payload},  # kept; the pickles are never read
     }
-    return {**samples, **{f"{prefix}good{i}": _good_members(seed + i) for i in range(N_GOOD)}}
+    return {**samples, **{f"{prefix}good{i}": good_members(seed + i) for i in range(N_GOOD)}}
 
 
 @pytest.fixture
 def trap(tmp_path: Path) -> tuple[Path, bytes]:
     """A pickle whose loading creates ``path`` (checked to work, then reset)."""
     path = tmp_path / "unpickled"
-    payload = pickle.dumps(_Trap(str(path)))
+    payload = pickle.dumps(PickleTrap(str(path)))
     pickle.loads(payload).close()
     assert path.exists()
     path.unlink()
@@ -62,7 +62,7 @@ def bad_dir(tmp_path: Path, trap: tuple[Path, bytes]) -> Path:
     out = tmp_path / "bad"
     out.mkdir()
     for index in range(2):
-        _write_shard(out / f"bad-{index:06d}.tar", _bad_samples(f"s{index}", 10 * index, trap[1]))
+        write_shard(out / f"bad-{index:06d}.tar", _bad_samples(f"s{index}", 10 * index, trap[1]))
     return out
 
 
@@ -74,7 +74,7 @@ def _summed(batches: list[dict]) -> Counter:
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_every_bad_sample_is_skipped_and_its_count_reaches_the_main_process(bad_dir: Path, num_workers: int,
                                                                            trap: tuple[Path, bytes]) -> None:
-    dm = _datamodule(bad_dir, bad_dir, num_workers=num_workers, val_batch_size=3)
+    dm = make_datamodule(bad_dir, bad_dir, num_workers=num_workers, val_batch_size=3)
     batches = list(dm.val_dataloader())
     keys = sorted(k for batch in batches for k in batch["key"])
     kept = [f"good{i}" for i in range(N_GOOD)] + ["emptycaption", "pickles"]
@@ -97,7 +97,7 @@ def test_cut_off_images_are_truncated_and_garbage_is_undecodable(member: str) ->
 
 
 def test_pickle_members_are_never_unpickled_on_the_worker_path(bad_dir: Path, trap: tuple[Path, bytes]) -> None:
-    dm = _datamodule(bad_dir, bad_dir, num_workers=2, batch_size=2)
+    dm = make_datamodule(bad_dir, bad_dir, num_workers=2, batch_size=2)
     train = list(dm.train_dataloader())
     val = list(dm.val_dataloader())
     assert train and val and all(COUNTS_KEY in batch for batch in train + val)
@@ -108,11 +108,11 @@ def test_pickle_members_are_never_unpickled_on_the_worker_path(bad_dir: Path, tr
 
 def test_truncated_tar_and_shard_vanished_after_resolution_follow_the_policy(tmp_path: Path) -> None:
     for index in range(3):
-        _write_shard(tmp_path / f"s-{index:06d}.tar", {f"s{index}k{i}": _good_members(10 * index + i)
+        write_shard(tmp_path / f"s-{index:06d}.tar", {f"s{index}k{i}": good_members(10 * index + i)
                                                        for i in range(4)})
     data = (tmp_path / "s-000001.tar").read_bytes()
     (tmp_path / "s-000001.tar").write_bytes(data[: len(data) // 2 + 100])
-    dm = _datamodule(str(tmp_path / "s-*.tar"), str(tmp_path / "s-*.tar"), num_workers=2, batch_size=2)
+    dm = make_datamodule(str(tmp_path / "s-*.tar"), str(tmp_path / "s-*.tar"), num_workers=2, batch_size=2)
     (tmp_path / "s-000002.tar").unlink()  # after the URL list was resolved
     for loader in (dm.train_dataloader(), dm.val_dataloader()):
         batches = list(loader)
@@ -124,8 +124,8 @@ def test_truncated_tar_and_shard_vanished_after_resolution_follow_the_policy(tmp
 
 def test_shard_deleted_mid_epoch_is_counted_and_reading_goes_on(tmp_path: Path) -> None:
     for index in range(3):
-        _write_shard(tmp_path / f"m-{index:06d}.tar", {f"m{index}k{i}": _good_members(i) for i in range(3)})
-    dm = _datamodule(str(tmp_path / "m-*.tar"), batch_size=1, shuffle_buffer=1)
+        write_shard(tmp_path / f"m-{index:06d}.tar", {f"m{index}k{i}": good_members(i) for i in range(3)})
+    dm = make_datamodule(str(tmp_path / "m-*.tar"), batch_size=1, shuffle_buffer=1)
     batches = iter(dm.train_dataloader())
     first = next(batches)  # the first shard is open now
     for path in tmp_path.glob("m-*.tar"):
@@ -136,8 +136,8 @@ def test_shard_deleted_mid_epoch_is_counted_and_reading_goes_on(tmp_path: Path) 
 
 
 def test_a_stream_without_any_readable_shard_stops_instead_of_spinning(tmp_path: Path) -> None:
-    _write_shard(tmp_path / "g-000000.tar", {"k0": _good_members(0)})
-    dm = _datamodule(str(tmp_path / "g-*.tar"), resampled=True, epoch_samples=8, num_workers=2)
+    write_shard(tmp_path / "g-000000.tar", {"k0": good_members(0)})
+    dm = make_datamodule(str(tmp_path / "g-*.tar"), resampled=True, epoch_samples=8, num_workers=2)
     dm.train_skips = SkipCounter("train", max_consecutive_skips=50)
     (tmp_path / "g-000000.tar").unlink()
     with pytest.raises(DataHealthError, match="50 skips in a row"):
@@ -169,7 +169,7 @@ def _fit(dm: pl.LightningDataModule, health: DataHealth, **trainer_kw) -> pl.Tra
 
 
 def test_data_health_logs_counts_from_workers(bad_dir: Path) -> None:
-    dm = _datamodule(bad_dir, num_workers=2, batch_size=2, shuffle_buffer=1)
+    dm = make_datamodule(bad_dir, num_workers=2, batch_size=2, shuffle_buffer=1)
     trainer = _fit(dm, DataHealth(max_skip_fraction=0.9, min_samples=0))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("data/")}
     expected = {f"data/{key}": 2.0 * value for key, value in PER_SHARD.items()}  # 2 workers, 1 shard each
@@ -177,7 +177,7 @@ def test_data_health_logs_counts_from_workers(bad_dir: Path) -> None:
 
 
 def test_data_health_stops_over_the_limit_naming_fraction_reasons_and_key(bad_dir: Path) -> None:
-    dm = _datamodule(bad_dir, num_workers=2, batch_size=2, shuffle_buffer=1)
+    dm = make_datamodule(bad_dir, num_workers=2, batch_size=2, shuffle_buffer=1)
     with pytest.raises(DataHealthError) as info:
         _fit(dm, DataHealth(max_skip_fraction=0.05, min_samples=4))
     message = str(info.value)
@@ -186,8 +186,14 @@ def test_data_health_stops_over_the_limit_naming_fraction_reasons_and_key(bad_di
 
 
 def test_data_health_waits_for_min_samples(bad_dir: Path) -> None:
-    dm = _datamodule(bad_dir, num_workers=0, batch_size=2, shuffle_buffer=1)
-    _fit(dm, DataHealth(max_skip_fraction=0.0, min_samples=10_000))
+    """Over the limit from the first bad sample on, yet the run goes on: fewer samples than `min_samples`."""
+    dm = make_datamodule(bad_dir, num_workers=0, batch_size=2, shuffle_buffer=1)
+    health = DataHealth(max_skip_fraction=0.0, min_samples=10_000)
+    trainer = _fit(dm, health)
+    skipped = sum(v for k, v in health.train.items() if k.startswith("skipped/"))
+    assert skipped > 0 and skipped + health.train["decoded"] < health.min_samples  # counted, below the floor
+    assert trainer.callback_metrics["data/skip_fraction"] > health.max_skip_fraction  # the limit was exceeded
+    assert trainer.current_epoch == 1 and trainer.global_step > 0  # ...and the epoch still finished
 
 
 @pytest.mark.parametrize("broken", ["not_a_tar", "too_few_samples"])
@@ -198,8 +204,8 @@ def test_an_epoch_without_batches_stops_the_run(tmp_path: Path, broken: str) -> 
         if broken == "not_a_tar":
             path.write_bytes(b"this is not a tar file " * 100)
         else:
-            _write_shard(path, {f"e{index}": _good_members(index)})
-    dm = _datamodule(str(tmp_path / "e-*.tar"), num_workers=0, batch_size=4)
+            write_shard(path, {f"e{index}": good_members(index)})
+    dm = make_datamodule(str(tmp_path / "e-*.tar"), num_workers=0, batch_size=4)
     with pytest.raises(DataHealthError, match="yielded no batch"):
         _fit(dm, DataHealth(), max_epochs=-1, max_steps=5)
 
@@ -217,8 +223,8 @@ def _order(dm, trainer=None) -> list[str]:
 
 def test_fresh_runs_replay_and_resumed_runs_reshuffle(tmp_path: Path) -> None:
     for index in range(4):
-        _write_shard(tmp_path / f"r-{index:06d}.tar", {f"r{index}k{i}": _good_members(i) for i in range(4)})
-    make = lambda: _datamodule(str(tmp_path / "r-*.tar"), batch_size=1, shuffle_buffer=4, resolution=16)  # noqa: E731
+        write_shard(tmp_path / f"r-{index:06d}.tar", {f"r{index}k{i}": good_members(i) for i in range(4)})
+    make = lambda: make_datamodule(str(tmp_path / "r-*.tar"), batch_size=1, shuffle_buffer=4, resolution=16)  # noqa: E731
     at = lambda epoch, step: SimpleNamespace(current_epoch=epoch, global_step=step, world_size=1)  # noqa: E731
     fresh = _order(make())
     assert fresh == _order(make()) == _order(make(), at(0, 0))  # same seed: same order
@@ -231,9 +237,9 @@ def test_fresh_runs_replay_and_resumed_runs_reshuffle(tmp_path: Path) -> None:
 
 def test_lightning_restores_epoch_and_step_before_building_the_loader(tmp_path: Path) -> None:
     for index in range(2):
-        _write_shard(tmp_path / f"c-{index:06d}.tar", {f"c{index}k{i}": _good_members(i) for i in range(4)})
+        write_shard(tmp_path / f"c-{index:06d}.tar", {f"c{index}k{i}": good_members(i) for i in range(4)})
     seeds: list[int] = []
-    dm = _datamodule(str(tmp_path / "c-*.tar"), batch_size=2, resolution=16, seed=3)
+    dm = make_datamodule(str(tmp_path / "c-*.tar"), batch_size=2, resolution=16, seed=3)
     build = dm.train_dataloader
     dm.train_dataloader = lambda: (seeds.append(dm.stream_seed()), build())[1]
     first = _fit(dm, DataHealth(), max_epochs=-1, max_steps=6)

@@ -8,11 +8,11 @@ import os
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
 import pytest
+from helpers import read_shard
 
 from data_prep.shards import SourceItem, plan_shards
 
@@ -61,11 +61,6 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120.0) -> Non
         time.sleep(0.05)
 
 
-def _members(path: Path) -> int:
-    with tarfile.open(path) as tar:
-        return len(tar.getmembers())
-
-
 def test_sigkill_mid_shard_leaves_no_finished_looking_shard_and_rerun_matches(tmp_path: Path) -> None:
     script = tmp_path / "convert.py"
     script.write_text(CONVERTER)
@@ -87,7 +82,7 @@ def test_sigkill_mid_shard_leaves_no_finished_looking_shard_and_rerun_matches(tm
     names = sorted(p.name for p in reference.glob("*.tar"))
     assert names == sorted(p.name for p in out.glob("*.tar")) == sorted(p.name for p in plans)
     for name in names:
-        assert (out / name).read_bytes() == (reference / name).read_bytes() and _members(out / name) > 0
+        assert (out / name).read_bytes() == (reference / name).read_bytes() and len(read_shard(out / name)) > 0
     assert not list(out.glob(".*.tmp"))
     summary = json.loads((out / "summary.json").read_text())
     assert summary["shards_reused"] == 1 and summary["skipped"] == {"unreadable_image": 1}

@@ -38,9 +38,8 @@ def test_failed_write_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatc
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
 
 
-def test_trainer_uses_atomic_checkpoint_io(config_factory):
-    run = build_run(config_factory("debug=default"))
-    assert isinstance(run.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+def test_trainer_uses_atomic_checkpoint_io(short_fit):
+    assert isinstance(short_fit.run.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
 
 
 def _train_until_killed(out: Path, min_step: int) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from hydra.errors import ConfigCompositionException
+from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 
 from src.models.backbone import BackboneNotFoundError, load_backbone
@@ -93,7 +93,7 @@ def test_user_errors_fail_before_weights_load(config_factory, monkeypatch, overr
 
 
 def test_unknown_task_fails_with_the_available_options(config_factory):
-    with pytest.raises(Exception, match="canny") as err:
+    with pytest.raises(MissingConfigException, match="canny") as err:
         config_factory("task=cany")
     assert "cany" in str(err.value)
 
@@ -103,14 +103,10 @@ def test_fast_dev_run_on_the_defaults(config_factory):
     assert "train/loss" in metrics and torch.isfinite(torch.tensor(metrics["train/loss"]))
 
 
-def test_short_run_leaves_its_artefacts_and_trains_only_adapters(config_factory, tmp_path):
+def test_short_run_leaves_its_artefacts_and_trains_only_adapters(short_fit):
     """A 4-step run writes checkpoint, TensorBoard events, metrics CSV, a sample grid and the resolved config;
     the frozen backbone is bit-identical to a fresh load and the checkpoint holds only trained tensors."""
-    out = tmp_path / "run"
-    cfg = config_factory("debug=default", output_dir=out)
-    run = build_run(cfg)
-    trained_before = {k: v.clone() for k, v in run.module.state_dict().items() if k in set(run.module.trainable_names())}
-    run.trainer.fit(run.module, datamodule=run.datamodule)
+    out, run, trained_before = short_fit.out, short_fit.run, short_fit.trained_before
     assert run.trainer.global_step == 4
 
     fresh = load_backbone(run.module.backbone_spec)
@@ -135,9 +131,8 @@ def test_short_run_leaves_its_artefacts_and_trains_only_adapters(config_factory,
     assert ckpt["optimizer_states"] and ckpt["global_step"] == 4
 
 
-def test_train_writes_run_directory(config_factory, tmp_path):
-    out = tmp_path / "run"
-    train(config_factory("debug=default", output_dir=out))
+def test_train_writes_run_directory(short_fit):
+    out = short_fit.out
     assert (out / "checkpoints" / "last.ckpt").is_file()
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     header = (out / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
@@ -152,10 +147,8 @@ def test_train_writes_run_directory(config_factory, tmp_path):
     assert saved.task.name == "canny" and saved.paths.output_dir == str(out)
 
 
-def test_resume_restores_global_step_and_trained_weights_exactly(config_factory, tmp_path):
-    first = tmp_path / "first"
-    train(config_factory("debug=default", output_dir=first))
-    ckpt_path = first / "checkpoints" / "last.ckpt"
+def test_resume_restores_global_step_and_trained_weights_exactly(short_fit, config_factory, tmp_path):
+    ckpt_path = short_fit.out / "checkpoints" / "last.ckpt"
     saved = torch.load(ckpt_path, weights_only=True)
 
     cfg = config_factory("debug=default", "trainer.max_steps=6", output_dir=tmp_path / "second")
