@@ -85,3 +85,22 @@ def test_caption_dropout_is_validated_and_applied():
     assert module.drop_captions(["a", "b"]) == ["", ""]
     module.caption_dropout = 0.0
     assert module.drop_captions(["a", "b"]) == ["a", "b"]
+
+
+@pytest.mark.parametrize("preset", ["fast", "paper"])
+def test_coft_keeps_every_block_within_its_radius_while_training(config_factory, preset):
+    """Trained by Lightning with a learning rate that throws every rotation far out of its COFT ball in one
+    step, the module's projection after each optimizer step brings every block back onto or inside it."""
+    from src.oft import oft_layers
+    from src.oft.rotation import skew_frobenius_norm
+    from src.train import build_run
+
+    overrides = [f"oft={preset}", "optim.lr=0.1", "trainer.max_steps=3", "trainer.limit_val_batches=0"]
+    run = build_run(config_factory("debug=default", *overrides))
+    run.trainer.fit(run.module, datamodule=run.datamodule)
+    assert run.trainer.global_step == 3 and run.module.nonfinite_steps == 0
+    layers = [layer for _, layer in oft_layers(run.module.unet)]
+    assert layers and all(layer.coft_radius is not None for layer in layers)
+    ratios = torch.cat([skew_frobenius_norm(layer.oft_skew.detach()) / layer.coft_radius for layer in layers])
+    assert ratios.max() <= 1 + 1e-5, f"{int((ratios > 1 + 1e-5).sum())} of {len(ratios)} blocks outside their radius"
+    assert ratios.min() > 0.99  # not vacuous: every block was pushed to its radius
