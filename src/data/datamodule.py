@@ -1,4 +1,4 @@
-"""Lightning datamodule over schema shards (DESIGN.md section 3, "Streaming").
+"""Lightning datamodule over schema shards (docs/design.md, "Shard schema", streaming).
 
 Batches as the model and callbacks see them (after the transfer to the device) are dicts::
 

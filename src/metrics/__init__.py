@@ -1,4 +1,4 @@
-"""Controllability and quality metrics of generated images (DESIGN.md section 5).
+"""Controllability and quality metrics of generated images (docs/design.md, "Metrics").
 
 Pure maths (edge IoU/F1, mIoU from a confusion matrix, landmark distances) sits beside the scorers that
 `src.evaluate` and the training callback run over samples: one scorer per metric, each with per-sample
