@@ -1,8 +1,8 @@
-"""The uint8 batch contract: compact batches out of the workers, today's float values after conversion.
+"""The uint8 batch contract: compact batches out of the workers, the reference float values after conversion.
 
 ``SampleDecoder``/``collate`` yield uint8 pixels; ``to_model_inputs`` (called by
-``ShardDataModule.on_after_batch_transfer`` on the device) must give exactly the float32 values the
-former float pipeline gave, for every condition, resize direction and flip, and Lightning must hand
+``ShardDataModule.on_after_batch_transfer`` on the device) must give exactly the float32 values a
+float reference decoder gives, for every condition, resize direction and flip, and Lightning must hand
 the converted batch to the steps and to the callbacks' batch hooks.
 """
 
@@ -25,9 +25,9 @@ from src.data.pipeline import SampleDecoder, collate, process_seed, to_model_inp
 from src.data.transforms import center_offsets, crop, random_offsets, resize_shorter
 
 
-# ------------------------------------------------------------------ the former float pipeline
-class LegacyFloatDecoder:
-    """The float32 decoder as it was before the uint8 contract (reference only, copied from it)."""
+# ------------------------------------------------------------------ the float reference
+class ReferenceFloatDecoder:
+    """Decode, resize, crop and flip, then convert to float32 on the spot (the reference values only)."""
 
     def __init__(self, condition: str, resolution: int, train: bool, random_flip: bool, seed: int) -> None:
         self.spec = schema.condition_spec(condition)
@@ -91,19 +91,19 @@ def test_rgb_members_decode_to_the_reversed_bgr_pixels(member: str) -> None:
     data = schema.encode_member(member, rgb)
     decoded = schema.decode_member(member, data)
     assert decoded.dtype == np.uint8 and decoded.flags["C_CONTIGUOUS"]
-    np.testing.assert_array_equal(decoded, LegacyFloatDecoder.decode(member, data))
+    np.testing.assert_array_equal(decoded, ReferenceFloatDecoder.decode(member, data))
 
 
 @pytest.mark.parametrize("condition", ["canny", "seg", "landmarks"])
 @pytest.mark.parametrize("size", [(80, 100), (100, 72), (40, 36)], ids=["shrink", "shrink-tall", "enlarge"])
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-def test_converted_batches_equal_the_former_float_batches(condition: str, size: tuple[int, int],
+def test_converted_batches_equal_the_reference_float_batches(condition: str, size: tuple[int, int],
                                                           train: bool) -> None:
     """Same samples, same seed: ``to_model_inputs(collate(...))`` is bit-identical to the float pipeline,
     including area-interpolated canny values (48 px crops of 80-100 px images: non-integer scales)."""
     samples = _samples(condition, *size)
     new = SampleDecoder(condition, 48, train=train, random_flip=True, seed=3)
-    old = LegacyFloatDecoder(condition, 48, train=train, random_flip=True, seed=3)
+    old = ReferenceFloatDecoder(condition, 48, train=train, random_flip=True, seed=3)
     raw = collate([new(s) for s in samples])
     channels = 1 if condition == "canny" else 3
     assert raw["image"].dtype == raw["condition"].dtype == torch.uint8

@@ -1,4 +1,4 @@
-"""Issue #7, data_prep: a converter killed mid-write leaves no finished-looking shard, and a re-run
+"""Interrupted conversions: a converter killed mid-write leaves no finished-looking shard, and a re-run
 completes the dataset with the same bytes as an uninterrupted run."""
 
 from __future__ import annotations

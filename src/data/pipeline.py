@@ -266,8 +266,8 @@ def to_model_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
     - ``condition``: float32 ``[..., 3, H, W]`` in [0, 1], ``v / 255``, a single channel (canny)
       repeated to three;
 
-    both contiguous and, on any device, bit-identical to the former float pipeline's values
-    (``v.float() / 127.5 - 1`` and ``v.float() / 255`` on the CPU). ``ShardDataModule`` calls it after
+    both contiguous and, on any device, bit-identical to ``v.float() / 127.5 - 1`` and ``v.float() / 255``
+    computed on the CPU. ``ShardDataModule`` calls it after
     the batch reached the device; code that reads ``SampleDecoder``/``collate`` output without
     Lightning calls it itself.
     """
