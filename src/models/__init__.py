@@ -1,1 +1,1 @@
-"""Backbone loading, control encoder, Lightning module and sampling."""
+"""Backbone loading, control encoder, Lightning module, sampling, checkpoints, run directories, exports, inference."""
