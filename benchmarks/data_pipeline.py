@@ -86,14 +86,20 @@ FULL, QUICK = Sizes(coco=64, ade20k=32, faces=16), Sizes(coco=16, ade20k=8, face
 
 
 # ------------------------------------------------------------------------------- source layouts
-def upscaled_crop(photo: np.ndarray, rng: np.random.Generator, box: tuple[int, int, int, int] | None = None
-                  ) -> np.ndarray:
+def upscaled_crop(
+    photo: np.ndarray, rng: np.random.Generator, box: tuple[int, int, int, int] | None = None
+) -> np.ndarray:
     """A crop of ``photo`` (``box`` = top, left, height, width, or a random 60-100 % window), mirrored
     half the time, resized (cubic) to a shorter side of 512-608 px and an aspect ratio of 1-1.4."""
     height, width = photo.shape[:2]
     if box is None:
         crop_h, crop_w = int(height * rng.uniform(0.6, 1.0)), int(width * rng.uniform(0.6, 1.0))
-        box = (int(rng.integers(0, height - crop_h + 1)), int(rng.integers(0, width - crop_w + 1)), crop_h, crop_w)
+        box = (
+            int(rng.integers(0, height - crop_h + 1)),
+            int(rng.integers(0, width - crop_w + 1)),
+            crop_h,
+            crop_w,
+        )
     top, left, crop_h, crop_w = box
     crop = photo[top : top + crop_h, left : left + crop_w]
     if rng.random() < 0.5:
@@ -116,7 +122,9 @@ def write_coco(root: Path, count: int) -> None:
         rgb = upscaled_crop(photos[name], rng)
         file_name = f"{image_id:012d}.jpg"
         Image.fromarray(rgb).save(root / "train2017" / file_name, quality=90)
-        records.append({"id": image_id, "file_name": file_name, "width": rgb.shape[1], "height": rgb.shape[0]})
+        records.append(
+            {"id": image_id, "file_name": file_name, "width": rgb.shape[1], "height": rgb.shape[0]}
+        )
         anns += [{"id": len(anns) + 1, "image_id": image_id, "caption": c} for c in PHOTOS[name]]
     data = {"images": records, "annotations": anns}
     (root / "annotations" / "captions_train2017.json").write_text(json.dumps(data), encoding="utf-8")
@@ -131,7 +139,9 @@ def write_ade20k(root: Path, count: int) -> None:
         height = int(rng.integers(RES, RES + 97))
         labels = scene_labels(rng, height, round(height * rng.uniform(1.0, 1.4)))
         name = f"ADE_train_{index:08d}"
-        Image.fromarray(render_scene(labels, rng)).save(root / "images" / "training" / f"{name}.jpg", quality=90)
+        Image.fromarray(render_scene(labels, rng)).save(
+            root / "images" / "training" / f"{name}.jpg", quality=90
+        )
         Image.fromarray(labels, mode="L").save(root / "annotations" / "training" / f"{name}.png")
 
 
@@ -144,7 +154,9 @@ def write_faces(root: Path, count: int) -> None:
         cx, cy = FACE_CENTER
         top, left = max(0, cy - side // 2), max(0, cx - side // 2)
         box = (top, left, min(side, photo.shape[0] - top), min(side, photo.shape[1] - left))
-        Image.fromarray(upscaled_crop(photo, rng, box)).save(root / "images" / f"face_{index:03d}.jpg", quality=90)
+        Image.fromarray(upscaled_crop(photo, rng, box)).save(
+            root / "images" / f"face_{index:03d}.jpg", quality=90
+        )
 
 
 def ensure(folder: Path, write: Callable[[Path, int], None], count: int) -> Path:
@@ -161,21 +173,39 @@ def ensure(folder: Path, write: Callable[[Path, int], None], count: int) -> Path
 # ----------------------------------------------------------------------------------- converters
 def convert_coco(source: Path, out: Path) -> dict:
     """The COCO converter at 512 px (canny, thresholds 100/200), one worker, no val split."""
-    return coco.convert(source / "train2017", source / "annotations" / "captions_train2017.json", out,
-                        val_fraction=0.0, shard_size=SHARD_SIZE, options=coco.CannyOptions(resolution=RES),
-                        overwrite=True)
+    return coco.convert(
+        source / "train2017",
+        source / "annotations" / "captions_train2017.json",
+        out,
+        val_fraction=0.0,
+        shard_size=SHARD_SIZE,
+        options=coco.CannyOptions(resolution=RES),
+        overwrite=True,
+    )
 
 
 def convert_ade20k(source: Path, out: Path) -> dict:
     """The ADE20K converter at 512 px (palette colour map + label png), one worker."""
-    return ade20k.convert(source, out, folders=("training",), shard_size=SHARD_SIZE,
-                          options=ade20k.SegOptions(resolution=RES), overwrite=True)
+    return ade20k.convert(
+        source,
+        out,
+        folders=("training",),
+        shard_size=SHARD_SIZE,
+        options=ade20k.SegOptions(resolution=RES),
+        overwrite=True,
+    )
 
 
 def convert_faces(source: Path, out: Path) -> dict:
     """The face converter at 512 px (MediaPipe face mesh at 512 px, landmark rendering), one worker."""
-    return faces.convert(source / "images", out, val_fraction=0.0, shard_size=SHARD_SIZE,
-                         options=faces.FaceOptions(resolution=RES), overwrite=True)
+    return faces.convert(
+        source / "images",
+        out,
+        val_fraction=0.0,
+        shard_size=SHARD_SIZE,
+        options=faces.FaceOptions(resolution=RES),
+        overwrite=True,
+    )
 
 
 CONVERTERS: dict[str, tuple[str, Callable[[Path, int], None], Callable[[Path, Path], dict]]] = {
@@ -187,8 +217,10 @@ CONVERTERS: dict[str, tuple[str, Callable[[Path, int], None], Callable[[Path, Pa
 
 def time_converters(cache: Path, sizes: Sizes, repeats: int, warmup: int) -> list[dict]:
     """Interleaved converter runs into fresh temporary folders; one row per converter."""
-    sources = {name: ensure(cache / f"{folder}-{getattr(sizes, folder)}", write, getattr(sizes, folder))
-               for name, (folder, write, _) in CONVERTERS.items()}
+    sources = {
+        name: ensure(cache / f"{folder}-{getattr(sizes, folder)}", write, getattr(sizes, folder))
+        for name, (folder, write, _) in CONVERTERS.items()
+    }
     rates: dict[str, list[float]] = {name: [] for name in CONVERTERS}
     summaries: dict[str, dict] = {}
     for round_ in range(warmup + repeats):
@@ -200,9 +232,16 @@ def time_converters(cache: Path, sizes: Sizes, repeats: int, warmup: int) -> lis
             summaries[name] = summary
             if round_ >= warmup:
                 rates[name].append((summary["written"] + summary["skipped_total"]) / elapsed)
-    return [{"name": name, "images": summaries[name]["written"] + summaries[name]["skipped_total"],
-             "written": summaries[name]["written"], "skipped": summaries[name]["skipped"],
-             "rate": statistics.median(rates[name])} for name in CONVERTERS]
+    return [
+        {
+            "name": name,
+            "images": summaries[name]["written"] + summaries[name]["skipped_total"],
+            "written": summaries[name]["written"],
+            "skipped": summaries[name]["skipped"],
+            "rate": statistics.median(rates[name]),
+        }
+        for name in CONVERTERS
+    ]
 
 
 # ----------------------------------------------------------------------------------- throughput
@@ -250,8 +289,9 @@ OURS, OURS_FLOAT = "ours: ShardDataModule train loader (uint8 batches)", "ours +
 def ours(urls: list[str], convert: bool = False) -> Callable[[], int]:
     """One pass over the ``ShardDataModule`` train loader (built once, as Lightning does); with ``convert``
     every batch also goes through ``to_model_inputs`` here, on the CPU."""
-    dm = ShardDataModule(urls, condition="canny", resolution=RES, batch_size=BATCH, num_workers=0,
-                         shuffle_buffer=1000, seed=0)
+    dm = ShardDataModule(
+        urls, condition="canny", resolution=RES, batch_size=BATCH, num_workers=0, shuffle_buffer=1000, seed=0
+    )
     dm.setup("fit")
     loader = dm.train_dataloader()
     if convert:
@@ -263,8 +303,13 @@ def stages(urls: list[str]) -> dict[str, Callable[[], int]]:
     """Our per-sample stages, each over all samples held in memory (see the module docstring)."""
     raw = list(wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples()))
     decoder = SampleDecoder("canny", RES, True, True, seed=0)
-    arrays = [(schema.decode_member(schema.IMAGE, s[schema.IMAGE]),
-               schema.decode_member(schema.CANNY, s[schema.CANNY])) for s in raw]
+    arrays = [
+        (
+            schema.decode_member(schema.IMAGE, s[schema.IMAGE]),
+            schema.decode_member(schema.CANNY, s[schema.CANNY]),
+        )
+        for s in raw
+    ]
     decoded = [decoder(s) for s in raw]
     batched = [collate(decoded[start : start + BATCH]) for start in range(0, len(decoded) - BATCH + 1, BATCH)]
 
@@ -290,11 +335,14 @@ def stages(urls: list[str]) -> dict[str, Callable[[], int]]:
     def convert() -> int:
         return sum(len(to_model_inputs(batch)["key"]) for batch in batched)
 
-    return {"tar read (webdataset)": read, "decode jpg + canny png + caption": decode,
-            "paired resize/crop/flip": transform,
-            "SampleDecoder total (decode + transform + uint8 tensors)": lambda: sum(1 for s in raw if decoder(s)),
-            f"collate (uint8, batches of {BATCH})": batches,
-            "to_model_inputs on the CPU (on the accelerator in training)": convert}
+    return {
+        "tar read (webdataset)": read,
+        "decode jpg + canny png + caption": decode,
+        "paired resize/crop/flip": transform,
+        "SampleDecoder total (decode + transform + uint8 tensors)": lambda: sum(1 for s in raw if decoder(s)),
+        f"collate (uint8, batches of {BATCH})": batches,
+        "to_model_inputs on the CPU (on the accelerator in training)": convert,
+    }
 
 
 def interleave(runs: dict[str, Callable[[], int]], repeats: int, warmup: int) -> dict[str, list[float]]:
@@ -317,11 +365,16 @@ def ratio(rates: dict[str, list[float]], name: str, ref: str) -> float:
 
 
 def throughput_table(rates: dict[str, list[float]]) -> str:
-    lines = ["| variant | median samples/s | ms/sample | vs raw OpenCV | vs raw PIL |", "|---|---:|---:|---:|---:|"]
+    lines = [
+        "| variant | median samples/s | ms/sample | vs raw OpenCV | vs raw PIL |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for name in rates:
         rate = statistics.median(rates[name])
-        lines.append(f"| {name} | {rate:.1f} | {1e3 / rate:.2f} | {ratio(rates, name, 'raw OpenCV'):.2f}x "
-                     f"| {ratio(rates, name, 'raw PIL'):.2f}x |")
+        lines.append(
+            f"| {name} | {rate:.1f} | {1e3 / rate:.2f} | {ratio(rates, name, 'raw OpenCV'):.2f}x "
+            f"| {ratio(rates, name, 'raw PIL'):.2f}x |"
+        )
     return "\n".join(lines)
 
 
@@ -332,8 +385,10 @@ def stages_table(rates: dict[str, list[float]]) -> str:
 
 
 def converters_table(rows: list[dict]) -> str:
-    lines = ["| converter (1 worker, 512 px) | source images | median images/s | written | skipped |",
-             "|---|---:|---:|---:|---|"]
+    lines = [
+        "| converter (1 worker, 512 px) | source images | median images/s | written | skipped |",
+        "|---|---:|---:|---:|---|",
+    ]
     for r in rows:
         skipped = ", ".join(f"{k} {v}" for k, v in r["skipped"].items()) or "none"
         lines.append(f"| {r['name']} | {r['images']} | {r['rate']:.1f} | {r['written']} | {skipped} |")
@@ -377,40 +432,56 @@ def main(argv: list[str] | None = None) -> str:
     load_before = os.getloadavg()
     source = ensure(cache / f"coco-{sizes.coco}", write_coco, sizes.coco)
     shards = cache / f"coco-canny-{RES}-{sizes.coco}"  # converted once; later runs find them up to date
-    coco.convert(source / "train2017", source / "annotations" / "captions_train2017.json", shards,
-                      val_fraction=0.0, shard_size=SHARD_SIZE, options=coco.CannyOptions(resolution=RES))
+    coco.convert(
+        source / "train2017",
+        source / "annotations" / "captions_train2017.json",
+        shards,
+        val_fraction=0.0,
+        shard_size=SHARD_SIZE,
+        options=coco.CannyOptions(resolution=RES),
+    )
     urls = sorted(str(p) for p in shards.glob("train-*.tar"))
-    throughput = interleave({"raw PIL": lambda: raw_pil(urls), "raw OpenCV": lambda: raw_opencv(urls),
-                             OURS: ours(urls), OURS_FLOAT: ours(urls, convert=True)}, repeats, warmup)
+    throughput = interleave(
+        {
+            "raw PIL": lambda: raw_pil(urls),
+            "raw OpenCV": lambda: raw_opencv(urls),
+            OURS: ours(urls),
+            OURS_FLOAT: ours(urls, convert=True),
+        },
+        repeats,
+        warmup,
+    )
     breakdown = interleave(stages(urls), repeats, warmup)
     converter_rows = time_converters(cache, sizes, max(1, repeats // 3), warmup)
     load_after = os.getloadavg()
     command = "python -m benchmarks.data_pipeline" + (" --quick" if args.quick else f" --repeats {repeats}")
     command += f" --threads {args.threads}" if args.threads != 1 else ""
     load = "/".join(f"{x:.1f}" for x in load_before) + " before, " + "/".join(f"{x:.1f}" for x in load_after)
-    section = "\n\n".join([
-        "## Data pipeline: decode + transform + collate at 512 px, and the converters",
-        f"`benchmarks/data_pipeline.py` (run `{command}`): samples per second of one process, as one "
-        "DataLoader worker: `raw PIL`/`raw OpenCV` read the tar members with `tarfile` and decode the jpg and "
-        "canny png to uint8 arrays, nothing else; `ours` is the `ShardDataModule` train loader "
-        f"(`num_workers=0`, batch {BATCH}, shuffle buffer 1000, random crop and flip) on the same shards, "
-        "its uint8 batches as they leave a worker (second row: plus the float conversion on the CPU), "
-        f"made once by `data_prep.coco --resolution {RES}` from a COCO layout of {sizes.coco} crops of "
-        "scikit-image's photos upscaled beyond 512 px. Converters: one worker into fresh folders, on "
-        f"{sizes.ade20k} procedural ADE20K scenes and {sizes.faces} crops of `astronaut.png` of the same sizes.",
-        f"Measured {datetime.date.today().isoformat()} with `{command}` on {os.cpu_count()} CPU cores "
-        f"({platform.machine()}, torch {torch.__version__}, torch threads {torch.get_num_threads()}, "
-        f"OpenCV {cv2.__version__}, Pillow {PIL.__version__}, webdataset {wds.__version__}), load average "
-        f"(1/5/15 min) {load} after; {len(urls)} shard(s) of {SHARD_SIZE} samples at {RES} px, "
-        f"{repeats} interleaved rounds after {warmup} warm-up round.",
-        "**Decode + transform + collate, one process (= one DataLoader worker)**",
-        throughput_table(throughput),
-        reading(throughput),
-        "**Where our time goes** (pipeline functions on in-memory samples)",
-        stages_table(breakdown),
-        f"**Converters** ({max(1, repeats // 3)} interleaved rounds)",
-        converters_table(converter_rows),
-    ])
+    section = "\n\n".join(
+        [
+            "## Data pipeline: decode + transform + collate at 512 px, and the converters",
+            f"`benchmarks/data_pipeline.py` (run `{command}`): samples per second of one process, as one "
+            "DataLoader worker: `raw PIL`/`raw OpenCV` read the tar members with `tarfile` and decode the jpg and "
+            "canny png to uint8 arrays, nothing else; `ours` is the `ShardDataModule` train loader "
+            f"(`num_workers=0`, batch {BATCH}, shuffle buffer 1000, random crop and flip) on the same shards, "
+            "its uint8 batches as they leave a worker (second row: plus the float conversion on the CPU), "
+            f"made once by `data_prep.coco --resolution {RES}` from a COCO layout of {sizes.coco} crops of "
+            "scikit-image's photos upscaled beyond 512 px. Converters: one worker into fresh folders, on "
+            f"{sizes.ade20k} procedural ADE20K scenes and {sizes.faces} crops of `astronaut.png` of the same sizes.",
+            f"Measured {datetime.date.today().isoformat()} with `{command}` on {os.cpu_count()} CPU cores "
+            f"({platform.machine()}, torch {torch.__version__}, torch threads {torch.get_num_threads()}, "
+            f"OpenCV {cv2.__version__}, Pillow {PIL.__version__}, webdataset {wds.__version__}), load average "
+            f"(1/5/15 min) {load} after; {len(urls)} shard(s) of {SHARD_SIZE} samples at {RES} px, "
+            f"{repeats} interleaved rounds after {warmup} warm-up round.",
+            "**Decode + transform + collate, one process (= one DataLoader worker)**",
+            throughput_table(throughput),
+            reading(throughput),
+            "**Where our time goes** (pipeline functions on in-memory samples)",
+            stages_table(breakdown),
+            f"**Converters** ({max(1, repeats // 3)} interleaved rounds)",
+            converters_table(converter_rows),
+        ]
+    )
     print(section)
     if not args.no_write and not args.quick:
         write_section(section, README, START, END)

@@ -36,9 +36,14 @@ START, END = "<!-- memory:start -->", "<!-- memory:end -->"
 SD15 = Path(__file__).resolve().parents[1] / "src" / "models" / "sd15"
 CONF = Path(__file__).resolve().parents[1] / "conf"
 QUICK_UNET = dict(
-    block_out_channels=[32, 64], layers_per_block=1, cross_attention_dim=32, attention_head_dim=4,
-    norm_num_groups=8, down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
-    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"], sample_size=8,
+    block_out_channels=[32, 64],
+    layers_per_block=1,
+    cross_attention_dim=32,
+    attention_head_dim=4,
+    norm_num_groups=8,
+    down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
+    sample_size=8,
 )
 
 
@@ -52,8 +57,11 @@ class Case:
 
     @property
     def label(self) -> str:
-        switches = [s for s, on in (("grad ckpt", self.gradient_checkpointing),
-                                    ("channels-last", self.channels_last)) if on]
+        switches = [
+            s
+            for s, on in (("grad ckpt", self.gradient_checkpointing), ("channels-last", self.channels_last))
+            if on
+        ]
         return f"OFT `{self.oft}`" + (" + " + " + ".join(switches) if switches else "")
 
 
@@ -124,9 +132,15 @@ def run_case(case: Case, repeats: int, quick: bool) -> dict:
 
     times = [step() for _ in range(1 + repeats)]
     return dict(
-        case=asdict(case), label=case.label, adapted_layers=len(adapted), oft_dof=oft_parameter_count(unet),
+        case=asdict(case),
+        label=case.label,
+        adapted_layers=len(adapted),
+        oft_dof=oft_parameter_count(unet),
         frozen_params=sum(p.numel() for p in unet.parameters() if not p.requires_grad),
-        model_rss=model_rss, peak_rss=_peak_rss(), first_step_s=times[0], step_s=statistics.median(times[1:]),
+        model_rss=model_rss,
+        peak_rss=_peak_rss(),
+        first_step_s=times[0],
+        step_s=statistics.median(times[1:]),
     )
 
 
@@ -155,15 +169,28 @@ def run_text_encoder(repeats: int, quick: bool) -> dict:
 
 def spawn(kind: str, payload: dict, repeats: int, threads: int, quick: bool) -> dict:
     """Run one worker in a fresh interpreter and return its JSON result."""
-    command = [sys.executable, "-m", "benchmarks.memory", "--worker", kind, "--payload", json.dumps(payload),
-               "--repeats", str(repeats), "--threads", str(threads)] + (["--quick"] if quick else [])
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks.memory",
+        "--worker",
+        kind,
+        "--payload",
+        json.dumps(payload),
+        "--repeats",
+        str(repeats),
+        "--threads",
+        str(threads),
+    ] + (["--quick"] if quick else [])
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     errors = []
     for _ in range(2):  # one retry, reported in the table
         done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=Path(__file__).parents[1])
         if not done.returncode:
             return json.loads(done.stdout.strip().splitlines()[-1]) | {"retried_after": errors}
-        errors.append(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}")
+        errors.append(
+            done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"
+        )
         print(f"worker {kind} {payload} failed: {errors[-1]}", file=sys.stderr, flush=True)
     raise RuntimeError(f"worker {kind} {payload} failed twice:\n{done.stderr[-3000:]}")
 
@@ -187,8 +214,10 @@ caption embeddings pays off."""
 
 
 def _row(r: dict) -> str:
-    return (f"| {r['label']} | {r['oft_dof']:,} | {_gb(r['model_rss'])} | {_gb(r['peak_rss'])} | "
-            f"{_gb(r['peak_rss'] - r['model_rss'])} | {r['step_s']:.1f} | {r['first_step_s']:.1f} |")
+    return (
+        f"| {r['label']} | {r['oft_dof']:,} | {_gb(r['model_rss'])} | {_gb(r['peak_rss'])} | "
+        f"{_gb(r['peak_rss'] - r['model_rss'])} | {r['step_s']:.1f} | {r['first_step_s']:.1f} |"
+    )
 
 
 def findings(results: list[dict], text: dict) -> list[str]:
@@ -218,14 +247,20 @@ def findings(results: list[dict], text: dict) -> list[str]:
 def table(results: list[dict], text: dict) -> str:
     """The section body: what is measured, the table, the findings."""
     lines = [
-        INTRO, "",
+        INTRO,
+        "",
         "| configuration | OFT dof | model RSS (GB) | peak RSS (GB) | step adds (GB) | step (s) | first step (s) |",
         "|---|---:|---:|---:|---:|---:|---:|",
-        *(_row(r) for r in results), "",
+        *(_row(r) for r in results),
+        "",
         *findings(results, text),
         f"- Frozen UNet parameters: {results[0]['frozen_params']:,}; adapted layers: {results[0]['adapted_layers']}.",
     ]
-    lines += [f"- {r['label']} failed once and was rerun: `{e}`" for r in results for e in r.get("retried_after", [])]
+    lines += [
+        f"- {r['label']} failed once and was rerun: `{e}`"
+        for r in results
+        for e in r.get("retried_after", [])
+    ]
     return "\n".join(lines)
 
 
@@ -233,9 +268,11 @@ def machine(threads: int) -> str:
     import torch
 
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    return (f"{platform.processor() or platform.machine()}, nproc {os.cpu_count()}, OMP_NUM_THREADS={threads}"
-            f", Python {platform.python_version()}, torch {torch.__version__}; load average at the "
-            f"end {load} (the machine is shared: times are inflated, memory is not)")
+    return (
+        f"{platform.processor() or platform.machine()}, nproc {os.cpu_count()}, OMP_NUM_THREADS={threads}"
+        f", Python {platform.python_version()}, torch {torch.__version__}; load average at the "
+        f"end {load} (the machine is shared: times are inflated, memory is not)"
+    )
 
 
 def write_section(body: str, path: Path = README) -> None:
@@ -269,11 +306,15 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     for case in CASES:
         results.append(spawn("step", asdict(case), args.repeats, args.threads, args.quick))
-        print(f"{case.label}: {results[-1]['step_s']:.2f} s, peak {_gb(results[-1]['peak_rss'])} GB", flush=True)
+        print(
+            f"{case.label}: {results[-1]['step_s']:.2f} s, peak {_gb(results[-1]['peak_rss'])} GB", flush=True
+        )
     text = spawn("text", {}, args.repeats, args.threads, args.quick)
     command = "python -m benchmarks.memory" + (f" --repeats {args.repeats}" if args.repeats != 2 else "")
-    body = (f"{table(results, text)}\n\nMeasured {datetime.date.today().isoformat()} with `{command}` on "
-            f"{machine(args.threads)}.")
+    body = (
+        f"{table(results, text)}\n\nMeasured {datetime.date.today().isoformat()} with `{command}` on "
+        f"{machine(args.threads)}."
+    )
     print(body)
     if not (args.quick or args.no_write):
         write_section(body)

@@ -59,8 +59,9 @@ class SegOptions:
     max_caption_classes: int = 6
 
 
-def load_ade20k_items(root: str | Path, texts: dict[str, tuple[str, ...]],
-                      folders: tuple[str, ...] = tuple(FOLDERS)) -> list[SourceItem]:
+def load_ade20k_items(
+    root: str | Path, texts: dict[str, tuple[str, ...]], folders: tuple[str, ...] = tuple(FOLDERS)
+) -> list[SourceItem]:
     """One item per image in ``ROOT/images/{folder}``, pinned to its split; ``texts``: loaded captions."""
     root = Path(root)
     items = []
@@ -69,7 +70,9 @@ def load_ade20k_items(root: str | Path, texts: dict[str, tuple[str, ...]],
             raise ValueError(f"unknown ADE20K folder {folder!r}; expected some of {list(FOLDERS)}")
         images_dir = root / "images" / folder
         if not images_dir.is_dir():
-            raise ValueError(f"{images_dir} is not a directory (expected ADEChallengeData2016/images/{folder})")
+            raise ValueError(
+                f"{images_dir} is not a directory (expected ADEChallengeData2016/images/{folder})"
+            )
         for path in sorted(images_dir.rglob("*.jpg")):
             relative = path.relative_to(images_dir)
             annotation = root / "annotations" / folder / relative.with_suffix(".png")
@@ -97,9 +100,14 @@ def make_seg_sample(item: SourceItem, options: SegOptions) -> dict[str, bytes]:
     rgb, labels, seg = annotate_seg(load_rgb(info.image), load_labels(info.annotation), options)
     captions = info.captions or (palette.classes_caption(labels, options.max_caption_classes),)
     meta = {
-        "source": DATASET, "source_id": item.source_id, "folder": info.folder,
-        "width": rgb.shape[1], "height": rgb.shape[0], "resolution": options.resolution,
-        "captions": list(captions), "caption_index": 0,
+        "source": DATASET,
+        "source_id": item.source_id,
+        "folder": info.folder,
+        "width": rgb.shape[1],
+        "height": rgb.shape[0],
+        "resolution": options.resolution,
+        "captions": list(captions),
+        "caption_index": 0,
         "caption_source": "file" if info.captions else "classes",
         "classes": [int(k) for k in np.unique(labels) if k > 0],
         "palette": "ade20k (controlnet-aux ade_palette), label k -> palette[k-1], 0 -> black",
@@ -114,24 +122,44 @@ def make_seg_sample(item: SourceItem, options: SegOptions) -> dict[str, bytes]:
     }
 
 
-def convert(root: str | Path, out: str | Path, *, captions: str | Path | None = None,
-            folders: tuple[str, ...] = tuple(FOLDERS), max_samples: int | None = None, workers: int = 1,
-            shard_size: int = 1000, options: SegOptions | None = None,
-            overwrite: bool = False) -> dict[str, Any]:
+def convert(
+    root: str | Path,
+    out: str | Path,
+    *,
+    captions: str | Path | None = None,
+    folders: tuple[str, ...] = tuple(FOLDERS),
+    max_samples: int | None = None,
+    workers: int = 1,
+    shard_size: int = 1000,
+    options: SegOptions | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
     """Convert ADE20K to segmentation shards in ``out``; return the summary dict."""
     options = options or SegOptions()
     texts = load_captions(captions)
     items = load_ade20k_items(root, texts, folders)
     settings = {"annotator": "ade20k_palette", "captions_sha1": captions_digest(texts), **asdict(options)}
-    return write_dataset(items, partial(make_seg_sample, options=options), out, dataset=DATASET,
-                         settings=settings, val_fraction=0.0, shard_size=shard_size,
-                         max_samples=max_samples, workers=workers, overwrite=overwrite)
+    return write_dataset(
+        items,
+        partial(make_seg_sample, options=options),
+        out,
+        dataset=DATASET,
+        settings=settings,
+        val_fraction=0.0,
+        shard_size=shard_size,
+        max_samples=max_samples,
+        workers=workers,
+        overwrite=overwrite,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Command-line interface of the converter."""
-    parser = argparse.ArgumentParser(prog="python -m data_prep.ade20k", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m data_prep.ade20k",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_writer_args(parser)
     parser.add_argument("--root", required=True, help="the ADEChallengeData2016 folder")
     parser.add_argument("--captions", default=None, help="JSON file or folder of {stem}.txt captions")
@@ -143,9 +171,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Entry point of ``python -m data_prep.ade20k``."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    summary = convert(args.root, args.out, captions=args.captions, folders=tuple(args.folders.split(",")),
-                      max_samples=args.max_samples, workers=args.workers, shard_size=args.shard_size,
-                      options=SegOptions(resolution=args.resolution), overwrite=args.overwrite)
+    summary = convert(
+        args.root,
+        args.out,
+        captions=args.captions,
+        folders=tuple(args.folders.split(",")),
+        max_samples=args.max_samples,
+        workers=args.workers,
+        shard_size=args.shard_size,
+        options=SegOptions(resolution=args.resolution),
+        overwrite=args.overwrite,
+    )
     print(json.dumps({k: summary[k] for k in ("written", "splits", "skipped", "seconds")}, indent=1))
     return summary
 

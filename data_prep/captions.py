@@ -27,7 +27,9 @@ def load_captions(source: str | Path | None) -> dict[str, tuple[str, ...]]:
         return {}
     path = Path(source)
     if path.is_dir():
-        return {p.stem: _clean(p.read_text(encoding="utf-8").splitlines()) for p in sorted(path.glob("*.txt"))}
+        return {
+            p.stem: _clean(p.read_text(encoding="utf-8").splitlines()) for p in sorted(path.glob("*.txt"))
+        }
     if not path.is_file():
         raise ValueError(f"captions source {path} is neither a JSON file nor a folder of .txt files")
     data = json.loads(path.read_text(encoding="utf-8"))

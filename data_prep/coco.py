@@ -74,8 +74,13 @@ def load_coco_items(images_dir: str | Path, captions_file: str | Path) -> tuple[
         if not texts:
             skipped["no_captions"] += 1
             continue
-        payload = CocoImage(str(Path(images_dir) / image["file_name"]), image["file_name"],
-                            int(image["width"]), int(image["height"]), texts)
+        payload = CocoImage(
+            str(Path(images_dir) / image["file_name"]),
+            image["file_name"],
+            int(image["width"]),
+            int(image["height"]),
+            texts,
+        )
         items.append(SourceItem(str(image["id"]), payload))
     return items, skipped
 
@@ -94,12 +99,18 @@ def make_coco_sample(item: SourceItem, options: CannyOptions) -> dict[str, bytes
     rgb, edges = annotate_canny(load_rgb(info.path), options)
     schema.check_same_size(rgb, {schema.CANNY: edges})
     meta = {
-        "source": DATASET, "source_id": item.source_id, "file_name": info.file_name,
-        "width": rgb.shape[1], "height": rgb.shape[0],
-        "source_width": info.width, "source_height": info.height,
-        "captions": list(info.captions), "caption_index": 0,
+        "source": DATASET,
+        "source_id": item.source_id,
+        "file_name": info.file_name,
+        "width": rgb.shape[1],
+        "height": rgb.shape[0],
+        "source_width": info.width,
+        "source_height": info.height,
+        "captions": list(info.captions),
+        "caption_index": 0,
         "canny": {"low": options.canny_low, "high": options.canny_high, "on": options.canny_on},
-        "resolution": options.resolution, "schema_version": schema.SCHEMA_VERSION,
+        "resolution": options.resolution,
+        "schema_version": schema.SCHEMA_VERSION,
     }
     return {
         schema.IMAGE: schema.encode_member(schema.IMAGE, rgb),
@@ -127,25 +138,39 @@ def convert(
         raise ValueError(f"--images {images} is not a directory (expected COCO's train2017/)")
     items, pre_skipped = load_coco_items(images, captions)
     return write_dataset(
-        items, partial(make_coco_sample, options=options), out, dataset=DATASET,
-        settings={"annotator": "canny", **asdict(options)}, val_fraction=val_fraction,
-        shard_size=shard_size, max_samples=max_samples, workers=workers,
-        pre_skipped=pre_skipped, overwrite=overwrite,
+        items,
+        partial(make_coco_sample, options=options),
+        out,
+        dataset=DATASET,
+        settings={"annotator": "canny", **asdict(options)},
+        val_fraction=val_fraction,
+        shard_size=shard_size,
+        max_samples=max_samples,
+        workers=workers,
+        pre_skipped=pre_skipped,
+        overwrite=overwrite,
     )
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Command-line interface of the converter."""
-    parser = argparse.ArgumentParser(prog="python -m data_prep.coco", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m data_prep.coco",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_writer_args(parser)
     parser.add_argument("--images", required=True, help="COCO image folder, e.g. DIR/train2017")
     parser.add_argument("--captions", required=True, help="e.g. DIR/annotations/captions_train2017.json")
     parser.add_argument("--val-fraction", type=float, default=0.01, help="share of images for val")
     parser.add_argument("--canny-low", type=int, default=CANNY_LOW)
     parser.add_argument("--canny-high", type=int, default=CANNY_HIGH)
-    parser.add_argument("--canny-on", choices=("gray", "rgb"), default="gray",
-                        help="run Canny on the grayscale image (default) or the RGB image (ControlNet)")
+    parser.add_argument(
+        "--canny-on",
+        choices=("gray", "rgb"),
+        default="gray",
+        help="run Canny on the grayscale image (default) or the RGB image (ControlNet)",
+    )
     return parser
 
 
@@ -154,9 +179,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     options = CannyOptions(args.resolution, args.canny_low, args.canny_high, args.canny_on)
-    summary = convert(args.images, args.captions, args.out, val_fraction=args.val_fraction,
-                      max_samples=args.max_samples, workers=args.workers, shard_size=args.shard_size,
-                      options=options, overwrite=args.overwrite)
+    summary = convert(
+        args.images,
+        args.captions,
+        args.out,
+        val_fraction=args.val_fraction,
+        max_samples=args.max_samples,
+        workers=args.workers,
+        shard_size=args.shard_size,
+        options=options,
+        overwrite=args.overwrite,
+    )
     print(json.dumps({k: summary[k] for k in ("written", "splits", "skipped", "seconds")}, indent=1))
     return summary
 

@@ -43,6 +43,7 @@ TOY_TRAIN, TOY_VAL, TOY_SEED = 1024, 64, 100
 #: same place as ``conf/paths`` + ``conf/data/demo.yaml``: ``$OFT_CONTROL_CACHE/data/demo``.
 DEFAULT_ROOT = Path(os.environ.get("OFT_CONTROL_CACHE", "~/.cache/oft-control")) / "data" / "demo"
 
+
 def _ensure_layout(folder: Path, write: Callable[[Path], object]) -> bool:
     """Write a source layout unless a complete one of this version is there; True if (re)written.
 
@@ -61,10 +62,18 @@ def _build_canny(root: Path) -> Path:
     """COCO layout of toy scenes -> canny shards through ``data_prep.coco.convert``."""
     source, out = root / "coco", root / "canny"
     rebuilt = _ensure_layout(
-        source, lambda folder: toy_world.write_coco_layout(folder, TOY_TRAIN + TOY_VAL, TOY_SEED, DEMO_RESOLUTION))
-    coco.convert(source / "train2017", source / "annotations" / "captions_train2017.json", out,
-                 val_fraction=TOY_VAL / (TOY_TRAIN + TOY_VAL), shard_size=256,
-                 options=coco.CannyOptions(resolution=DEMO_RESOLUTION), overwrite=rebuilt)
+        source,
+        lambda folder: toy_world.write_coco_layout(folder, TOY_TRAIN + TOY_VAL, TOY_SEED, DEMO_RESOLUTION),
+    )
+    coco.convert(
+        source / "train2017",
+        source / "annotations" / "captions_train2017.json",
+        out,
+        val_fraction=TOY_VAL / (TOY_TRAIN + TOY_VAL),
+        shard_size=256,
+        options=coco.CannyOptions(resolution=DEMO_RESOLUTION),
+        overwrite=rebuilt,
+    )
     return out
 
 
@@ -72,9 +81,17 @@ def _build_seg(root: Path) -> Path:
     """ADE20K layout of toy scenes -> segmentation shards through ``data_prep.ade20k.convert``."""
     source, out = root / "ADEChallengeData2016", root / "seg"
     rebuilt = _ensure_layout(
-        source, lambda folder: toy_world.write_ade20k_layout(folder, TOY_TRAIN, TOY_VAL, TOY_SEED, DEMO_RESOLUTION))
-    ade20k.convert(source, out, captions=source / "captions.json", shard_size=256,
-                   options=ade20k.SegOptions(resolution=DEMO_RESOLUTION), overwrite=rebuilt)
+        source,
+        lambda folder: toy_world.write_ade20k_layout(folder, TOY_TRAIN, TOY_VAL, TOY_SEED, DEMO_RESOLUTION),
+    )
+    ade20k.convert(
+        source,
+        out,
+        captions=source / "captions.json",
+        shard_size=256,
+        options=ade20k.SegOptions(resolution=DEMO_RESOLUTION),
+        overwrite=rebuilt,
+    )
     return out
 
 
@@ -82,13 +99,23 @@ def _build_landmarks(root: Path) -> Path:
     """Face folder (astronaut variants) -> landmark shards through ``data_prep.faces.convert``."""
     source, out = root / "faces", root / "landmarks"
     rebuilt = _ensure_layout(source, write_faces_layout)
-    faces.convert(source / "images", out, captions=source / "captions.json", val_fraction=0.2, shard_size=16,
-                  options=faces.FaceOptions(resolution=DEMO_RESOLUTION), overwrite=rebuilt)
+    faces.convert(
+        source / "images",
+        out,
+        captions=source / "captions.json",
+        val_fraction=0.2,
+        shard_size=16,
+        options=faces.FaceOptions(resolution=DEMO_RESOLUTION),
+        overwrite=rebuilt,
+    )
     return out
 
 
-BUILDERS: dict[str, Callable[[Path], Path]] = {"canny": _build_canny, "seg": _build_seg,
-                                               "landmarks": _build_landmarks}
+BUILDERS: dict[str, Callable[[Path], Path]] = {
+    "canny": _build_canny,
+    "seg": _build_seg,
+    "landmarks": _build_landmarks,
+}
 
 
 @contextmanager
@@ -117,8 +144,11 @@ def build_demo(task: str = "canny", root: str | Path = DEFAULT_ROOT) -> Path:
 
 def main(argv: list[str] | None = None) -> Path:
     """Entry point of ``python -m data_prep.demo``."""
-    parser = argparse.ArgumentParser(prog="python -m data_prep.demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m data_prep.demo",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--task", default="canny", help=f"one of {sorted(BUILDERS)}")
     parser.add_argument("--root", default=str(DEFAULT_ROOT), help="where the layout and shards go")
     args = parser.parse_args(argv)

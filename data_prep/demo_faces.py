@@ -23,8 +23,10 @@ N_FACES = 40
 FACE_CENTER, FACE_SIZE = (225, 124), 100  # of the face in astronaut.png (512 x 512)
 NO_FACE_PHOTOS = ("coffee.png", "rocket.jpg")
 CAPTIONS = (
-    "a smiling woman astronaut", "a portrait of a smiling woman with short brown hair",
-    "a woman in a spacesuit smiling in front of a flag", "close-up of a smiling woman's face",
+    "a smiling woman astronaut",
+    "a portrait of a smiling woman with short brown hair",
+    "a woman in a spacesuit smiling in front of a flag",
+    "close-up of a smiling woman's face",
     "an astronaut's official portrait",
 )
 
@@ -42,8 +44,12 @@ def face_variant(photo: np.ndarray, index: int) -> tuple[np.ndarray, bool]:
     if index % 2:
         crop = crop[:, ::-1]
     size = 96 + 8 * (index % 5)
-    image = cv2.resize(np.ascontiguousarray(crop), (size, size), interpolation=cv2.INTER_AREA).astype(np.float32)
-    image = np.clip((image - 128) * rng.uniform(0.8, 1.2) + 128 + rng.uniform(-20, 20), 0, 255).astype(np.uint8)
+    image = cv2.resize(np.ascontiguousarray(crop), (size, size), interpolation=cv2.INTER_AREA).astype(
+        np.float32
+    )
+    image = np.clip((image - 128) * rng.uniform(0.8, 1.2) + 128 + rng.uniform(-20, 20), 0, 255).astype(
+        np.uint8
+    )
     gray = index % 5 == 4
     if gray:
         image = np.repeat(cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)[..., None], 3, axis=2)
@@ -68,6 +74,8 @@ def write_faces_layout(base: Path) -> None:
         captions[name] = captions_of(index, gray)
     for index, photo_name in enumerate(NO_FACE_PHOTOS):
         other = skimage_photo(photo_name)
-        small = cv2.resize(other, (112, round(112 * other.shape[0] / other.shape[1])), interpolation=cv2.INTER_AREA)
+        small = cv2.resize(
+            other, (112, round(112 * other.shape[0] / other.shape[1])), interpolation=cv2.INTER_AREA
+        )
         Image.fromarray(small).save(images / f"noface_{index}.jpg", quality=90)
     (base / "captions.json").write_text(json.dumps(captions, indent=1), encoding="utf-8")

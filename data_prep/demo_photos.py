@@ -21,27 +21,57 @@ PHOTOS_VERSION = 1
 
 #: photos shipped inside scikit-image's package folder (``skimage/data``), with hand-written captions.
 PHOTOS: dict[str, tuple[str, ...]] = {
-    "astronaut.png": ("a portrait of a smiling astronaut in a spacesuit", "an astronaut posing in front of a flag",
-                      "a woman in a space suit smiling at the camera"),
-    "chelsea.png": ("a tabby cat looking to the side", "close-up of a cat's face with long whiskers",
-                    "an orange and brown striped cat indoors"),
-    "coffee.png": ("a cup of coffee on a saucer", "a white coffee cup with a spoon",
-                   "a hot drink served in a cup on a table"),
-    "rocket.jpg": ("a rocket standing on a launch pad", "a space rocket ready for launch under a blue sky",
-                   "a tall rocket next to its launch tower"),
-    "camera.png": ("a black and white photo of a man with a camera", "a photographer looking through a camera",
-                   "a man standing behind a camera on a tripod"),
-    "motorcycle_left.png": ("a motorcycle parked indoors", "a motorbike in a cluttered room",
-                            "a shiny motorcycle seen from the side"),
-    "coins.png": ("old coins on a dark surface", "a black and white photo of many coins",
-                  "a collection of round coins laid out in rows"),
-    "hubble_deep_field.jpg": ("distant galaxies in deep space", "a telescope image of many galaxies",
-                              "stars and galaxies on a black sky"),
+    "astronaut.png": (
+        "a portrait of a smiling astronaut in a spacesuit",
+        "an astronaut posing in front of a flag",
+        "a woman in a space suit smiling at the camera",
+    ),
+    "chelsea.png": (
+        "a tabby cat looking to the side",
+        "close-up of a cat's face with long whiskers",
+        "an orange and brown striped cat indoors",
+    ),
+    "coffee.png": (
+        "a cup of coffee on a saucer",
+        "a white coffee cup with a spoon",
+        "a hot drink served in a cup on a table",
+    ),
+    "rocket.jpg": (
+        "a rocket standing on a launch pad",
+        "a space rocket ready for launch under a blue sky",
+        "a tall rocket next to its launch tower",
+    ),
+    "camera.png": (
+        "a black and white photo of a man with a camera",
+        "a photographer looking through a camera",
+        "a man standing behind a camera on a tripod",
+    ),
+    "motorcycle_left.png": (
+        "a motorcycle parked indoors",
+        "a motorbike in a cluttered room",
+        "a shiny motorcycle seen from the side",
+    ),
+    "coins.png": (
+        "old coins on a dark surface",
+        "a black and white photo of many coins",
+        "a collection of round coins laid out in rows",
+    ),
+    "hubble_deep_field.jpg": (
+        "distant galaxies in deep space",
+        "a telescope image of many galaxies",
+        "stars and galaxies on a black sky",
+    ),
 }
 VARIANTS = ("full", "zoom", "corner", "mirror")
 N_DRAWINGS = 8
-COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220), "yellow": (235, 210, 40),
-          "black": (20, 20, 20), "purple": (140, 60, 170)}
+COLORS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 70, 220),
+    "yellow": (235, 210, 40),
+    "black": (20, 20, 20),
+    "purple": (140, 60, 170),
+}
 
 
 # ------------------------------------------------------------------------------------- images
@@ -69,9 +99,11 @@ def drawing(index: int, size: int) -> tuple[np.ndarray, tuple[str, ...]]:
     cv2.circle(canvas, center, int(rng.integers(10, 22)), COLORS[shape_a], -1)
     top_left = (int(rng.integers(4, size // 2)), int(rng.integers(4, size // 2)))
     cv2.rectangle(canvas, top_left, (top_left[0] + 30, top_left[1] + 24), COLORS[shape_b], 3)
-    captions = (f"a {shape_a} circle and a {shape_b} rectangle on a white background",
-                f"a simple drawing of a {shape_a} disc and a {shape_b} square outline",
-                f"{shape_a} and {shape_b} shapes")
+    captions = (
+        f"a {shape_a} circle and a {shape_b} rectangle on a white background",
+        f"a simple drawing of a {shape_a} disc and a {shape_b} square outline",
+        f"{shape_a} and {shape_b} shapes",
+    )
     return canvas, captions
 
 
@@ -96,9 +128,14 @@ def write_coco_layout(root: Path) -> tuple[Path, Path]:
     for image_id, (rgb, captions) in enumerate(demo_images(), start=1):
         file_name = f"{image_id:012d}.jpg"
         Image.fromarray(rgb).save(images_dir / file_name, quality=90)
-        records.append({"id": image_id, "file_name": file_name, "width": rgb.shape[1], "height": rgb.shape[0]})
+        records.append(
+            {"id": image_id, "file_name": file_name, "width": rgb.shape[1], "height": rgb.shape[0]}
+        )
         anns += [{"id": len(anns) + 1, "image_id": image_id, "caption": c} for c in captions]
-    data = {"info": {"description": "OFT-Control offline demo", "version": PHOTOS_VERSION},
-            "images": records, "annotations": anns}
+    data = {
+        "info": {"description": "OFT-Control offline demo", "version": PHOTOS_VERSION},
+        "images": records,
+        "annotations": anns,
+    }
     annotations.write_text(json.dumps(data, indent=1), encoding="utf-8")
     return images_dir, annotations

@@ -24,8 +24,12 @@ N_TRAIN, N_VAL = 32, 8
 
 #: class -> (texture file or None, base RGB colour)
 LOOKS: dict[int, tuple[str | None, tuple[int, int, int]]] = {
-    SKY: (None, (150, 200, 245)), MOUNTAIN: (None, (120, 110, 100)), BUILDING: ("brick.png", (190, 120, 100)),
-    TREE: ("grass.png", (40, 110, 40)), GRASS: ("grass.png", (90, 170, 70)), ROAD: ("gravel.png", (120, 120, 125)),
+    SKY: (None, (150, 200, 245)),
+    MOUNTAIN: (None, (120, 110, 100)),
+    BUILDING: ("brick.png", (190, 120, 100)),
+    TREE: ("grass.png", (40, 110, 40)),
+    GRASS: ("grass.png", (90, 170, 70)),
+    ROAD: ("gravel.png", (120, 120, 125)),
     CAR: (None, (200, 40, 40)),
 }
 
@@ -42,8 +46,10 @@ def scene_labels(rng: np.random.Generator, height: int, width: int) -> np.ndarra
         labels[horizon - int(rng.integers(height // 6, horizon - 4)) : horizon, left : left + bw] = BUILDING
     labels[horizon:] = GRASS
     center, half = int(width * rng.uniform(0.35, 0.65)), int(width * rng.uniform(0.25, 0.4))
-    road = np.array([(center - 3, horizon), (center + 3, horizon), (center + half, height), (center - half, height)],
-                    np.int32)
+    road = np.array(
+        [(center - 3, horizon), (center + 3, horizon), (center + half, height), (center - half, height)],
+        np.int32,
+    )
     cv2.fillPoly(labels, [road], ROAD)
     for _ in range(int(rng.integers(1, 3))):
         x, radius = int(rng.integers(0, width)), int(rng.integers(6, 14))
@@ -62,7 +68,9 @@ def _texture(name: str, rng: np.random.Generator, height: int, width: int) -> np
     texture = _texture_file(name)
     side = int(rng.integers(96, min(texture.shape) + 1))
     top, left = (int(rng.integers(0, s - side + 1)) for s in texture.shape)
-    return cv2.resize(texture[top : top + side, left : left + side], (width, height), interpolation=cv2.INTER_AREA)
+    return cv2.resize(
+        texture[top : top + side, left : left + side], (width, height), interpolation=cv2.INTER_AREA
+    )
 
 
 def render_scene(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -82,7 +90,10 @@ def render_scene(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 def write_ade20k_layout(base: Path) -> None:
     """Write the 32 training + 8 validation scenes in the ADEChallengeData2016 layout under ``base``."""
-    for folder, prefix, count, offset in (("training", "train", N_TRAIN, 0), ("validation", "val", N_VAL, 1000)):
+    for folder, prefix, count, offset in (
+        ("training", "train", N_TRAIN, 0),
+        ("validation", "val", N_VAL, 1000),
+    ):
         (base / "images" / folder).mkdir(parents=True, exist_ok=True)
         (base / "annotations" / folder).mkdir(parents=True, exist_ok=True)
         for index in range(1, count + 1):
@@ -90,5 +101,7 @@ def write_ade20k_layout(base: Path) -> None:
             height = 96 + 8 * (index % 5)
             labels = scene_labels(rng, height, height + 16 * (index % 3))
             name = f"ADE_{prefix}_{index:08d}"
-            Image.fromarray(render_scene(labels, rng)).save(base / "images" / folder / f"{name}.jpg", quality=90)
+            Image.fromarray(render_scene(labels, rng)).save(
+                base / "images" / folder / f"{name}.jpg", quality=90
+            )
             Image.fromarray(labels, mode="L").save(base / "annotations" / folder / f"{name}.png")

@@ -59,7 +59,9 @@ class FaceOptions:
     default_caption: str = "a photo of a face"
 
 
-def load_face_items(images: str | Path, texts: dict[str, tuple[str, ...]], default_caption: str) -> list[SourceItem]:
+def load_face_items(
+    images: str | Path, texts: dict[str, tuple[str, ...]], default_caption: str
+) -> list[SourceItem]:
     """One item per image file under ``images``; ``texts``: loaded captions (see data_prep.captions)."""
     images = Path(images)
     if not images.is_dir():
@@ -84,9 +86,13 @@ def render_faces(shape: tuple[int, ...], faces: list[Any]) -> np.ndarray:
     style = _mediapipe_face()
     canvas = np.zeros((shape[0], shape[1], 3), np.uint8)
     for face in faces:
-        style.mp_drawing.draw_landmarks(canvas, face, connections=style.face_connection_spec.keys(),
-                                        landmark_drawing_spec=None,
-                                        connection_drawing_spec=style.face_connection_spec)
+        style.mp_drawing.draw_landmarks(
+            canvas,
+            face,
+            connections=style.face_connection_spec.keys(),
+            landmark_drawing_spec=None,
+            connection_drawing_spec=style.face_connection_spec,
+        )
         style.draw_pupils(canvas, face, style.iris_landmark_spec, 2)
     return np.ascontiguousarray(canvas[:, :, ::-1])  # the specs' colours are BGR, as in controlnet-aux
 
@@ -102,7 +108,9 @@ def annotate_landmarks(rgb: np.ndarray, options: FaceOptions) -> tuple[np.ndarra
         raise schema.SampleError("no_face")
     drawing = render_faces(detect.shape, faces)
     shrink = detect.shape[0] > height
-    drawing = cv2.resize(drawing, (width, height), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+    drawing = cv2.resize(
+        drawing, (width, height), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
+    )
     points = [[[round(p.x * width, 2), round(p.y * height, 2)] for p in face.landmark] for face in faces]
     return rgb, drawing, points
 
@@ -112,12 +120,23 @@ def make_face_sample(item: SourceItem, options: FaceOptions) -> dict[str, bytes]
     info: FaceImage = item.payload
     rgb, drawing, points = annotate_landmarks(load_rgb(info.path), options)
     size = {"width": rgb.shape[1], "height": rgb.shape[0]}
-    meta = {"source": DATASET, "source_id": item.source_id, **size, "resolution": options.resolution,
-            "captions": list(info.captions), "caption_index": 0, "faces": len(points),
-            "landmarks": {"annotator": "mediapipe_face_mesh (controlnet-aux style)", "points": 478,
-                          "detect_resolution": options.detect_resolution, "max_faces": options.max_faces,
-                          "min_confidence": options.min_confidence},
-            "schema_version": schema.SCHEMA_VERSION}
+    meta = {
+        "source": DATASET,
+        "source_id": item.source_id,
+        **size,
+        "resolution": options.resolution,
+        "captions": list(info.captions),
+        "caption_index": 0,
+        "faces": len(points),
+        "landmarks": {
+            "annotator": "mediapipe_face_mesh (controlnet-aux style)",
+            "points": 478,
+            "detect_resolution": options.detect_resolution,
+            "max_faces": options.max_faces,
+            "min_confidence": options.min_confidence,
+        },
+        "schema_version": schema.SCHEMA_VERSION,
+    }
     return {
         schema.IMAGE: schema.encode_member(schema.IMAGE, rgb),
         schema.CAPTION: schema.encode_member(schema.CAPTION, info.captions[0]),
@@ -127,24 +146,44 @@ def make_face_sample(item: SourceItem, options: FaceOptions) -> dict[str, bytes]
     }
 
 
-def convert(images: str | Path, out: str | Path, *, captions: str | Path | None = None,
-            val_fraction: float = 0.01, max_samples: int | None = None, workers: int = 1,
-            shard_size: int = 1000, options: FaceOptions | None = None,
-            overwrite: bool = False) -> dict[str, Any]:
+def convert(
+    images: str | Path,
+    out: str | Path,
+    *,
+    captions: str | Path | None = None,
+    val_fraction: float = 0.01,
+    max_samples: int | None = None,
+    workers: int = 1,
+    shard_size: int = 1000,
+    options: FaceOptions | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
     """Convert a folder of face photos to landmark shards in ``out``; return the summary dict."""
     options = options or FaceOptions()
     texts = load_captions(captions)
     items = load_face_items(images, texts, options.default_caption)
     settings = {"annotator": "mediapipe_face", "captions_sha1": captions_digest(texts), **asdict(options)}
-    return write_dataset(items, partial(make_face_sample, options=options), out, dataset=DATASET,
-                         settings=settings, val_fraction=val_fraction, shard_size=shard_size,
-                         max_samples=max_samples, workers=workers, overwrite=overwrite)
+    return write_dataset(
+        items,
+        partial(make_face_sample, options=options),
+        out,
+        dataset=DATASET,
+        settings=settings,
+        val_fraction=val_fraction,
+        shard_size=shard_size,
+        max_samples=max_samples,
+        workers=workers,
+        overwrite=overwrite,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Command-line interface of the converter."""
-    parser = argparse.ArgumentParser(prog="python -m data_prep.faces", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m data_prep.faces",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_writer_args(parser)
     parser.add_argument("--images", required=True, help="folder of face photos (searched recursively)")
     parser.add_argument("--captions", default=None, help="JSON file or folder of {stem}.txt captions")
@@ -160,11 +199,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Entry point of ``python -m data_prep.faces``."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    options = FaceOptions(args.resolution, args.detect_resolution, args.max_faces, args.min_confidence,
-                          args.default_caption)
-    summary = convert(args.images, args.out, captions=args.captions, val_fraction=args.val_fraction,
-                      max_samples=args.max_samples, workers=args.workers, shard_size=args.shard_size,
-                      options=options, overwrite=args.overwrite)
+    options = FaceOptions(
+        args.resolution, args.detect_resolution, args.max_faces, args.min_confidence, args.default_caption
+    )
+    summary = convert(
+        args.images,
+        args.out,
+        captions=args.captions,
+        val_fraction=args.val_fraction,
+        max_samples=args.max_samples,
+        workers=args.workers,
+        shard_size=args.shard_size,
+        options=options,
+        overwrite=args.overwrite,
+    )
     print(json.dumps({k: summary[k] for k in ("written", "splits", "skipped", "seconds")}, indent=1))
     return summary
 

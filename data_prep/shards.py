@@ -205,8 +205,14 @@ def write_shard(job: _ShardJob) -> dict[str, Any]:
             written, nbytes, skipped = _write_items(tar, job)
         raw.flush()
         os.fsync(raw.fileno())
-    stats = {"shard": name, "split": job.plan.split, "fingerprint": job.fingerprint,
-             "written": written, "skipped": dict(skipped), "bytes": nbytes}
+    stats = {
+        "shard": name,
+        "split": job.plan.split,
+        "fingerprint": job.fingerprint,
+        "written": written,
+        "skipped": dict(skipped),
+        "bytes": nbytes,
+    }
     _atomic_write_text(out / STATE_DIR / f"{name}.json", json.dumps(stats, indent=1, sort_keys=True))
     os.replace(tmp, out / name)  # the commit point: the shard exists only when complete
     fsync_dir(out)
@@ -241,14 +247,17 @@ def _pending_jobs(plans: Sequence[ShardPlan], out: Path, overwrite: bool, **job_
     names = {p.name for p in plans}
     strays = sorted(p.name for p in out.glob("*.tar") if p.name not in names)
     if strays:
-        raise ValueError(f"{out} holds shards from another run ({strays[:3]}...); use --overwrite or a new --out")
+        raise ValueError(
+            f"{out} holds shards from another run ({strays[:3]}...); use --overwrite or a new --out"
+        )
     jobs = []
     for plan in plans:
         fingerprint = plan.fingerprint(job_kw["settings"])
         state = _read_state(out, plan.name)
         if state is not None and state["fingerprint"] != fingerprint:
-            raise ValueError(f"{out / plan.name} was written with other settings or inputs; "
-                             "use --overwrite or a new --out")
+            raise ValueError(
+                f"{out / plan.name} was written with other settings or inputs; use --overwrite or a new --out"
+            )
         if state is None:
             jobs.append(_ShardJob(plan, str(out), job_kw["dataset"], fingerprint, job_kw["make_sample"]))
     return jobs
@@ -279,8 +288,14 @@ def _summarize(out: Path, plans: Sequence[ShardPlan], pre_skipped: Counter, extr
         split["samples"] += state["written"]
         split["bytes"] += state["bytes"]
     written = sum(s["samples"] for s in splits.values())
-    return {"schema_version": schema.SCHEMA_VERSION, "written": written, "splits": splits,
-            "skipped": dict(sorted(skipped.items())), "skipped_total": sum(skipped.values()), **extra}
+    return {
+        "schema_version": schema.SCHEMA_VERSION,
+        "written": written,
+        "splits": splits,
+        "skipped": dict(sorted(skipped.items())),
+        "skipped_total": sum(skipped.values()),
+        **extra,
+    }
 
 
 def write_dataset(
@@ -313,9 +328,15 @@ def write_dataset(
     for stale in out.glob(".*.tar.tmp"):
         stale.unlink()  # leftovers of an interrupted run
     _run_jobs(jobs, workers, desc=f"{dataset} -> {out.name}")
-    extra = {"dataset": dataset, "settings": settings, "val_fraction": val_fraction, "shard_size": shard_size,
-             "shards_written": len(jobs), "shards_reused": len(plans) - len(jobs),
-             "seconds": round(time.monotonic() - start, 3)}
+    extra = {
+        "dataset": dataset,
+        "settings": settings,
+        "val_fraction": val_fraction,
+        "shard_size": shard_size,
+        "shards_written": len(jobs),
+        "shards_reused": len(plans) - len(jobs),
+        "seconds": round(time.monotonic() - start, 3),
+    }
     summary = _summarize(out, plans, pre_skipped or Counter(), extra)
     _atomic_write_text(out / SUMMARY, json.dumps(summary, indent=1, sort_keys=True))
     return summary

@@ -113,7 +113,12 @@ def _polygon(shape: Shape, side: int) -> np.ndarray:
     """Vertices (pixels, int32) of a square or an upward triangle."""
     cx, cy, half = shape.cx * side, shape.cy * side, shape.size * side
     if shape.kind == "square":
-        points = [(cx - half, cy - half), (cx + half, cy - half), (cx + half, cy + half), (cx - half, cy + half)]
+        points = [
+            (cx - half, cy - half),
+            (cx + half, cy - half),
+            (cx + half, cy + half),
+            (cx - half, cy + half),
+        ]
     else:
         points = [(cx, cy - half), (cx + half, cy + half), (cx - half, cy + half)]
     return np.round(np.array(points)).astype(np.int32)
@@ -160,7 +165,11 @@ def write_coco_layout(root: Path, count: int, seed: int = 0, resolution: int = 6
         Image.fromarray(render(scene, resolution)[0]).save(images_dir / file_name)
         records.append({"id": image_id, "file_name": file_name, "width": resolution, "height": resolution})
         anns.append({"id": image_id, "image_id": image_id, "caption": scene.caption})
-    data = {"info": {"description": "OFT-Control toy world", "seed": seed}, "images": records, "annotations": anns}
+    data = {
+        "info": {"description": "OFT-Control toy world", "seed": seed},
+        "images": records,
+        "annotations": anns,
+    }
     annotations.write_text(json.dumps(data, indent=1), encoding="utf-8")
     return images_dir, annotations
 
@@ -185,9 +194,14 @@ def write_ade20k_layout(root: Path, count: int, val_count: int, seed: int = 0, r
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``python -m data_prep.toy_world``: write both layouts under ``--root``."""
-    parser = argparse.ArgumentParser(prog="python -m data_prep.toy_world", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--root", required=True, help="folder for the coco/ and ADEChallengeData2016/ layouts")
+    parser = argparse.ArgumentParser(
+        prog="python -m data_prep.toy_world",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--root", required=True, help="folder for the coco/ and ADEChallengeData2016/ layouts"
+    )
     parser.add_argument("--count", type=int, default=512, help="scenes per layout (training)")
     parser.add_argument("--val-count", type=int, default=64, help="validation scenes of the ADE20K layout")
     parser.add_argument("--seed", type=int, default=0)

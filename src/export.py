@@ -36,14 +36,22 @@ def prepare_out_dir(out_dir: Path, formats: Sequence[str], overwrite: bool) -> d
     targets = {name: out_dir / name for name in formats}
     busy = [str(p) for p in targets.values() if p.exists() and any(p.iterdir())]
     if busy and not overwrite:
-        raise FileExistsError(f"export folder(s) {busy} are not empty: choose another --out_dir or pass --overwrite")
+        raise FileExistsError(
+            f"export folder(s) {busy} are not empty: choose another --out_dir or pass --overwrite"
+        )
     for path in targets.values():
         shutil.rmtree(path, ignore_errors=True)
     return targets
 
 
-def export(run: str | os.PathLike, out_dir: str | os.PathLike, formats: Sequence[str] = FORMATS,
-           checkpoint: str | None = None, model_path: str | None = None, overwrite: bool = False) -> dict[str, Path]:
+def export(
+    run: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    formats: Sequence[str] = FORMATS,
+    checkpoint: str | None = None,
+    model_path: str | None = None,
+    overwrite: bool = False,
+) -> dict[str, Path]:
     """Export `run` (a run directory or checkpoint) to `out_dir/<format>` for each format; returns the folders."""
     targets = prepare_out_dir(Path(out_dir).expanduser(), list(formats), overwrite)
     trained = load_run(run, checkpoint, model_path)
@@ -51,14 +59,22 @@ def export(run: str | os.PathLike, out_dir: str | os.PathLike, formats: Sequence
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m src.export", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", required=True,
-                        help="a training run directory (config.yaml, checkpoints/) or one of its .ckpt files")
+    parser = argparse.ArgumentParser(
+        prog="python -m src.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--run",
+        required=True,
+        help="a training run directory (config.yaml, checkpoints/) or one of its .ckpt files",
+    )
     parser.add_argument("--out_dir", required=True, help="folder that receives one subfolder per format")
     parser.add_argument("--formats", nargs="+", default=list(FORMATS), choices=FORMATS, help="what to export")
-    parser.add_argument("--checkpoint", default=None, help="a checkpoint other than <run>/checkpoints/last.ckpt")
-    parser.add_argument("--model_path", default=None, help="the frozen backbone's folder, if it moved since training")
+    parser.add_argument(
+        "--checkpoint", default=None, help="a checkpoint other than <run>/checkpoints/last.ckpt"
+    )
+    parser.add_argument(
+        "--model_path", default=None, help="the frozen backbone's folder, if it moved since training"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace existing export folders")
     return parser
 

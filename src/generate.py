@@ -32,8 +32,13 @@ log = logging.getLogger(__name__)
 GRID_ROWS = 16
 
 
-def write_outputs(out_dir: Path, inputs: Sequence[ConditionInput], prompts: Sequence[str], images: torch.Tensor,
-                  options: SamplingOptions) -> dict[str, Any]:
+def write_outputs(
+    out_dir: Path,
+    inputs: Sequence[ConditionInput],
+    prompts: Sequence[str],
+    images: torch.Tensor,
+    options: SamplingOptions,
+) -> dict[str, Any]:
     """Write every image, the grid (first `GRID_ROWS` conditions) and `generations.json`; returns the record."""
     from torchvision.utils import save_image
 
@@ -43,11 +48,17 @@ def write_outputs(out_dir: Path, inputs: Sequence[ConditionInput], prompts: Sequ
         for s, image in enumerate(row):
             name = f"images/{item.key}_{s:02d}.png"
             save_image(image, out_dir / name)
-            records.append({"key": item.key, "sample": s, "seed": options.seed + s, "prompt": prompt, "file": name})
+            records.append(
+                {"key": item.key, "sample": s, "seed": options.seed + s, "prompt": prompt, "file": name}
+            )
     conditions = torch.stack([item.condition for item in inputs[:GRID_ROWS]])
     save_image(image_grid(conditions, images[:GRID_ROWS]), out_dir / "grid.png")
-    record = {"options": asdict(options), "num_inference_steps": options.steps, "images": records,
-              "grid": "grid.png"}
+    record = {
+        "options": asdict(options),
+        "num_inference_steps": options.steps,
+        "images": records,
+        "grid": "grid.png",
+    }
     (out_dir / "generations.json").write_text(json.dumps(record, indent=2))
     return record
 

@@ -28,9 +28,16 @@ ROOT = Path(__file__).resolve().parent.parent
 def _commit() -> str:
     """The commit the weights are trained at (with ``-dirty`` if the tree had uncommitted changes)."""
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, check=True)
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
@@ -46,15 +53,22 @@ def file_digests(folder: Path) -> dict[str, str]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m src.pretrain", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m src.pretrain",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     defaults = ToyRecipe()
-    parser.add_argument("--out", default=str(ROOT / "assets" / "toy-sd"), help="the diffusers folder to write")
+    parser.add_argument(
+        "--out", default=str(ROOT / "assets" / "toy-sd"), help="the diffusers folder to write"
+    )
     parser.add_argument("--work-dir", default="outputs/pretrain", help="resumable training state")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--vae-steps", type=int, default=defaults.vae.steps)
     parser.add_argument("--unet-steps", type=int, default=defaults.unet.steps)
-    parser.add_argument("--pool-size", type=int, default=defaults.unet.pool_size, help="scenes in the latent pool")
+    parser.add_argument(
+        "--pool-size", type=int, default=defaults.unet.pool_size, help="scenes in the latent pool"
+    )
     parser.add_argument("--freeze-text-encoder", action="store_true", help="train the UNet only")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared machine)")
     parser.add_argument("--eval-captions", type=int, default=48, help="single-shape captions to judge")
@@ -66,9 +80,16 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     recipe = ToyRecipe(seed=args.seed)
-    recipe = replace(recipe, vae=replace(recipe.vae, steps=args.vae_steps),
-                     unet=replace(recipe.unet, steps=args.unet_steps, pool_size=args.pool_size,
-                                                train_text_encoder=not args.freeze_text_encoder))
+    recipe = replace(
+        recipe,
+        vae=replace(recipe.vae, steps=args.vae_steps),
+        unet=replace(
+            recipe.unet,
+            steps=args.unet_steps,
+            pool_size=args.pool_size,
+            train_text_encoder=not args.freeze_text_encoder,
+        ),
+    )
     began, commit = time.time(), _commit()
     pipe, figures = pretrain(recipe, Path(args.work_dir))
     out = Path(args.out)
@@ -79,12 +100,16 @@ def main(argv: list[str] | None = None) -> dict:
 
     figures |= backbone_fidelity(staging, count=args.eval_captions, seed=recipe.seed + 3)
     manifest = {
-        "recipe": recipe_dict(recipe), "seed": recipe.seed,
+        "recipe": recipe_dict(recipe),
+        "seed": recipe.seed,
         "steps": {"vae": recipe.vae.steps, "unet": recipe.unet.steps},
         "train_seconds": round(figures.pop("vae_seconds") + figures.pop("unet_seconds"), 1),
         "wall_seconds_this_invocation": round(time.time() - began, 1),
-        "threads": args.threads, "commit": commit, "torch": torch.__version__,
-        "figures": figures, "sha256": file_digests(staging),
+        "threads": args.threads,
+        "commit": commit,
+        "torch": torch.__version__,
+        "figures": figures,
+        "sha256": file_digests(staging),
     }
     (staging / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
     shutil.rmtree(out, ignore_errors=True)

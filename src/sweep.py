@@ -15,9 +15,12 @@ from src.callbacks.sweep_summary import write_summary
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m src.sweep", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sweep_dir", type=Path, required=True, help="the multirun's directory (hydra.sweep.dir)")
+    parser = argparse.ArgumentParser(
+        prog="python -m src.sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--sweep_dir", type=Path, required=True, help="the multirun's directory (hydra.sweep.dir)"
+    )
     parser.add_argument("--metric", default=None, help="name of the returned metric (default: from the jobs)")
     parser.add_argument("--maximize", action="store_true", help="higher is better when naming the best job")
     return parser

@@ -80,16 +80,27 @@ def good_members(seed: int) -> dict[str, bytes]:
 
     rgb = np.random.default_rng(seed).integers(0, 255, (RES, RES, 3), dtype=np.uint8)
     edges = cv2.Canny(rgb, 100, 200)
-    return {"jpg": schema.encode_member("jpg", rgb), "txt": f"caption {seed}".encode(),
-            "json": b"{}", "canny.png": schema.encode_member("canny.png", edges)}
+    return {
+        "jpg": schema.encode_member("jpg", rgb),
+        "txt": f"caption {seed}".encode(),
+        "json": b"{}",
+        "canny.png": schema.encode_member("canny.png", edges),
+    }
 
 
 def make_datamodule(train, val=None, **kw):
     """A canny `ShardDataModule` at `RES` px without workers, set up for fitting."""
     from src.data.datamodule import ShardDataModule
 
-    defaults = dict(condition="canny", resolution=RES, batch_size=4, val_batch_size=3, num_workers=0,
-                    shuffle_buffer=8, seed=0)
+    defaults = dict(
+        condition="canny",
+        resolution=RES,
+        batch_size=4,
+        val_batch_size=3,
+        num_workers=0,
+        shuffle_buffer=8,
+        seed=0,
+    )
     dm = ShardDataModule(train, val, **{**defaults, **kw})
     dm.prepare_data()
     dm.setup("fit")

@@ -26,7 +26,11 @@ def test_energy_drift_is_zero_for_exact_cayley_and_small_for_neumann(cayley, bou
     model = nn.Sequential(nn.Linear(16, 24), nn.GELU(), nn.Linear(24, 8)).double()
     inject_oft(model, OFTConfig(block_size=8, cayley=cayley, target_modules=[r"\d"]))
     reference = {name: hyperspherical_energy(layer.base.weight) for name, layer in oft_layers(model)}
-    assert energy_drift(model, reference) == {"he_drift_max": 0.0, "he_drift_mean": 0.0, "rotation_distance": 0.0}
+    assert energy_drift(model, reference) == {
+        "he_drift_max": 0.0,
+        "he_drift_mean": 0.0,
+        "rotation_distance": 0.0,
+    }
     with torch.no_grad():
         for p in oft_parameters(model):
             p.normal_(0, 0.05)

@@ -93,18 +93,34 @@ def test_injection_repeats_control_over_guidance_batch(tiny):
 def test_stock_pipeline_strength_zero_equals_base_and_control_changes_output(tiny):
     encoder = ControlEncoder(tiny.unet.conv_in.out_channels, downscale=8)
     _randomize(encoder)
-    pipe = build_pipeline(tiny.unet, tiny.vae, tiny.text_encoder, tiny.tokenizer,
-                          make_scheduler("ddim", tiny.scheduler.config))
+    pipe = build_pipeline(
+        tiny.unet, tiny.vae, tiny.text_encoder, tiny.tokenizer, make_scheduler("ddim", tiny.scheduler.config)
+    )
     condition, prompts = torch.rand(2, 3, 64, 64), ["a cat", "a rocket"]
 
     def run(strength: float) -> torch.Tensor:
         generator = torch.Generator().manual_seed(3)
-        return sample_controlled(pipe, encoder, condition, prompts, num_inference_steps=3,
-                                 guidance_scale=7.5, strength=strength, generator=generator)
+        return sample_controlled(
+            pipe,
+            encoder,
+            condition,
+            prompts,
+            num_inference_steps=3,
+            guidance_scale=7.5,
+            strength=strength,
+            generator=generator,
+        )
 
     generator = torch.Generator().manual_seed(3)
-    base = pipe(prompt=prompts, height=64, width=64, num_inference_steps=3, guidance_scale=7.5,
-                generator=generator, output_type="pt").images
+    base = pipe(
+        prompt=prompts,
+        height=64,
+        width=64,
+        num_inference_steps=3,
+        guidance_scale=7.5,
+        generator=generator,
+        output_type="pt",
+    ).images
     assert torch.equal(run(0.0), base.float().clamp(0, 1))
     controlled = run(1.0)
     assert controlled.shape == (2, 3, 64, 64) and (controlled - base).abs().max() > 1e-3

@@ -39,14 +39,20 @@ class ReferenceFloatDecoder:
         flags = cv2.IMREAD_IGNORE_ORIENTATION
         if member == schema.CANNY:
             return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE | flags)
-        return np.ascontiguousarray(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | flags)[..., ::-1])
+        return np.ascontiguousarray(
+            cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | flags)[..., ::-1]
+        )
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
         size = self.resolution
         image = resize_shorter(self.decode(schema.IMAGE, sample[schema.IMAGE]), size)
-        cond = resize_shorter(self.decode(self.spec.member, sample[self.spec.member]), size, self.spec.interpolation)
+        cond = resize_shorter(
+            self.decode(self.spec.member, sample[self.spec.member]), size, self.spec.interpolation
+        )
         rng = self.rng if self.train else None
-        top, left = random_offsets(*image.shape[:2], size, rng) if rng else center_offsets(*image.shape[:2], size)
+        top, left = (
+            random_offsets(*image.shape[:2], size, rng) if rng else center_offsets(*image.shape[:2], size)
+        )
         image, cond = crop(image, top, left, size), crop(cond, top, left, size)
         if rng is not None and self.random_flip and self.spec.flippable and rng.random() < 0.5:
             image, cond = image[:, ::-1], cond[:, ::-1]
@@ -76,11 +82,20 @@ def _samples(condition: str, height: int, width: int, count: int = 6) -> list[di
         if condition == "canny":
             cond = cv2.Canny(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY), 100, 200)
         else:  # palette-like colour blocks, as seg maps and landmark renderings are
-            cond = np.repeat(np.repeat(rng.integers(0, 255, (height // 4 + 1, width // 4 + 1, 3), np.uint8),
-                                       4, axis=0), 4, axis=1)[:height, :width]
+            cond = np.repeat(
+                np.repeat(rng.integers(0, 255, (height // 4 + 1, width // 4 + 1, 3), np.uint8), 4, axis=0),
+                4,
+                axis=1,
+            )[:height, :width]
         member = schema.condition_spec(condition).member
-        samples.append({"__key__": f"k{index}", schema.IMAGE: schema.encode_member(schema.IMAGE, rgb),
-                        schema.CAPTION: f"caption {index}".encode(), member: schema.encode_member(member, cond)})
+        samples.append(
+            {
+                "__key__": f"k{index}",
+                schema.IMAGE: schema.encode_member(schema.IMAGE, rgb),
+                schema.CAPTION: f"caption {index}".encode(),
+                member: schema.encode_member(member, cond),
+            }
+        )
     return samples
 
 
@@ -97,8 +112,9 @@ def test_rgb_members_decode_to_the_reversed_bgr_pixels(member: str) -> None:
 @pytest.mark.parametrize("condition", ["canny", "seg", "landmarks"])
 @pytest.mark.parametrize("size", [(80, 100), (100, 72), (40, 36)], ids=["shrink", "shrink-tall", "enlarge"])
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-def test_converted_batches_equal_the_reference_float_batches(condition: str, size: tuple[int, int],
-                                                          train: bool) -> None:
+def test_converted_batches_equal_the_reference_float_batches(
+    condition: str, size: tuple[int, int], train: bool
+) -> None:
     """Same samples, same seed: ``to_model_inputs(collate(...))`` is bit-identical to the float pipeline,
     including area-interpolated canny values (48 px crops of 80-100 px images: non-integer scales)."""
     samples = _samples(condition, *size)
@@ -136,7 +152,9 @@ def test_flips_happen_and_stay_paired() -> None:
 
 
 def test_to_model_inputs_on_samples_keeps_fields_and_refuses_floats() -> None:
-    sample = SampleDecoder("canny", 32, train=False, random_flip=False, seed=0)(_samples("canny", 40, 40, 1)[0])
+    sample = SampleDecoder("canny", 32, train=False, random_flip=False, seed=0)(
+        _samples("canny", 40, 40, 1)[0]
+    )
     converted = to_model_inputs({**sample, COUNTS_KEY: {"decoded": 1}})
     assert converted["image"].shape == converted["condition"].shape == (3, 32, 32)
     assert torch.equal(converted["condition"][0], converted["condition"][2])
@@ -187,7 +205,9 @@ class _HookRecorder(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.seen["train"].append(batch)
 
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+    def on_validation_batch_end(
+        self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
+    ) -> None:
         self.seen["val"].append(batch)
 
 
@@ -197,12 +217,27 @@ def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_steps_and_callback_hooks_receive_the_converted_batch(demo_dir: Path) -> None:
-    dm = ShardDataModule(str(demo_dir / "train-*.tar"), str(demo_dir / "val-*.tar"), resolution=32,
-                         batch_size=4, val_batch_size=4, shuffle_buffer=8)
+    dm = ShardDataModule(
+        str(demo_dir / "train-*.tar"),
+        str(demo_dir / "val-*.tar"),
+        resolution=32,
+        batch_size=4,
+        val_batch_size=4,
+        shuffle_buffer=8,
+    )
     module, hooks = _Recorder(), _HookRecorder()
-    trainer = pl.Trainer(accelerator="cpu", max_steps=2, limit_val_batches=2, num_sanity_val_steps=0,
-                         val_check_interval=2, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, callbacks=[hooks])
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=2,
+        limit_val_batches=2,
+        num_sanity_val_steps=0,
+        val_check_interval=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[hooks],
+    )
     trainer.fit(module, datamodule=dm)
     for stage in ("train", "val"):
         assert len(module.seen[stage]) == 2

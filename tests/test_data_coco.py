@@ -45,8 +45,10 @@ def coco_root(tmp_path: Path) -> Path:
         height, width = 40 + 4 * image_id, 56 - 2 * image_id
         images.append({"id": image_id, "file_name": name, "width": width, "height": height})
         if image_id != N_GOOD + 1:  # this one has no captions
-            anns += [{"id": 100 * image_id + k, "image_id": image_id, "caption": f"picture {image_id} nr {k}"}
-                     for k in (3, 1, 5, 2, 4)]
+            anns += [
+                {"id": 100 * image_id + k, "image_id": image_id, "caption": f"picture {image_id} nr {k}"}
+                for k in (3, 1, 5, 2, 4)
+            ]
         buffer = io.BytesIO()
         Image.fromarray(_picture(image_id, height, width)).save(buffer, format="JPEG", quality=90)
         data = buffer.getvalue()
@@ -161,9 +163,22 @@ def test_other_settings_in_same_out_is_an_error(coco_root: Path, tmp_path: Path)
 
 def test_max_samples_and_cli(coco_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "cli"
-    summary = coco.main(["--images", str(coco_root / "train2017"), "--captions",
-                         str(coco_root / "annotations" / "captions_train2017.json"), "--out", str(out),
-                         "--max-samples", "4", "--val-fraction", "0.25", "--resolution", "16"])
+    summary = coco.main(
+        [
+            "--images",
+            str(coco_root / "train2017"),
+            "--captions",
+            str(coco_root / "annotations" / "captions_train2017.json"),
+            "--out",
+            str(out),
+            "--max-samples",
+            "4",
+            "--val-fraction",
+            "0.25",
+            "--resolution",
+            "16",
+        ]
+    )
     assert summary["written"] + summary["skipped_total"] - summary["skipped"]["no_captions"] == 4
     assert '"written"' in capsys.readouterr().out
     with pytest.raises(SystemExit):
@@ -177,4 +192,8 @@ def test_split_plan_is_deterministic_and_exact() -> None:
     again = plan_shards(list(reversed(items)), val_fraction=0.1, shard_size=30)
     assert plans == again
     assert [(p.name, len(p.items)) for p in plans] == [
-        ("train-000000.tar", 30), ("train-000001.tar", 30), ("train-000002.tar", 30), ("val-000000.tar", 10)]
+        ("train-000000.tar", 30),
+        ("train-000001.tar", 30),
+        ("train-000002.tar", 30),
+        ("val-000000.tar", 10),
+    ]

@@ -72,8 +72,9 @@ def test_train_flip_and_crop_are_paired(demo_dir: Path) -> None:
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_resampled_epoch_has_exact_batch_count(demo_dir: Path, num_workers: int) -> None:
-    dm = make_datamodule(demo_dir, resampled=True, epoch_samples=40, batch_size=4, num_workers=num_workers,
-                     resolution=32)
+    dm = make_datamodule(
+        demo_dir, resampled=True, epoch_samples=40, batch_size=4, num_workers=num_workers, resolution=32
+    )
     assert dm.batches_per_epoch() == 10
     for _ in range(2):
         batches = list(dm.train_dataloader())
@@ -88,8 +89,12 @@ def test_non_resampled_train_is_one_pass(demo_dir: Path) -> None:
 
 def test_prepare_builds_before_setup_resolves(tmp_path: Path) -> None:
     root = tmp_path / "lazy"
-    dm = ShardDataModule(str(root / "canny" / "train-*.tar"), str(root / "canny" / "val-*.tar"),
-                         resolution=32, prepare=lambda: build_demo("canny", root))
+    dm = ShardDataModule(
+        str(root / "canny" / "train-*.tar"),
+        str(root / "canny" / "val-*.tar"),
+        resolution=32,
+        prepare=lambda: build_demo("canny", root),
+    )
     dm.prepare_data()
     dm.setup("fit")
     assert len(dm.train_urls) == 2 and len(dm.val_urls) == 1
@@ -103,7 +108,9 @@ def test_resolve_shards_forms(demo_dir: Path) -> None:
     assert resolve_shards(str(demo_dir / "train-*.tar")) == train
     assert resolve_shards(str(demo_dir)) == every
     assert resolve_shards([train[1], str(demo_dir / "val-*.tar")]) == [train[1], every[-1]]
-    assert resolve_shards("pipe:curl -s http://host/x-{0..3}.tar") == ["pipe:curl -s http://host/x-{0..3}.tar"]
+    assert resolve_shards("pipe:curl -s http://host/x-{0..3}.tar") == [
+        "pipe:curl -s http://host/x-{0..3}.tar"
+    ]
 
 
 def test_relative_specs_resolve_against_root(demo_dir: Path) -> None:
@@ -144,7 +151,9 @@ def test_pickles_are_never_loaded_and_bad_samples_are_counted(tmp_path: Path) ->
     }
     write_shard(tmp_path / "bad-000000.tar", samples)
     dm = make_datamodule(str(tmp_path / "bad-000000.tar"), str(tmp_path / "bad-000000.tar"))
-    keys = [k for b in dm.val_dataloader() for k in b["key"]] + [k for b in dm.train_dataloader() for k in b["key"]]
+    keys = [k for b in dm.val_dataloader() for k in b["key"]] + [
+        k for b in dm.train_dataloader() for k in b["key"]
+    ]
     assert keys == ["good"]  # the train batch of 4 is incomplete, so it is dropped
     assert not trap.exists()
     # "onlypickle" has no schema member at all: its files are never read, so it is no sample either

@@ -43,8 +43,10 @@ WORKERS = (0, 2)
 #: scenario name -> ShardDataModule arguments
 SCENARIOS: dict[str, dict[str, Any]] = {
     f"{kind}-w{workers}": {"num_workers": workers, **extra}
-    for kind, extra in (("resampled", {"resampled": True, "epoch_samples": EPOCH_SAMPLES}),
-                        ("split", {"resampled": False}))
+    for kind, extra in (
+        ("resampled", {"resampled": True, "epoch_samples": EPOCH_SAMPLES}),
+        ("split", {"resampled": False}),
+    )
     for workers in WORKERS
 }
 
@@ -61,8 +63,9 @@ class TrainerStub:
 # ------------------------------------------------------------------------------------- one rank
 def read_epochs(shards: str, world_size: int, **kwargs: Any) -> dict[str, Any]:
     """Batches per epoch and the keys of every batch of ``EPOCHS`` passes over the train loader."""
-    dm = ShardDataModule(shards, condition="canny", resolution=32, batch_size=BATCH, shuffle_buffer=8,
-                         seed=0, **kwargs)
+    dm = ShardDataModule(
+        shards, condition="canny", resolution=32, batch_size=BATCH, shuffle_buffer=8, seed=0, **kwargs
+    )
     dm.trainer = TrainerStub(world_size)
     dm.setup("fit")
     loader = dm.train_dataloader()  # once per fit, as Lightning asks for it; every pass is an epoch
@@ -82,8 +85,10 @@ def run_rank(shards: str, out_dir: str) -> None:
         if source == "dist":  # as with Lightning's launcher / mp.spawn: only torch.distributed knows
             os.environ.pop("RANK")
             os.environ.pop("WORLD_SIZE")
-        record[source] = {"worker_info": list(wds.utils.pytorch_worker_info()),
-                          **{name: read_epochs(shards, world, **kw) for name, kw in SCENARIOS.items()}}
+        record[source] = {
+            "worker_info": list(wds.utils.pytorch_worker_info()),
+            **{name: read_epochs(shards, world, **kw) for name, kw in SCENARIOS.items()},
+        }
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(record))
     dist.barrier()
     dist.destroy_process_group()
@@ -98,8 +103,13 @@ def _free_port() -> int:
 
 def _rank_entry(rank: int, shards: str, out_dir: str, port: int) -> None:
     """Set the torchrun environment of ``rank`` (in the forked child only) and run it."""
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(WORLD),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     torch.set_num_threads(1)  # no OpenMP region in a forked child of a process that may have used one
     run_rank(shards, out_dir)
 
@@ -109,8 +119,9 @@ def launch(shards: str, out_dir: Path, timeout: float = 300.0) -> None:
     again) and wait for all of them; a failing rank's traceback is raised here, a hang is killed."""
     import torch.multiprocessing as mp
 
-    context = mp.start_processes(_rank_entry, args=(shards, str(out_dir), _free_port()), nprocs=WORLD,
-                                 join=False, start_method="fork")
+    context = mp.start_processes(
+        _rank_entry, args=(shards, str(out_dir), _free_port()), nprocs=WORLD, join=False, start_method="fork"
+    )
     deadline = time.monotonic() + timeout
     try:
         while not context.join(timeout=1.0):
@@ -130,10 +141,19 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
 
     base = tmp_path_factory.mktemp("ddp-data")
     images, captions = write_coco_layout(base / "coco")
-    summary = coco.convert(images, captions, base / "shards", val_fraction=0.2, shard_size=PER_SHARD,
-                           options=coco.CannyOptions(resolution=32))
-    assert summary["splits"]["train"] == {"shards": N_SHARDS, "samples": N_TRAIN,
-                                          "bytes": summary["splits"]["train"]["bytes"]}
+    summary = coco.convert(
+        images,
+        captions,
+        base / "shards",
+        val_fraction=0.2,
+        shard_size=PER_SHARD,
+        options=coco.CannyOptions(resolution=32),
+    )
+    assert summary["splits"]["train"] == {
+        "shards": N_SHARDS,
+        "samples": N_TRAIN,
+        "bytes": summary["splits"]["train"]["bytes"],
+    }
     out = base / "ranks"
     out.mkdir()
     launch(str(base / "shards" / "train-*.tar"), out)

@@ -36,7 +36,10 @@ def test_build_demo_offline_and_idempotent(tmp_path: Path, no_network: None) -> 
     assert out == tmp_path / "canny"
     assert sorted(p.name for p in out.glob("val-*.tar")) == ["val-000000.tar"]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["splits"]["train"]["samples"] == demo.TOY_TRAIN and summary["splits"]["val"]["samples"] == demo.TOY_VAL
+    assert (
+        summary["splits"]["train"]["samples"] == demo.TOY_TRAIN
+        and summary["splits"]["val"]["samples"] == demo.TOY_VAL
+    )
     assert summary["skipped_total"] == 0 and summary["settings"]["resolution"] == demo.DEMO_RESOLUTION
     captions = json.loads((tmp_path / "coco" / "annotations" / "captions_train2017.json").read_text())
     assert len(captions["images"]) == len(captions["annotations"]) == demo.TOY_TRAIN + demo.TOY_VAL
@@ -81,9 +84,16 @@ def test_member_round_trips() -> None:
     rgb = rng.integers(0, 255, (12, 10, 3), dtype=np.uint8)
     gray = (rng.random((12, 10)) > 0.5).astype(np.uint8) * 255
     labels = rng.integers(0, 151, (12, 10), dtype=np.uint8)
-    for member, value in ((schema.SEG, rgb), (schema.LANDMARKS, rgb), (schema.CANNY, gray),
-                          (schema.SEGLABEL, labels), (schema.SEGLABEL, labels.astype(np.uint16) * 300)):
-        np.testing.assert_array_equal(schema.decode_member(member, schema.encode_member(member, value)), value)
+    for member, value in (
+        (schema.SEG, rgb),
+        (schema.LANDMARKS, rgb),
+        (schema.CANNY, gray),
+        (schema.SEGLABEL, labels),
+        (schema.SEGLABEL, labels.astype(np.uint16) * 300),
+    ):
+        np.testing.assert_array_equal(
+            schema.decode_member(member, schema.encode_member(member, value)), value
+        )
     jpg = schema.decode_member(schema.IMAGE, schema.encode_member(schema.IMAGE, rgb))
     assert jpg.shape == rgb.shape and jpg.dtype == np.uint8
     assert schema.decode_member(schema.CAPTION, schema.encode_member(schema.CAPTION, "café ☕")) == "café ☕"
@@ -111,7 +121,11 @@ def test_decode_errors_are_sample_errors_with_reasons() -> None:
 
 def test_conditions_and_known_members() -> None:
     assert schema.condition_spec("canny") == schema.ConditionSpec("canny.png", 1, "area")
-    assert schema.condition_spec("seg").interpolation == schema.condition_spec("landmarks").interpolation == "nearest"
+    assert (
+        schema.condition_spec("seg").interpolation
+        == schema.condition_spec("landmarks").interpolation
+        == "nearest"
+    )
     assert schema.is_known_member("k.canny.png") and schema.is_known_member("dir/k.JPG")
     assert not schema.is_known_member("k.pyd") and not schema.is_known_member("k.pickle")
     with pytest.raises(ValueError, match="supported"):

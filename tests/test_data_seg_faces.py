@@ -40,8 +40,11 @@ def ade_root(tmp_path: Path) -> Path:
     root = tmp_path / "ADEChallengeData2016"
     cases = [("training", f"ADE_train_{i:08d}", "ok") for i in range(1, 5)]
     cases += [("validation", f"ADE_val_{i:08d}", "ok") for i in range(1, 3)]
-    cases += [("training", "ADE_train_00000005", "no_annotation"), ("training", "ADE_train_00000006", "size"),
-              ("training", "ADE_train_00000007", "range")]
+    cases += [
+        ("training", "ADE_train_00000005", "no_annotation"),
+        ("training", "ADE_train_00000006", "size"),
+        ("training", "ADE_train_00000007", "range"),
+    ]
     for index, (folder, name, case) in enumerate(cases):
         (root / "images" / folder).mkdir(parents=True, exist_ok=True)
         (root / "annotations" / folder).mkdir(parents=True, exist_ok=True)
@@ -86,8 +89,14 @@ def test_ade20k_resized_labels_stay_exact(ade_root: Path, tmp_path: Path) -> Non
 
 def test_seg_condition_through_datamodule_keeps_palette_colours(ade_root: Path, tmp_path: Path) -> None:
     ade_prep.convert(ade_root, tmp_path / "seg")
-    dm = ShardDataModule(str(tmp_path / "seg" / "train-*.tar"), str(tmp_path / "seg" / "val-*.tar"),
-                         condition="seg", resolution=16, batch_size=2, val_batch_size=2)
+    dm = ShardDataModule(
+        str(tmp_path / "seg" / "train-*.tar"),
+        str(tmp_path / "seg" / "val-*.tar"),
+        condition="seg",
+        resolution=16,
+        batch_size=2,
+        val_batch_size=2,
+    )
     dm.setup()
     colours = {tuple(c) for c in palette.palette_lut().tolist()}
     for batch in list(dm.val_dataloader()) + list(dm.train_dataloader()):
@@ -122,8 +131,13 @@ def faces_dir(tmp_path: Path) -> Path:
 
 def test_faces_members_points_and_skips(faces_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "landmarks"
-    summary = faces.convert(faces_dir, out, captions=tmp_path / "captions", val_fraction=0.0,
-                            options=faces.FaceOptions(resolution=64))
+    summary = faces.convert(
+        faces_dir,
+        out,
+        captions=tmp_path / "captions",
+        val_fraction=0.0,
+        options=faces.FaceOptions(resolution=64),
+    )
     assert summary["written"] == 3 and summary["skipped"] == {"no_face": 1, "unreadable_image": 1}
     for key, members in read_shards(out).items():
         assert set(members) == {"jpg", "txt", "json", "landmarks.png", "landmarks.json"}
@@ -148,13 +162,23 @@ def test_face_drawing_matches_controlnet_aux_and_palette_matches(faces_dir: Path
 
 
 def test_landmarks_are_never_flipped(tmp_path: Path) -> None:
-    members = {"jpg": schema.encode_member("jpg", np.zeros((16, 16, 3), np.uint8)), "txt": b"x", "json": b"{}"}
+    members = {
+        "jpg": schema.encode_member("jpg", np.zeros((16, 16, 3), np.uint8)),
+        "txt": b"x",
+        "json": b"{}",
+    }
     drawing = np.zeros((16, 16, 3), np.uint8)
     drawing[:, :4] = (10, 200, 250)  # something on the left only
     members["landmarks.png"] = schema.encode_member("landmarks.png", drawing)
     write_shard(tmp_path / "f-000000.tar", {"k": members})
-    dm = ShardDataModule(str(tmp_path / "f-000000.tar"), condition="landmarks", resolution=16, batch_size=1,
-                         random_flip=True, shuffle_buffer=1)
+    dm = ShardDataModule(
+        str(tmp_path / "f-000000.tar"),
+        condition="landmarks",
+        resolution=16,
+        batch_size=1,
+        random_flip=True,
+        shuffle_buffer=1,
+    )
     dm.setup()
     for _ in range(8):
         batch = next(iter(dm.train_dataloader()))
@@ -162,8 +186,10 @@ def test_landmarks_are_never_flipped(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------- demos
-@pytest.mark.parametrize("task,skipped,counts", [("seg", {}, (demo.TOY_TRAIN, demo.TOY_VAL)),
-                                                 ("landmarks", {"no_face": 2}, (32, 8))])
+@pytest.mark.parametrize(
+    "task,skipped,counts",
+    [("seg", {}, (demo.TOY_TRAIN, demo.TOY_VAL)), ("landmarks", {"no_face": 2}, (32, 8))],
+)
 def test_seg_and_landmarks_demos(tmp_path: Path, task: str, skipped: dict, counts: tuple[int, int]) -> None:
     out = demo.build_demo(task, tmp_path)
     assert out == tmp_path / task

@@ -17,8 +17,14 @@ from src.metrics.segmentation import SegmenterNotFoundError
 
 
 def test_evaluation_writes_consistent_reports(trained_run, tmp_path):
-    cfg = compose_config(f"run={trained_run}", "max_samples=5", f"sampling.num_inference_steps={STEPS}", "cases=2",
-                         name="evaluate", output_dir=tmp_path)
+    cfg = compose_config(
+        f"run={trained_run}",
+        "max_samples=5",
+        f"sampling.num_inference_steps={STEPS}",
+        "cases=2",
+        name="evaluate",
+        output_dir=tmp_path,
+    )
     report = evaluate(cfg)
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["metrics"] == report["metrics"] and saved["samples"] == 5 == len(saved["per_sample"])
@@ -48,12 +54,14 @@ def test_a_perfect_generator_scores_one(trained_run, tmp_path, monkeypatch):
             yield item
 
     def oracle(model, conditions, prompts, options):
-        batch = torch.stack(targets[-len(prompts):])
+        batch = torch.stack(targets[-len(prompts) :])
         return batch[:, None]
 
     monkeypatch.setattr(module, "iter_shard_inputs", remember)
     monkeypatch.setattr(module, "generate_images", oracle)
-    cfg = compose_config(f"run={trained_run}", "max_samples=6", "sampling.batch_size=4", name="evaluate", output_dir=tmp_path)
+    cfg = compose_config(
+        f"run={trained_run}", "max_samples=6", "sampling.batch_size=4", name="evaluate", output_dir=tmp_path
+    )
     metrics = evaluate(cfg)["metrics"]
     assert (metrics["canny_iou"], metrics["canny_f1"], metrics["canny_images"]) == (1.0, 1.0, 6)
 
@@ -73,7 +81,9 @@ def test_missing_segmenter_fails_before_the_model_loads(trained_run, tmp_path, m
     cfg = compose_config(f"run={seg_run}", f"shards={shards}", name="evaluate", output_dir=tmp_path / "out")
     with pytest.raises(SegmenterNotFoundError, match="segformer-b4"):
         evaluate(cfg)
-    cfg = compose_config(f"run={trained_run}", "fid.enabled=true", name="evaluate", output_dir=tmp_path / "out")
+    cfg = compose_config(
+        f"run={trained_run}", "fid.enabled=true", name="evaluate", output_dir=tmp_path / "out"
+    )
     with pytest.raises(FileNotFoundError, match="fid"):
         evaluate(cfg)
 

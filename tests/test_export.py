@@ -21,7 +21,10 @@ from src.oft.peft_compat import peft_adapter
 @pytest.fixture(scope="module")
 def runs(trained_run, tmp_path_factory):
     """A run per OFT preset: `fast` (the default: Cayley-Neumann, block size 32) and `paper` (exact Cayley, 4 blocks)."""
-    return {"fast": trained_run, "paper": make_trained_run(tmp_path_factory.mktemp("export") / "paper", "oft=paper")}
+    return {
+        "fast": trained_run,
+        "paper": make_trained_run(tmp_path_factory.mktemp("export") / "paper", "oft=paper"),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +56,11 @@ def test_peft_adapter_on_the_base_unet_gives_our_unet_outputs(runs, tmp_path, pr
     run = load_run(runs[preset])
     base = load_backbone(run.module.backbone_spec).unet
     g = torch.Generator().manual_seed(1)
-    latents, text, t = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 32, generator=g), torch.tensor([10, 700])
+    latents, text, t = (
+        torch.randn(2, 4, 8, 8, generator=g),
+        torch.randn(2, 77, 32, generator=g),
+        torch.tensor([10, 700]),
+    )
     with torch.no_grad():
         untouched = base(latents, t, text).sample
         ours = run.module.unet(latents, t, text).sample

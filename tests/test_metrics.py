@@ -81,9 +81,18 @@ def _tiny_segformer(folder) -> str:
     from transformers import SegformerConfig, SegformerForSemanticSegmentation, SegformerImageProcessor
 
     torch.manual_seed(0)
-    config = SegformerConfig(num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[8, 16],
-                             patch_sizes=[7, 3], strides=[4, 2], num_attention_heads=[1, 1], mlp_ratios=[2, 2],
-                             decoder_hidden_size=16, num_labels=5)
+    config = SegformerConfig(
+        num_encoder_blocks=2,
+        depths=[1, 1],
+        sr_ratios=[2, 1],
+        hidden_sizes=[8, 16],
+        patch_sizes=[7, 3],
+        strides=[4, 2],
+        num_attention_heads=[1, 1],
+        mlp_ratios=[2, 2],
+        decoder_hidden_size=16,
+        num_labels=5,
+    )
     SegformerForSemanticSegmentation(config).save_pretrained(folder)
     SegformerImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
     return str(folder)
@@ -96,7 +105,9 @@ def test_segmenter_from_a_local_folder_feeds_the_miou_scorer(tmp_path):
     assert [m.shape for m in maps] == [(40, 48)] * 2
     assert all(m.min() >= 1 and m.max() <= 5 for m in maps)
     scorer = SegmentationScorer(segmenter, ignore_index=0)
-    samples = [EvalSample(f"k{i}", "", img, labels=m) for i, (img, m) in enumerate(zip(images, maps, strict=True))]
+    samples = [
+        EvalSample(f"k{i}", "", img, labels=m) for i, (img, m) in enumerate(zip(images, maps, strict=True))
+    ]
     assert scorer.score_batch(images, samples) == [{"seg_miou": 1.0}, {"seg_miou": 1.0}]  # its own prediction
     assert scorer.summary()["seg_miou"] == 1.0 and scorer.num_classes == 6
 

@@ -38,8 +38,12 @@ def _batch() -> dict:
 
     photo = torch.from_numpy(skimage.data.astronaut()[::8, ::8].copy()).permute(2, 0, 1).float() / 255
     images = torch.stack([photo, photo.flip(-1), photo.flip(-2)])
-    return {"image": images * 2 - 1, "condition": torch.rand(3, 3, 64, 64), "caption": ["a", "b", "c"],
-            "key": ["k0", "k1", "k2"]}
+    return {
+        "image": images * 2 - 1,
+        "condition": torch.rand(3, 3, 64, 64),
+        "caption": ["a", "b", "c"],
+        "key": ["k0", "k1", "k2"],
+    }
 
 
 def _run(callback, module, batches=1, sanity=False, batch=None):
@@ -55,7 +59,9 @@ def test_canny_f1_is_one_for_the_targets_and_zero_for_blank_images():
     perfect = FakeModule(lambda condition: (batch["image"][: len(condition)] + 1) / 2)
     _run(ControllabilityMetric("canny", max_images=2, num_inference_steps=3), perfect)
     assert perfect.logged["val/canny_f1"] == perfect.logged["val/canny_iou"] == 1.0
-    assert perfect.logged["val/canny_f1_chance"] < 0.5  # the same images against each other's (flipped) targets
+    assert (
+        perfect.logged["val/canny_f1_chance"] < 0.5
+    )  # the same images against each other's (flipped) targets
     assert perfect.calls == [{"num_inference_steps": 3}]
     blank = FakeModule(lambda condition: torch.zeros(len(condition), 3, 64, 64))
     _run(ControllabilityMetric("canny"), blank)
@@ -71,7 +77,10 @@ def test_images_are_collected_over_batches_up_to_max_images():
 
 
 def test_nothing_runs_in_the_sanity_check_or_without_a_metric():
-    for callback, kwargs in [(ControllabilityMetric("canny"), {"sanity": True}), (ControllabilityMetric("seg"), {})]:
+    for callback, kwargs in [
+        (ControllabilityMetric("canny"), {"sanity": True}),
+        (ControllabilityMetric("seg"), {}),
+    ]:
         module = FakeModule(lambda condition: torch.zeros(len(condition), 3, 64, 64))
         _run(callback, module, **kwargs)
         assert module.logged == {}
@@ -84,8 +93,12 @@ def _toy_batch(count: int = 6) -> dict:
 
     scenes = [scene_at(3, i) for i in range(count)]
     images = torch.stack([torch.from_numpy(render(s, 64)[0]).permute(2, 0, 1).float() / 255 for s in scenes])
-    return {"image": images * 2 - 1, "condition": torch.rand(count, 3, 64, 64),
-            "caption": [s.caption for s in scenes], "key": [f"k{i}" for i in range(count)]}
+    return {
+        "image": images * 2 - 1,
+        "condition": torch.rand(count, 3, 64, 64),
+        "caption": [s.caption for s in scenes],
+        "key": [f"k{i}" for i in range(count)],
+    }
 
 
 def test_toy_captions_add_caption_fidelity_and_segmentation_miou_above_chance():

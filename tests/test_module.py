@@ -52,7 +52,8 @@ def test_only_encoder_and_rotations_are_trainable():
     summary = module.parameter_summary()
     trained = sum(p.numel() for p in module.trainable_parameters())
     assert trained == summary["encoder_params"] + sum(
-        p.numel() for n, p in module.unet.named_parameters() if p.requires_grad)
+        p.numel() for n, p in module.unet.named_parameters() if p.requires_grad
+    )
 
 
 def test_overfitting_one_fixed_batch_lowers_loss_and_touches_only_trained_tensors():
@@ -102,5 +103,7 @@ def test_coft_keeps_every_block_within_its_radius_while_training(config_factory,
     layers = [layer for _, layer in oft_layers(run.module.unet)]
     assert layers and all(layer.coft_radius is not None for layer in layers)
     ratios = torch.cat([skew_frobenius_norm(layer.oft_skew.detach()) / layer.coft_radius for layer in layers])
-    assert ratios.max() <= 1 + 1e-5, f"{int((ratios > 1 + 1e-5).sum())} of {len(ratios)} blocks outside their radius"
+    assert ratios.max() <= 1 + 1e-5, (
+        f"{int((ratios > 1 + 1e-5).sum())} of {len(ratios)} blocks outside their radius"
+    )
     assert ratios.min() > 0.99  # not vacuous: every block was pushed to its radius

@@ -45,7 +45,9 @@ def test_subset_estimate_is_unbiased_over_all_subsets():
         hyperspherical_energy_estimate(weight, torch.tensor(subset))
         for subset in itertools.combinations(range(7), 3)
     ]
-    assert torch.stack(estimates).mean().item() == pytest.approx(hyperspherical_energy(weight).item(), rel=1e-12)
+    assert torch.stack(estimates).mean().item() == pytest.approx(
+        hyperspherical_energy(weight).item(), rel=1e-12
+    )
     assert hyperspherical_energy_estimate(weight, torch.arange(7)) == hyperspherical_energy(weight)
 
 
@@ -67,5 +69,7 @@ def test_subset_estimate_within_stated_tolerance_of_exact_energy():
     for seed in range(10):
         neurons = neuron_subset(2048, 256, torch.Generator().manual_seed(seed))
         assert len(neurons.unique()) == 256
-        assert hyperspherical_energy_estimate(weight, neurons).item() == pytest.approx(exact, rel=ESTIMATE_RTOL)
+        assert hyperspherical_energy_estimate(weight, neurons).item() == pytest.approx(
+            exact, rel=ESTIMATE_RTOL
+        )
     assert torch.equal(neuron_subset(100, 256), torch.arange(100))  # small layers: every neuron, exact

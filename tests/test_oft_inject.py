@@ -67,7 +67,6 @@ CONFIG = {"n_blocks": 2, "target_modules": [r".*attn1\.(to_q|to_k|to_out\.0)"]}
         ),
     ],
 )
-
 def test_config_validation_messages(kwargs, message):
     with pytest.raises(ValueError) as err:
         OFTConfig(**kwargs)

@@ -25,9 +25,15 @@ from src.data.pipeline import resume_seed
 
 N_GOOD = 6  # good samples per shard
 #: what one shard of ``_bad_shard`` adds up to, summed over the batches' ``data_counts``.
-PER_SHARD = {"decoded": N_GOOD + 2, "skipped/truncated_image": 1, "skipped/size_mismatch": 1,
-             "skipped/missing_canny.png": 1, "skipped/undecodable_text": 1, "noted/empty_caption": 1,
-             "noted/unexpected_member": 2}
+PER_SHARD = {
+    "decoded": N_GOOD + 2,
+    "skipped/truncated_image": 1,
+    "skipped/size_mismatch": 1,
+    "skipped/missing_canny.png": 1,
+    "skipped/undecodable_text": 1,
+    "noted/empty_caption": 1,
+    "noted/unexpected_member": 2,
+}
 
 
 def _bad_samples(prefix: str, seed: int, payload: bytes) -> dict[str, dict[str, bytes]]:
@@ -35,8 +41,10 @@ def _bad_samples(prefix: str, seed: int, payload: bytes) -> dict[str, dict[str, 
     good = good_members(seed + 100)
     samples = {  # bad ones first, so a short run meets them
         f"{prefix}truncjpg": {**good, "jpg": good["jpg"][: len(good["jpg"]) // 2]},
-        f"{prefix}wrongsize": {**good, "canny.png": schema.encode_member("canny.png", np.zeros((RES // 2, RES),
-                                                                                              np.uint8))},
+        f"{prefix}wrongsize": {
+            **good,
+            "canny.png": schema.encode_member("canny.png", np.zeros((RES // 2, RES), np.uint8)),
+        },
         f"{prefix}nocondition": {k: v for k, v in good.items() if k != "canny.png"},
         f"{prefix}latin1": {**good, "txt": "café crème".encode("latin-1")},
         f"{prefix}emptycaption": {**good, "txt": b""},  # kept: an empty prompt is valid training data
@@ -72,15 +80,18 @@ def _summed(batches: list[dict]) -> Counter:
 
 # ----------------------------------------------------------------------------- counted skips
 @pytest.mark.parametrize("num_workers", [0, 2])
-def test_every_bad_sample_is_skipped_and_its_count_reaches_the_main_process(bad_dir: Path, num_workers: int,
-                                                                           trap: tuple[Path, bytes]) -> None:
+def test_every_bad_sample_is_skipped_and_its_count_reaches_the_main_process(
+    bad_dir: Path, num_workers: int, trap: tuple[Path, bytes]
+) -> None:
     dm = make_datamodule(bad_dir, bad_dir, num_workers=num_workers, val_batch_size=3)
     batches = list(dm.val_dataloader())
     keys = sorted(k for batch in batches for k in batch["key"])
     kept = [f"good{i}" for i in range(N_GOOD)] + ["emptycaption", "pickles"]
     assert keys == sorted(f"s{index}{key}" for index in range(2) for key in kept)
     assert _summed(batches) == {key: 2 * value for key, value in PER_SHARD.items()}
-    empty = [c for batch in batches for c, k in zip(batch["caption"], batch["key"], strict=True) if "empty" in k]
+    empty = [
+        c for batch in batches for c, k in zip(batch["caption"], batch["key"], strict=True) if "empty" in k
+    ]
     assert empty == ["", ""]
     assert not trap[0].exists()
 
@@ -90,13 +101,18 @@ def test_cut_off_images_are_truncated_and_garbage_is_undecodable(member: str) ->
     array = np.random.default_rng(0).integers(0, 255, (RES, RES, 3), dtype=np.uint8)
     data = schema.encode_member(member, array[..., 0] if member == "canny.png" else array)
     assert schema.decode_member(member, data).shape[:2] == (RES, RES)
-    for bad, reason in ((data[: len(data) * 2 // 3], "truncated_image"), (b"garbage" * 9, "undecodable_image")):
+    for bad, reason in (
+        (data[: len(data) * 2 // 3], "truncated_image"),
+        (b"garbage" * 9, "undecodable_image"),
+    ):
         with pytest.raises(schema.SampleError) as info:
             schema.decode_member(member, bad)
         assert info.value.reason == reason
 
 
-def test_pickle_members_are_never_unpickled_on_the_worker_path(bad_dir: Path, trap: tuple[Path, bytes]) -> None:
+def test_pickle_members_are_never_unpickled_on_the_worker_path(
+    bad_dir: Path, trap: tuple[Path, bytes]
+) -> None:
     dm = make_datamodule(bad_dir, bad_dir, num_workers=2, batch_size=2)
     train = list(dm.train_dataloader())
     val = list(dm.val_dataloader())
@@ -108,8 +124,9 @@ def test_pickle_members_are_never_unpickled_on_the_worker_path(bad_dir: Path, tr
 
 def test_truncated_tar_and_shard_vanished_after_resolution_follow_the_policy(tmp_path: Path) -> None:
     for index in range(3):
-        write_shard(tmp_path / f"s-{index:06d}.tar", {f"s{index}k{i}": good_members(10 * index + i)
-                                                       for i in range(4)})
+        write_shard(
+            tmp_path / f"s-{index:06d}.tar", {f"s{index}k{i}": good_members(10 * index + i) for i in range(4)}
+        )
     data = (tmp_path / "s-000001.tar").read_bytes()
     (tmp_path / "s-000001.tar").write_bytes(data[: len(data) // 2 + 100])
     dm = make_datamodule(str(tmp_path / "s-*.tar"), str(tmp_path / "s-*.tar"), num_workers=2, batch_size=2)
@@ -161,8 +178,15 @@ class _Probe(pl.LightningModule):
 
 
 def _fit(dm: pl.LightningDataModule, health: DataHealth, **trainer_kw) -> pl.Trainer:
-    kw = dict(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
-              enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    kw = dict(
+        accelerator="cpu",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
     trainer = pl.Trainer(callbacks=[health], **{**kw, **trainer_kw})
     trainer.fit(_Probe(), datamodule=dm)
     return trainer
@@ -246,9 +270,16 @@ def test_lightning_restores_epoch_and_step_before_building_the_loader(tmp_path: 
     ckpt = tmp_path / "step6.ckpt"
     first.save_checkpoint(ckpt)
     saved = torch.load(ckpt, weights_only=False)
-    trainer = pl.Trainer(accelerator="cpu", max_steps=9, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                         callbacks=[DataHealth()])
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=9,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[DataHealth()],
+    )
     trainer.fit(_Probe(), datamodule=dm, ckpt_path=ckpt, weights_only=False)
     assert saved["global_step"] == 6
     assert seeds == [3, resume_seed(3, saved["epoch"], 6)] and seeds[1] != 3
@@ -263,8 +294,14 @@ def test_real_training_run_counts_skips_and_stops_over_the_limit(bad_dir: Path, 
     """
     from src.train import train
 
-    data = ["data=shards", f"data.train_shards={bad_dir}/bad-*.tar", "data.num_workers=2", "data.batch_size=2",
-            "data.shuffle_buffer=1", "callbacks.data_health.min_samples=0"]
+    data = [
+        "data=shards",
+        f"data.train_shards={bad_dir}/bad-*.tar",
+        "data.num_workers=2",
+        "data.batch_size=2",
+        "data.shuffle_buffer=1",
+        "callbacks.data_health.min_samples=0",
+    ]
     metrics = train(config_factory("debug=fdr", *data, "callbacks.data_health.max_skip_fraction=1.0"))
     assert metrics["data/decoded"] >= 2 and "data/skip_fraction" in metrics
     with pytest.raises(DataHealthError, match="callbacks.data_health.max_skip_fraction"):

@@ -46,8 +46,13 @@ write_dataset(items, make_sample, sys.argv[1], dataset="fake", settings={"v": 1}
 
 def _run(script: Path, out: Path, **env: str) -> subprocess.Popen:
     environ = {**os.environ, "PYTHONPATH": str(REPO), **env}
-    return subprocess.Popen([sys.executable, str(script), str(out), str(N_ITEMS), str(SHARD_SIZE)], env=environ, cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, str(script), str(out), str(N_ITEMS), str(SHARD_SIZE)],
+        env=environ,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120.0) -> None:
@@ -82,7 +87,9 @@ def test_sigkill_mid_shard_leaves_no_finished_looking_shard_and_rerun_matches(tm
     names = sorted(p.name for p in reference.glob("*.tar"))
     assert names == sorted(p.name for p in out.glob("*.tar")) == sorted(p.name for p in plans)
     for name in names:
-        assert (out / name).read_bytes() == (reference / name).read_bytes() and len(read_shard(out / name)) > 0
+        assert (out / name).read_bytes() == (reference / name).read_bytes() and len(
+            read_shard(out / name)
+        ) > 0
     assert not list(out.glob(".*.tmp"))
     summary = json.loads((out / "summary.json").read_text())
     assert summary["shards_reused"] == 1 and summary["skipped"] == {"unreadable_image": 1}

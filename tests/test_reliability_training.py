@@ -44,10 +44,19 @@ def test_trainer_uses_atomic_checkpoint_io(short_fit):
 
 def _train_until_killed(out: Path, min_step: int) -> None:
     """Run `python -m src.train` in a subprocess and SIGKILL it once a checkpoint at `min_step` exists."""
-    args = [sys.executable, "-m", "src.train", "debug=default", "trainer.max_steps=400",
-            "trainer.val_check_interval=1000", "callbacks.checkpoint.every_n_train_steps=2",
-            f"hydra.run.dir={out}"]
-    proc = subprocess.Popen(args, cwd=ROOT, env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    args = [
+        sys.executable,
+        "-m",
+        "src.train",
+        "debug=default",
+        "trainer.max_steps=400",
+        "trainer.val_check_interval=1000",
+        "callbacks.checkpoint.every_n_train_steps=2",
+        f"hydra.run.dir={out}",
+    ]
+    proc = subprocess.Popen(
+        args, cwd=ROOT, env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     deadline = time.monotonic() + 240
     try:
         while time.monotonic() < deadline and proc.poll() is None:
@@ -69,15 +78,20 @@ def test_kill_minus_nine_then_resume_restores_step_optimizer_and_weights(tmp_pat
     saved = torch.load(last, weights_only=True)  # complete and loadable despite the kill
     assert saved["global_step"] >= 2  # last.ckpt may trail the newest step file by one interval
 
-    cfg = compose_config("debug=default", f"trainer.max_steps={saved['global_step'] + 2}", output_dir=tmp_path / "resumed")
+    cfg = compose_config(
+        "debug=default", f"trainer.max_steps={saved['global_step'] + 2}", output_dir=tmp_path / "resumed"
+    )
     run = build_run(cfg)
     restored = {}
 
     class Capture(pl.Callback):
         def on_train_start(self, trainer, module):
             optimizer = copy.deepcopy(trainer.optimizers[0].state_dict())  # live tensors move on
-            restored.update(step=trainer.global_step, optimizer=optimizer,
-                            weights={k: v.clone() for k, v in module.state_dict().items()})
+            restored.update(
+                step=trainer.global_step,
+                optimizer=optimizer,
+                weights={k: v.clone() for k, v in module.state_dict().items()},
+            )
 
     run.trainer.callbacks.append(Capture())
     run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=str(last), weights_only=True)
@@ -88,7 +102,9 @@ def test_kill_minus_nine_then_resume_restores_step_optimizer_and_weights(tmp_pat
     assert saved_state and set(restored["optimizer"]["state"]) == set(saved_state)
     for index, state in saved_state.items():
         for name, value in state.items():
-            assert torch.equal(torch.as_tensor(restored["optimizer"]["state"][index][name]), torch.as_tensor(value))
+            assert torch.equal(
+                torch.as_tensor(restored["optimizer"]["state"][index][name]), torch.as_tensor(value)
+            )
     assert run.trainer.global_step == saved["global_step"] + 2
 
 
@@ -111,7 +127,9 @@ def test_nonfinite_loss_skips_the_step_and_is_counted(config_factory):
 
     class Snapshot(pl.Callback):
         def on_train_batch_end(self, trainer, module, *args):
-            snapshots.append({k: v.clone() for k, v in module.state_dict().items() if k.startswith("encoder.")})
+            snapshots.append(
+                {k: v.clone() for k, v in module.state_dict().items() if k.startswith("encoder.")}
+            )
 
     run.trainer.callbacks.append(Snapshot())
     run.trainer.fit(run.module, datamodule=run.datamodule)
@@ -127,7 +145,9 @@ def test_nonfinite_loss_skips_the_step_and_is_counted(config_factory):
 def test_repeated_nonfinite_losses_stop_the_run_with_a_clear_error(config_factory):
     run = build_run(config_factory("debug=default", "module.max_consecutive_nonfinite=3"))
     _nan_loss_for(run.module, set(range(100)))
-    with pytest.raises(FloatingPointError, match="3 non-finite losses in a row .*max_consecutive_nonfinite=3"):
+    with pytest.raises(
+        FloatingPointError, match="3 non-finite losses in a row .*max_consecutive_nonfinite=3"
+    ):
         run.trainer.fit(run.module, datamodule=run.datamodule)
 
 

@@ -24,11 +24,16 @@ def _module(config_factory, *overrides: str):
 def _loss_and_grads(module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One training loss on a fixed batch, noise and timesteps, and the gradients of the trained tensors."""
     generator = torch.Generator().manual_seed(0)
-    batch = {"image": torch.rand(2, 3, 64, 64, generator=generator) * 2 - 1,
-             "condition": torch.rand(2, 3, 64, 64, generator=generator), "caption": ["a cat", ""]}
+    batch = {
+        "image": torch.rand(2, 3, 64, 64, generator=generator) * 2 - 1,
+        "condition": torch.rand(2, 3, 64, 64, generator=generator),
+        "caption": ["a cat", ""],
+    }
     noise = torch.randn(2, 4, 8, 8, generator=generator)
     with torch.no_grad():  # a non-zero control so the encoder's body gets gradients too
-        weight = module.encoder.zero_out.weight  # copy_: normal_ would fill channels-last memory in its own order
+        weight = (
+            module.encoder.zero_out.weight
+        )  # copy_: normal_ would fill channels-last memory in its own order
         weight.copy_(0.01 * torch.randn(weight.shape, generator=generator))
     torch.manual_seed(1)  # the VAE samples its latent distribution
     loss = module.diffusion_loss(batch, noise=noise, timesteps=torch.tensor([10, 900]))
@@ -38,10 +43,15 @@ def _loss_and_grads(module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
 
 @pytest.mark.parametrize(
     ("switches", "rtol"),
-    [(("module.memory.gradient_checkpointing=true",), 1e-5),
-     (("module.memory.channels_last=true",), 1e-4),  # NHWC convolutions sum in another order
-     pytest.param(("module.memory.compile=true", "module.memory.compile_backend=eager"), 1e-5,
-                  marks=pytest.mark.slow)],  # dynamo tracing takes ~20 s on 2 cores
+    [
+        (("module.memory.gradient_checkpointing=true",), 1e-5),
+        (("module.memory.channels_last=true",), 1e-4),  # NHWC convolutions sum in another order
+        pytest.param(
+            ("module.memory.compile=true", "module.memory.compile_backend=eager"),
+            1e-5,
+            marks=pytest.mark.slow,
+        ),
+    ],  # dynamo tracing takes ~20 s on 2 cores
     ids=["checkpointing", "channels_last", "compile"],
 )
 def test_memory_switches_keep_loss_and_gradients(config_factory, switches, rtol):
@@ -56,17 +66,28 @@ def test_memory_switches_keep_loss_and_gradients(config_factory, switches, rtol)
     assert any("oft_skew" in n and g.abs().sum() > 0 for n, g in grads_switched.items())
     for name, grad in grads.items():
         scale = grad.abs().max().item()
-        torch.testing.assert_close(grads_switched[name], grad, rtol=0, atol=10 * rtol * scale + 1e-12, msg=name)
+        torch.testing.assert_close(
+            grads_switched[name], grad, rtol=0, atol=10 * rtol * scale + 1e-12, msg=name
+        )
 
 
 def test_memory_switches_are_applied(config_factory):
-    module = _module(config_factory, "module.memory.gradient_checkpointing=true",
-                     "module.memory.channels_last=true", "module.memory.compile=true",
-                     "module.memory.compile_backend=eager")
+    module = _module(
+        config_factory,
+        "module.memory.gradient_checkpointing=true",
+        "module.memory.channels_last=true",
+        "module.memory.compile=true",
+        "module.memory.compile_backend=eager",
+    )
     assert module.unet.is_gradient_checkpointing
-    convs = [m for m in (module.unet, module.vae, module.encoder) for m in m.modules() if isinstance(m, nn.Conv2d)]
-    assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs
-                         if c.weight.shape[-1] > 1 or c.weight.shape[-2] > 1)
+    convs = [
+        m for m in (module.unet, module.vae, module.encoder) for m in m.modules() if isinstance(m, nn.Conv2d)
+    ]
+    assert convs and all(
+        c.weight.is_contiguous(memory_format=torch.channels_last)
+        for c in convs
+        if c.weight.shape[-1] > 1 or c.weight.shape[-2] > 1
+    )
     blocks = [m for m in module.unet.modules() if type(m).__name__ == "BasicTransformerBlock"]
     assert blocks and all(b._compiled_call_impl is not None for b in blocks)
 
@@ -87,8 +108,13 @@ def test_bad_memory_options_name_the_value_and_the_key(options, message):
 
 
 def test_accumulation_and_clipping_run_with_the_switches(config_factory, tmp_path):
-    cfg = config_factory("debug=fdr", "trainer.accumulate_grad_batches=2", "trainer.gradient_clip_val=0.5",
-                         "module.memory.gradient_checkpointing=true", "module.memory.channels_last=true")
+    cfg = config_factory(
+        "debug=fdr",
+        "trainer.accumulate_grad_batches=2",
+        "trainer.gradient_clip_val=0.5",
+        "module.memory.gradient_checkpointing=true",
+        "module.memory.channels_last=true",
+    )
     run = build_run(cfg)
     assert (run.trainer.accumulate_grad_batches, run.trainer.gradient_clip_val) == (2, 0.5)
     run.trainer.fit(run.module, datamodule=run.datamodule)
@@ -103,8 +129,13 @@ def test_bf16_mixed_precision_trains(config_factory):
 
 @pytest.mark.parametrize("trainer", TRAINERS)
 def test_scale_out_trainers_compose_for_multi_node_and_precision(config_factory, trainer):
-    cfg = config_factory(f"trainer={trainer}", "trainer.num_nodes=4", "trainer.devices=8",
-                         "trainer.precision=16-mixed", "trainer.accumulate_grad_batches=4")
+    cfg = config_factory(
+        f"trainer={trainer}",
+        "trainer.num_nodes=4",
+        "trainer.devices=8",
+        "trainer.precision=16-mixed",
+        "trainer.accumulate_grad_batches=4",
+    )
     assert (cfg.trainer.num_nodes, cfg.trainer.devices, cfg.trainer.precision) == (4, 8, "16-mixed")
     assert (cfg.trainer.accelerator, cfg.trainer.gradient_clip_algorithm) == ("gpu", "norm")
     assert config_factory(f"trainer={trainer}").trainer.precision == "bf16-mixed"
@@ -115,8 +146,12 @@ def test_ddp_strategy_settings(config_factory):
 
     strategy = instantiate(config_factory("trainer=ddp").trainer.strategy)
     assert isinstance(strategy, DDPStrategy)
-    assert strategy._ddp_kwargs == {"find_unused_parameters": False, "static_graph": False,
-                                    "gradient_as_bucket_view": True, "forward_sync_buffers": False}
+    assert strategy._ddp_kwargs == {
+        "find_unused_parameters": False,
+        "static_graph": False,
+        "gradient_as_bucket_view": True,
+        "forward_sync_buffers": False,
+    }
     assert strategy._start_method == "popen"
     spawn = instantiate(config_factory("trainer=ddp", "trainer.strategy.start_method=spawn").trainer.strategy)
     assert spawn._start_method == "spawn"  # local multirun sweeps of multi-GPU runs
@@ -152,12 +187,19 @@ def test_slurm_launcher_composes_to_the_expected_sbatch_script(config_factory, t
     import submitit
     from hydra.core.utils import JobReturn, JobStatus
 
-    cfg = config_factory("hydra/launcher=slurm", "trainer=slurm", "trainer.num_nodes=2", "trainer.devices=4",
-                         "hydra.launcher.partition=gpu", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    cfg = config_factory(
+        "hydra/launcher=slurm",
+        "trainer=slurm",
+        "trainer.num_nodes=2",
+        "trainer.devices=4",
+        "hydra.launcher.partition=gpu",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    )
     launcher = instantiate(cfg.hydra.launcher)
     assert type(launcher).__name__ == "SlurmLauncher"
-    assert {k: launcher.params[k] for k in ("nodes", "tasks_per_node", "gpus_per_node", "max_num_timeout")} == {
-        "nodes": 2, "tasks_per_node": 4, "gpus_per_node": 4, "max_num_timeout": 0}
+    assert {
+        k: launcher.params[k] for k in ("nodes", "tasks_per_node", "gpus_per_node", "max_num_timeout")
+    } == {"nodes": 2, "tasks_per_node": 4, "gpus_per_node": 4, "max_num_timeout": 0}
     scripts = []
 
     class Job:
@@ -173,8 +215,15 @@ def test_slurm_launcher_composes_to_the_expected_sbatch_script(config_factory, t
     launcher.setup(hydra_context=None, task_function=None, config=cfg)
     launcher.launch([["oft.block_size=16"], ["oft.block_size=32"]], initial_job_idx=0)
     lines = set(scripts[0].splitlines())
-    expected = {"#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4", "#SBATCH --gpus-per-node=4",
-                "#SBATCH --partition=gpu", "#SBATCH --signal=USR1@120", "#SBATCH --requeue",
-                "#SBATCH --time=2880", "#SBATCH --cpus-per-task=8"}
+    expected = {
+        "#SBATCH --nodes=2",
+        "#SBATCH --ntasks-per-node=4",
+        "#SBATCH --gpus-per-node=4",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --signal=USR1@120",
+        "#SBATCH --requeue",
+        "#SBATCH --time=2880",
+        "#SBATCH --cpus-per-task=8",
+    }
     assert expected <= lines, sorted(lines)
     assert Path(tmp_path / "sweep").is_dir()

@@ -35,7 +35,9 @@ class RecordRanks(pl.Callback):
         self.out_dir = Path(out_dir)
         self.keys: list[str] = []
 
-    def on_train_batch_start(self, trainer: pl.Trainer, module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self.keys.extend(batch["key"])
 
     def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
@@ -43,23 +45,42 @@ class RecordRanks(pl.Callback):
         rank = trainer.global_rank
         (self.out_dir / f"keys_rank{rank}.json").write_text(json.dumps(self.keys))
         trained = {name: p.detach().clone() for name, p in module.named_parameters() if p.requires_grad}
-        torch.save({"world_size": trainer.world_size, "trained": trained}, self.out_dir / f"trained_rank{rank}.pt")
+        torch.save(
+            {"world_size": trainer.world_size, "trained": trained}, self.out_dir / f"trained_rank{rank}.pt"
+        )
 
 
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory: pytest.TempPathFactory, offline_cache: Path) -> Path:
     out = tmp_path_factory.mktemp("ddp")
     command = [
-        sys.executable, "-m", "src.train", "debug=default", "trainer=ddp", "trainer.accelerator=cpu",
-        "trainer.devices=2", "trainer.precision=32-true", f"trainer.max_steps={STEPS}",
-        f"trainer.accumulate_grad_batches={ACCUMULATE}", f"trainer.val_check_interval={BATCHES}",
-        f"callbacks.checkpoint.every_n_train_steps={STEPS}", "module.memory.gradient_checkpointing=true",
-        "logger=csv", "~callbacks.samples", "~callbacks.energy",
-        f"hydra.run.dir={out}", f"+callbacks.record._target_={__name__}.RecordRanks",
+        sys.executable,
+        "-m",
+        "src.train",
+        "debug=default",
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.precision=32-true",
+        f"trainer.max_steps={STEPS}",
+        f"trainer.accumulate_grad_batches={ACCUMULATE}",
+        f"trainer.val_check_interval={BATCHES}",
+        f"callbacks.checkpoint.every_n_train_steps={STEPS}",
+        "module.memory.gradient_checkpointing=true",
+        "logger=csv",
+        "~callbacks.samples",
+        "~callbacks.energy",
+        f"hydra.run.dir={out}",
+        f"+callbacks.record._target_={__name__}.RecordRanks",
         f"+callbacks.record.out_dir={out}/ranks",
     ]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), str(ROOT)]),
-               OFT_CONTROL_CACHE=str(offline_cache), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), str(ROOT)]),
+        OFT_CONTROL_CACHE=str(offline_cache),
+        HF_HUB_OFFLINE="1",
+        OMP_NUM_THREADS="1",
+    )
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
     return out

@@ -18,18 +18,38 @@ from src.callbacks.sweep_summary import JOB_FILE, SweepSummary, final_metrics, w
 from src.sweep import main
 
 ROOT = Path(__file__).resolve().parents[1]
-QUICK = ["debug=default", "trainer.max_steps=2", "trainer.val_check_interval=2", "logger=csv",
-         "~callbacks.samples", "~callbacks.energy"]
+QUICK = [
+    "debug=default",
+    "trainer.max_steps=2",
+    "trainer.val_check_interval=2",
+    "logger=csv",
+    "~callbacks.samples",
+    "~callbacks.energy",
+]
 
 
-def _fake_job(sweep: Path, num: int, overrides: list[str], value: float | None, status: str = "COMPLETED",
-              val_losses: tuple[float, ...] = ()) -> Path:
+def _fake_job(
+    sweep: Path,
+    num: int,
+    overrides: list[str],
+    value: float | None,
+    status: str = "COMPLETED",
+    val_losses: tuple[float, ...] = (),
+) -> Path:
     job = sweep / str(num)
     (job / "csv").mkdir(parents=True)
-    record = {"num": num, "overrides": overrides, "status": status, "metric": "val/loss", "value": value,
-              "error": None if status == "COMPLETED" else "RuntimeError: boom"}
+    record = {
+        "num": num,
+        "overrides": overrides,
+        "status": status,
+        "metric": "val/loss",
+        "value": value,
+        "error": None if status == "COMPLETED" else "RuntimeError: boom",
+    }
     (job / JOB_FILE).write_text(json.dumps(record))
-    rows = ["epoch,step,train/loss,val/loss"] + [f"0,{i},{1.5 - i / 10},{v}" for i, v in enumerate(val_losses)]
+    rows = ["epoch,step,train/loss,val/loss"] + [
+        f"0,{i},{1.5 - i / 10},{v}" for i, v in enumerate(val_losses)
+    ]
     (job / "csv" / "metrics.csv").write_text("\n".join(rows) + "\n")
     return job
 
@@ -85,8 +105,14 @@ def test_callback_records_multirun_jobs_only(config_factory, tmp_path, mode):
         assert not (job_dir / JOB_FILE).exists()
         return
     record = json.loads((job_dir / JOB_FILE).read_text())
-    assert record | {"overrides": None} == {"num": 3, "overrides": None, "status": "COMPLETED",
-                                           "metric": "val/loss", "value": 0.125, "error": None}
+    assert record | {"overrides": None} == {
+        "num": 3,
+        "overrides": None,
+        "status": "COMPLETED",
+        "metric": "val/loss",
+        "value": 0.125,
+        "error": None,
+    }
     assert "oft.block_size=16" in record["overrides"]
     callback.on_multirun_end(cfg)
     assert "| 3 | 3 |" in (tmp_path / "sweep" / "summary.md").read_text()

@@ -32,8 +32,15 @@ def test_captions_follow_the_grammar_and_name_what_is_drawn():
     assert every == {(c, s) for c in COLOURS for s in SHAPES}
 
 
-@pytest.mark.parametrize("caption", ["a red circle and", "a purple circle", "the red circle",
-                                     "a red circle and a blue square and a green triangle"])
+@pytest.mark.parametrize(
+    "caption",
+    [
+        "a red circle and",
+        "a purple circle",
+        "the red circle",
+        "a red circle and a blue square and a green triangle",
+    ],
+)
 def test_parse_caption_rejects_what_the_grammar_does_not_allow(caption):
     with pytest.raises(ValueError, match="toy-world caption|one or two"):
         parse_caption(caption)
@@ -58,8 +65,13 @@ def test_the_judge_scores_real_toy_images_near_perfectly(resolution):
 def test_the_judge_sees_nothing_in_a_blank_image_and_mis_coloured_shapes_fail():
     blank = np.full((64, 64, 3), 240, np.uint8)
     assert toy.parse_scene(blank) == []
-    assert toy.judge(blank, "a red circle") == {"colour_acc": 0.0, "shape_acc": 0.0, "object_acc": 0.0,
-                                                "count_acc": 0.0, "dominant_colour_acc": 0.0}
+    assert toy.judge(blank, "a red circle") == {
+        "colour_acc": 0.0,
+        "shape_acc": 0.0,
+        "object_acc": 0.0,
+        "count_acc": 0.0,
+        "dominant_colour_acc": 0.0,
+    }
     scene = scene_at(0, 1)
     rgb, _ = render(scene)
     (colour, shape), *_ = parse_caption(scene.caption)

@@ -30,7 +30,9 @@ def test_every_experiment_composes(config_factory, experiment):
     """Experiments that need SD1.5 weights are composed and their components built, not run."""
     from hydra.utils import instantiate
 
-    cfg = config_factory(f"experiment={experiment}", "data.train_shards='/data/shards/train-{000000..000009}.tar'")
+    cfg = config_factory(
+        f"experiment={experiment}", "data.train_shards='/data/shards/train-{000000..000009}.tar'"
+    )
     resolved = {k: v for k, v in cfg.items() if k != "hydra"}
     OmegaConf.to_container(OmegaConf.create(resolved), resolve=True, throw_on_missing=True)
     oft = instantiate(cfg.oft, _convert_="all")
@@ -39,7 +41,12 @@ def test_every_experiment_composes(config_factory, experiment):
 
 def test_paper_experiment_has_the_paper_settings(config_factory):
     cfg = config_factory("experiment=paper_canny", "data.train_shards=x.tar")
-    assert (cfg.model.name, cfg.model.resolution, cfg.oft.n_blocks, cfg.oft.cayley) == ("sd15", 512, 4, "exact")
+    assert (cfg.model.name, cfg.model.resolution, cfg.oft.n_blocks, cfg.oft.cayley) == (
+        "sd15",
+        512,
+        4,
+        "exact",
+    )
     assert (cfg.optim.lr, cfg.data.batch_size, cfg.trainer.devices) == (1e-5, 16, 4)
     assert (cfg.module.sampling.num_inference_steps, cfg.module.sampling.guidance_scale) == (50, 9.0)
 
@@ -157,14 +164,18 @@ def test_resume_restores_global_step_and_trained_weights_exactly(short_fit, conf
 
     class CaptureAtStart(pl.Callback):
         def on_train_start(self, trainer, module):
-            restored.update(step=trainer.global_step, weights={k: v.clone() for k, v in module.state_dict().items()})
+            restored.update(
+                step=trainer.global_step, weights={k: v.clone() for k, v in module.state_dict().items()}
+            )
 
     run.trainer.callbacks.append(CaptureAtStart())
     run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=str(ckpt_path), weights_only=True)
     assert restored["step"] == saved["global_step"] == 4
     assert run.trainer.global_step == 6
 
-    other = config_factory("debug=default", "oft=paper", f"ckpt_path={ckpt_path}", output_dir=tmp_path / "third")
+    other = config_factory(
+        "debug=default", "oft=paper", f"ckpt_path={ckpt_path}", output_dir=tmp_path / "third"
+    )
     with pytest.raises(ValueError, match="resume with the same model and oft settings"):
         build_run(other)
     for key, value in saved["state_dict"].items():
@@ -175,8 +186,13 @@ def test_checkpoints_keep_the_last_k_plus_last(config_factory, tmp_path):
     """Five checkpoint intervals with K = 2: the two newest step files (.ckpt and .safetensors) plus `last`."""
     out = tmp_path / "run"
     cfg = config_factory(
-        "debug=default", "trainer.max_steps=10", "callbacks.checkpoint.save_top_k=2",
-        "~callbacks.samples", "~callbacks.controllability", "~callbacks.energy", output_dir=out,
+        "debug=default",
+        "trainer.max_steps=10",
+        "callbacks.checkpoint.save_top_k=2",
+        "~callbacks.samples",
+        "~callbacks.controllability",
+        "~callbacks.energy",
+        output_dir=out,
     )
     assert cfg.callbacks.weights.keep_last == 2
     train(cfg)

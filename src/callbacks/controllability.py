@@ -42,8 +42,9 @@ def _others(images: list[np.ndarray]) -> list[np.ndarray]:
     return images[1:] + images[:1]
 
 
-def toy_metrics(generated: list[np.ndarray], targets: list[np.ndarray], captions: list[str],
-                condition: str) -> dict[str, float]:
+def toy_metrics(
+    generated: list[np.ndarray], targets: list[np.ndarray], captions: list[str], condition: str
+) -> dict[str, float]:
     """The toy judge's caption fidelity and (segmentation) shape mIoU with its chance level; {} if the
     captions are not toy-world captions."""
     from data_prep.toy_world import parse_caption
@@ -89,15 +90,21 @@ class ControllabilityMetric(pl.Callback):
         self._reset()
 
     def on_validation_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int,
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
         n = min(self.max_images - len(self.generated), len(batch["caption"]))
         if trainer.sanity_checking or n <= 0:
             return
         if self.num_inference_steps:  # a sampler of its own: generate separately
-            generated = pl_module.generate(batch["condition"][:n], batch["caption"][:n],
-                                           num_inference_steps=self.num_inference_steps)
+            generated = pl_module.generate(
+                batch["condition"][:n], batch["caption"][:n], num_inference_steps=self.num_inference_steps
+            )
         else:  # the validation generations the sample grid shows (batch 0), drawn once
             generated = pl_module.validation_samples(batch, n)
         self.generated += to_uint8(generated)
@@ -109,8 +116,13 @@ class ControllabilityMetric(pl.Callback):
         if trainer.sanity_checking or not self.generated:
             return
         values = self.scores()
-        pl_module.log_dict({f"val/{k}": float(v) for k, v in values.items()}, on_step=False, on_epoch=True,
-                           batch_size=len(self.generated), sync_dist=True)
+        pl_module.log_dict(
+            {f"val/{k}": float(v) for k, v in values.items()},
+            on_step=False,
+            on_epoch=True,
+            batch_size=len(self.generated),
+            sync_dist=True,
+        )
         self._reset()
 
     def scores(self) -> dict[str, float]:

@@ -46,12 +46,15 @@ class DataHealth(pl.Callback):
         self._epoch_batches = 0
 
     # ------------------------------------------------------------------------------------- checks
-    def _global(self, trainer: pl.Trainer, counts: Mapping[str, int], device: torch.device) -> tuple[float, int, int]:
+    def _global(
+        self, trainer: pl.Trainer, counts: Mapping[str, int], device: torch.device
+    ) -> tuple[float, int, int]:
         """``(fraction, skipped, seen)`` summed over ranks (one all-reduce of two numbers)."""
         _, skipped, seen = skip_fraction(counts)
         if trainer.world_size > 1:
-            total = trainer.strategy.reduce(torch.tensor([skipped, seen], dtype=torch.float64, device=device),
-                                            reduce_op="sum")
+            total = trainer.strategy.reduce(
+                torch.tensor([skipped, seen], dtype=torch.float64, device=device), reduce_op="sum"
+            )
             skipped, seen = int(total[0].item()), int(total[1].item())
         return (skipped / seen if seen else 0.0), skipped, seen
 
@@ -62,11 +65,13 @@ class DataHealth(pl.Callback):
         raise DataHealthError(
             f"{what}: {fraction:.1%} of samples were skipped ({skipped} of {seen} read), over the limit "
             f"{self.max_skip_fraction:.1%}; top reasons on this rank: {top_reasons(counts)}. Fix or rebuild "
-            f"the shards (see the warnings logged per reason), or raise {CONFIG_KEY}.")
+            f"the shards (see the warnings logged per reason), or raise {CONFIG_KEY}."
+        )
 
     @staticmethod
-    def _log(pl_module: pl.LightningModule, prefix: str, counts: Mapping[str, int], fraction: float,
-             on_step: bool) -> None:
+    def _log(
+        pl_module: pl.LightningModule, prefix: str, counts: Mapping[str, int], fraction: float, on_step: bool
+    ) -> None:
         """Log the totals under ``prefix/`` (per step in training, per pass in validation)."""
         metrics = {f"{prefix}/{key}": float(value) for key, value in counts.items()}
         metrics[f"{prefix}/skip_fraction"] = fraction
@@ -76,8 +81,9 @@ class DataHealth(pl.Callback):
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._epoch_batches = 0
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
-                           batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         """Add the batch's counts, log the running totals and check the limit."""
         self._epoch_batches += 1
         self.train.update(batch.get(COUNTS_KEY, {}) if isinstance(batch, Mapping) else {})
@@ -91,14 +97,22 @@ class DataHealth(pl.Callback):
             raise DataHealthError(
                 f"training epoch {trainer.current_epoch} yielded no batch: every shard unreadable or fewer "
                 f"samples than a batch (skips so far on this rank: {top_reasons(self.train)}; skips after "
-                "a worker's last batch are not reported, see the warnings logged per reason).")
+                "a worker's last batch are not reported, see the warnings logged per reason)."
+            )
 
     # ---------------------------------------------------------------------------------- validation
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.val = Counter()
 
-    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
-                                batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         self.val.update(batch.get(COUNTS_KEY, {}) if isinstance(batch, Mapping) else {})
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

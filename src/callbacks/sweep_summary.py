@@ -111,8 +111,14 @@ def summary_rows(
     header = ["job", "dir", "overrides", "status", metric or "value", *names]
     hidden = set(hide)
     rows = [
-        [job["num"], job["dir"], " ".join(o for o in job["overrides"] if o not in hidden), job["status"],
-         job["value"], *(job["final"].get(name) for name in names)]
+        [
+            job["num"],
+            job["dir"],
+            " ".join(o for o in job["overrides"] if o not in hidden),
+            job["status"],
+            job["value"],
+            *(job["final"].get(name) for name in names),
+        ]
         for job in jobs
     ]
     return header, rows

@@ -22,7 +22,9 @@ def save_safetensors_atomic(tensors: dict, path: Path, metadata: dict[str, str] 
 
 def prune_step_files(folder: Path, keep_last: int) -> list[Path]:
     """Delete all but the `keep_last` newest `step_XXXXXX.safetensors` in `folder` (by step); return them."""
-    steps = sorted((int(m.group(1)), p) for p in folder.glob("step_*.safetensors") if (m := STEP_FILE.fullmatch(p.name)))
+    steps = sorted(
+        (int(m.group(1)), p) for p in folder.glob("step_*.safetensors") if (m := STEP_FILE.fullmatch(p.name))
+    )
     doomed = [path for _, path in steps[: max(len(steps) - keep_last, 0)]]
     for path in doomed:
         path.unlink(missing_ok=True)
@@ -44,7 +46,9 @@ class SafetensorsWeights(pl.Callback):
             raise ValueError(f"keep_last {keep_last} must be >= 1, or -1 to keep every checkpoint")
         self.dirname, self.keep_last = dirname, keep_last
 
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         if not trainer.is_global_zero:
             return
         folder = Path(trainer.default_root_dir) / self.dirname

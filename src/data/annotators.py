@@ -19,7 +19,9 @@ CANNY_HIGH = 200
 MIN_FACE_SIZE = 64
 
 
-def canny_edges(rgb: np.ndarray, low: int = CANNY_LOW, high: int = CANNY_HIGH, on: str = "gray") -> np.ndarray:
+def canny_edges(
+    rgb: np.ndarray, low: int = CANNY_LOW, high: int = CANNY_HIGH, on: str = "gray"
+) -> np.ndarray:
     """Binary edge map (uint8, 0/255, H x W) of an RGB uint8 image: ``cv2.Canny(x, low, high)``.
 
     ``on="gray"`` runs Canny on ``cv2.cvtColor(rgb, COLOR_RGB2GRAY)`` (this project's default);
@@ -39,12 +41,17 @@ def _face_mesh(max_faces: int, min_confidence: float, pid: int):
     """One MediaPipe FaceMesh per process and setting (built on first use; `pid` keeps forks from sharing one)."""
     import mediapipe as mp
 
-    return mp.solutions.face_mesh.FaceMesh(static_image_mode=True, max_num_faces=max_faces, refine_landmarks=True,
-                                           min_detection_confidence=min_confidence)
+    return mp.solutions.face_mesh.FaceMesh(
+        static_image_mode=True,
+        max_num_faces=max_faces,
+        refine_landmarks=True,
+        min_detection_confidence=min_confidence,
+    )
 
 
-def detect_faces(rgb: np.ndarray, max_faces: int = 1, min_confidence: float = 0.5,
-                 min_face_size: int = MIN_FACE_SIZE) -> list[Any]:
+def detect_faces(
+    rgb: np.ndarray, max_faces: int = 1, min_confidence: float = 0.5, min_face_size: int = MIN_FACE_SIZE
+) -> list[Any]:
     """MediaPipe FaceMesh landmark lists (478 points with irises) of the faces in an RGB uint8 image.
 
     The settings are controlnet-aux `MediapipeFaceDetector`'s: static images, refined landmarks, and faces
@@ -54,7 +61,11 @@ def detect_faces(rgb: np.ndarray, max_faces: int = 1, min_confidence: float = 0.
     """
     if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ValueError(f"face detection expects an RGB uint8 image, got {rgb.dtype} {rgb.shape}")
-    found = _face_mesh(max_faces, min_confidence, os.getpid()).process(np.ascontiguousarray(rgb)).multi_face_landmarks
+    found = (
+        _face_mesh(max_faces, min_confidence, os.getpid())
+        .process(np.ascontiguousarray(rgb))
+        .multi_face_landmarks
+    )
     height, width = rgb.shape[:2]
     faces = []
     for face in found or []:

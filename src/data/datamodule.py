@@ -95,8 +95,11 @@ class ShardDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         schema.condition_spec(condition)
-        for name, value in (("resolution", resolution), ("batch_size", batch_size),
-                            ("val_batch_size", val_batch_size)):
+        for name, value in (
+            ("resolution", resolution),
+            ("batch_size", batch_size),
+            ("val_batch_size", val_batch_size),
+        ):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if num_workers < 0:
@@ -128,8 +131,9 @@ class ShardDataModule(pl.LightningDataModule):
         return trainer.world_size if trainer is not None else 1
 
     def _loader(self, pipeline: wds.DataPipeline) -> wds.WebLoader:
-        return wds.WebLoader(pipeline, batch_size=None, shuffle=False, num_workers=self.num_workers,
-                             persistent_workers=False)
+        return wds.WebLoader(
+            pipeline, batch_size=None, shuffle=False, num_workers=self.num_workers, persistent_workers=False
+        )
 
     def stream_seed(self) -> int:
         """Seed of the training stream: ``seed`` for a fresh run, derived from the restored epoch/step
@@ -151,9 +155,15 @@ class ShardDataModule(pl.LightningDataModule):
             self.setup("fit")
         seed = self.stream_seed()
         decoder = SampleDecoder(self.condition, self.resolution, True, self.random_flip, seed)
-        pipeline = train_pipeline(self.train_urls, decoder, batch_size=self.batch_size,
-                                  shuffle_buffer=self.shuffle_buffer, resampled=self.resampled,
-                                  seed=seed, skips=self.train_skips)
+        pipeline = train_pipeline(
+            self.train_urls,
+            decoder,
+            batch_size=self.batch_size,
+            shuffle_buffer=self.shuffle_buffer,
+            resampled=self.resampled,
+            seed=seed,
+            skips=self.train_skips,
+        )
         n_batches = self.batches_per_epoch()
         if n_batches is None:
             return self._loader(pipeline)

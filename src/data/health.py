@@ -76,7 +76,7 @@ def skip_fraction(counts: Mapping[str, int]) -> tuple[float, int, int]:
 
 def top_reasons(counts: Mapping[str, int], prefix: str = SKIPPED, n: int = 3) -> str:
     """The ``n`` most frequent reasons under ``prefix``, e.g. ``"undecodable_image 30, shard_missing 2"``."""
-    reasons = Counter({k[len(prefix):]: v for k, v in counts.items() if k.startswith(prefix) and v})
+    reasons = Counter({k[len(prefix) :]: v for k, v in counts.items() if k.startswith(prefix) and v})
     return ", ".join(f"{reason} {count}" for reason, count in reasons.most_common(n)) or "none"
 
 
@@ -109,7 +109,8 @@ class SkipCounter:
             raise DataHealthError(
                 f"{self.name}: {self._consecutive} skips in a row without one readable sample "
                 f"(this process: {top_reasons(Counter({SKIPPED + k: v for k, v in self.counts.items()}))}); "
-                "are the shards gone or all broken?") from exn
+                "are the shards gone or all broken?"
+            ) from exn
         return True
 
     def note(self, reason: str, detail: object = "") -> None:

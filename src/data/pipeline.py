@@ -74,7 +74,8 @@ def resolve_shards(
         raise ValueError(
             f"{what}={spec!r}: no shard found for {missing[:3]}{' ...' if len(missing) > 3 else ''}. "
             f"Build shards with `python -m data_prep.coco --images ... --captions ... --out DIR` "
-            f"(or `python -m data_prep.demo --root DIR`) and set {what} to DIR/train-*.tar (or a list).")
+            f"(or `python -m data_prep.demo --root DIR`) and set {what} to DIR/train-*.tar (or a list)."
+        )
     return urls
 
 
@@ -248,10 +249,14 @@ def _levels(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
 def _lookup(table: torch.Tensor, values: torch.Tensor, channels: int, name: str) -> torch.Tensor:
     """Contiguous float32 ``table[values]`` of uint8 ``[..., C, H, W]``, one channel repeated to ``channels``."""
     if values.dtype != torch.uint8:
-        raise TypeError(f"batch[{name!r}] is {values.dtype}, expected the uint8 that SampleDecoder/collate "
-                        "make: to_model_inputs converts a batch once")
+        raise TypeError(
+            f"batch[{name!r}] is {values.dtype}, expected the uint8 that SampleDecoder/collate "
+            "make: to_model_inputs converts a batch once"
+        )
     if values.ndim < 3 or values.shape[-3] not in (1, channels):
-        raise ValueError(f"batch[{name!r}] has shape {tuple(values.shape)}; expected [..., 1 or {channels}, H, W]")
+        raise ValueError(
+            f"batch[{name!r}] has shape {tuple(values.shape)}; expected [..., 1 or {channels}, H, W]"
+        )
     shape = (*values.shape[:-3], channels, *values.shape[-2:])
     index = values.expand(shape).to(torch.int32, memory_format=torch.contiguous_format)
     return table.index_select(0, index.view(-1)).view(shape)
@@ -272,19 +277,34 @@ def to_model_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
     Lightning calls it itself.
     """
     image_levels, condition_levels = _levels(batch["image"].device)
-    return {**batch, "image": _lookup(image_levels, batch["image"], 3, "image"),
-            "condition": _lookup(condition_levels, batch["condition"], 3, "condition")}
+    return {
+        **batch,
+        "image": _lookup(image_levels, batch["image"], 3, "image"),
+        "condition": _lookup(condition_levels, batch["condition"], 3, "condition"),
+    }
 
 
 # ---------------------------------------------------------------------------------- pipelines
-def train_pipeline(urls: list[str], decoder: SampleDecoder, *, batch_size: int, shuffle_buffer: int,
-                   resampled: bool, seed: int, skips: SkipCounter) -> wds.DataPipeline:
+def train_pipeline(
+    urls: list[str],
+    decoder: SampleDecoder,
+    *,
+    batch_size: int,
+    shuffle_buffer: int,
+    resampled: bool,
+    seed: int,
+    skips: SkipCounter,
+) -> wds.DataPipeline:
     """Training stream: resampled shards (or node- then worker-split shards), shuffle, decode, batch."""
     if resampled:
         source = [wds.ResampledShards(urls, seed=seed, worker_seed=_resample_seed, deterministic=True)]
     else:
-        source = [wds.SimpleShardList(urls), wds.split_by_node, wds.split_by_worker,
-                  BufferShuffle(len(urls), seed)]
+        source = [
+            wds.SimpleShardList(urls),
+            wds.split_by_node,
+            wds.split_by_worker,
+            BufferShuffle(len(urls), seed),
+        ]
     return wds.DataPipeline(
         *source,
         wds.tarfile_to_samples(handler=skips, select_files=MemberFilter(skips)),
@@ -296,8 +316,9 @@ def train_pipeline(urls: list[str], decoder: SampleDecoder, *, batch_size: int, 
     )
 
 
-def eval_pipeline(urls: list[str], decoder: SampleDecoder, *, batch_size: int,
-                  skips: SkipCounter) -> wds.DataPipeline:
+def eval_pipeline(
+    urls: list[str], decoder: SampleDecoder, *, batch_size: int, skips: SkipCounter
+) -> wds.DataPipeline:
     """Evaluation stream: every sample exactly once over all ranks and workers, in order, no shuffle."""
     split = EvalSplit(len(urls))
     return wds.DataPipeline(

@@ -5,8 +5,12 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-_INTERPOLATION = {"nearest": cv2.INTER_NEAREST, "area": cv2.INTER_AREA, "linear": cv2.INTER_LINEAR,
-                  "cubic": cv2.INTER_CUBIC}
+_INTERPOLATION = {
+    "nearest": cv2.INTER_NEAREST,
+    "area": cv2.INTER_AREA,
+    "linear": cv2.INTER_LINEAR,
+    "cubic": cv2.INTER_CUBIC,
+}
 
 
 def resize_shorter(array: np.ndarray, size: int, interpolation: str = "auto") -> np.ndarray:

@@ -46,7 +46,9 @@ class Scorer(ABC):
         return self.score_batch([generated], [sample])[0]
 
     @abstractmethod
-    def score_batch(self, generated: Sequence[np.ndarray], samples: Sequence[EvalSample]) -> list[dict[str, float]]:
+    def score_batch(
+        self, generated: Sequence[np.ndarray], samples: Sequence[EvalSample]
+    ) -> list[dict[str, float]]:
         """Per-sample values of a batch; updates the running summary."""
 
     @abstractmethod
@@ -56,7 +58,9 @@ class Scorer(ABC):
 
 def to_uint8(images: torch.Tensor) -> list[np.ndarray]:
     """`[N, 3, H, W]` floats in [0, 1] -> N RGB uint8 arrays `[H, W, 3]` (rounded, as PNG writers do)."""
-    array = images.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    array = (
+        images.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    )
     return [np.ascontiguousarray(a) for a in array]
 
 

@@ -27,8 +27,9 @@ def binary_iou_f1(predicted: np.ndarray, target: np.ndarray) -> tuple[float, flo
     return tp / (tp + fp + fn), 2 * tp / (2 * tp + fp + fn)
 
 
-def canny_iou_f1(generated: np.ndarray, source: np.ndarray, low: int = CANNY_LOW, high: int = CANNY_HIGH
-                 ) -> tuple[float, float]:
+def canny_iou_f1(
+    generated: np.ndarray, source: np.ndarray, low: int = CANNY_LOW, high: int = CANNY_HIGH
+) -> tuple[float, float]:
     """IoU and F1 of `Canny(low, high)` edges of two RGB uint8 images of the same size."""
     return binary_iou_f1(canny_edges(generated, low, high), canny_edges(source, low, high))
 
@@ -40,12 +41,16 @@ class CannyScorer(Scorer):
 
     def __init__(self, low: int = CANNY_LOW, high: int = CANNY_HIGH) -> None:
         if not 0 <= low <= high:
-            raise ValueError(f"canny thresholds low={low}, high={high} must satisfy 0 <= low <= high (paper: 100, 200)")
+            raise ValueError(
+                f"canny thresholds low={low}, high={high} must satisfy 0 <= low <= high (paper: 100, 200)"
+            )
         self.low, self.high = low, high
         self.ious: list[float] = []
         self.f1s: list[float] = []
 
-    def score_batch(self, generated: Sequence[np.ndarray], samples: Sequence[EvalSample]) -> list[dict[str, float]]:
+    def score_batch(
+        self, generated: Sequence[np.ndarray], samples: Sequence[EvalSample]
+    ) -> list[dict[str, float]]:
         values = []
         for image, sample in zip(generated, samples, strict=True):
             iou, f1 = canny_iou_f1(image, sample.target, self.low, self.high)
@@ -55,4 +60,8 @@ class CannyScorer(Scorer):
         return values
 
     def summary(self) -> dict[str, float]:
-        return {"canny_iou": mean(self.ious), "canny_f1": mean(self.f1s), "canny_images": float(len(self.f1s))}
+        return {
+            "canny_iou": mean(self.ious),
+            "canny_f1": mean(self.f1s),
+            "canny_images": float(len(self.f1s)),
+        }

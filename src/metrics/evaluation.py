@@ -33,9 +33,12 @@ def control_scorer(cfg: DictConfig, condition: str) -> Scorer:
         "canny": lambda: CannyScorer(cfg.canny.low, cfg.canny.high),
         "seg": lambda: SegmentationScorer(
             Segmenter(cfg.segmenter.model, cfg.segmenter.label_offset, cfg.device),
-            cfg.segmenter.num_classes, cfg.segmenter.ignore_index),
-        "landmarks": lambda: LandmarkScorer(FaceLandmarker(cfg.landmarks.detect_resolution,
-                                                           cfg.landmarks.min_confidence)),
+            cfg.segmenter.num_classes,
+            cfg.segmenter.ignore_index,
+        ),
+        "landmarks": lambda: LandmarkScorer(
+            FaceLandmarker(cfg.landmarks.detect_resolution, cfg.landmarks.min_confidence)
+        ),
     }
     if condition not in builders:
         raise ValueError(f"no controllability metric for condition '{condition}'; known: {sorted(builders)}")
@@ -57,12 +60,15 @@ def eval_samples(batch: Sequence[ConditionInput]) -> list[EvalSample]:
     """Shard inputs as the scorers see them (uint8 images)."""
     targets = to_uint8(torch.stack([item.target for item in batch]))
     conditions = to_uint8(torch.stack([item.condition for item in batch]))
-    return [EvalSample(item.key, item.caption or "", target, condition, item.labels)
-            for item, target, condition in zip(batch, targets, conditions, strict=True)]
+    return [
+        EvalSample(item.key, item.caption or "", target, condition, item.labels)
+        for item, target, condition in zip(batch, targets, conditions, strict=True)
+    ]
 
 
-def score_batch(scorers: Sequence[Scorer], generated: torch.Tensor, samples: Sequence[EvalSample]
-                ) -> list[dict[str, float]]:
+def score_batch(
+    scorers: Sequence[Scorer], generated: torch.Tensor, samples: Sequence[EvalSample]
+) -> list[dict[str, float]]:
     """Per-sample values of every scorer, merged into one dict per sample."""
     images = to_uint8(generated)
     merged: list[dict[str, float]] = [{} for _ in samples]
@@ -86,7 +92,7 @@ class CaseKeeper:
         self.cases.append((self.sign * value, key, row))
         self.cases.sort(key=lambda case: case[0], reverse=True)
         if len(self.cases) > 2 * self.k:
-            del self.cases[self.k:-self.k]
+            del self.cases[self.k : -self.k]
 
     def best(self) -> list[tuple[float, str, torch.Tensor]]:
         return [(self.sign * v, key, row) for v, key, row in self.cases[: self.k]]

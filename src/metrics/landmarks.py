@@ -34,12 +34,19 @@ class FaceLandmarker:
         min_face_size: faces smaller than this (pixels at the detection resolution) are ignored.
     """
 
-    def __init__(self, detect_resolution: int = 512, min_confidence: float = 0.5,
-                 min_face_size: int = MIN_FACE_SIZE) -> None:
+    def __init__(
+        self, detect_resolution: int = 512, min_confidence: float = 0.5, min_face_size: int = MIN_FACE_SIZE
+    ) -> None:
         if detect_resolution < 1 or not 0 <= min_confidence <= 1:
-            raise ValueError(f"detect_resolution {detect_resolution} must be >= 1 and min_confidence "
-                             f"{min_confidence} in [0, 1]")
-        self.detect_resolution, self.min_confidence, self.min_face_size = detect_resolution, min_confidence, min_face_size
+            raise ValueError(
+                f"detect_resolution {detect_resolution} must be >= 1 and min_confidence "
+                f"{min_confidence} in [0, 1]"
+            )
+        self.detect_resolution, self.min_confidence, self.min_face_size = (
+            detect_resolution,
+            min_confidence,
+            min_face_size,
+        )
 
     def __call__(self, rgb: np.ndarray) -> np.ndarray | None:
         if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
@@ -62,7 +69,9 @@ class LandmarkScorer(Scorer):
         self.errors: list[float] = []
         self.no_face_target = self.no_face_generated = 0
 
-    def score_batch(self, generated: Sequence[np.ndarray], samples: Sequence[EvalSample]) -> list[dict[str, float]]:
+    def score_batch(
+        self, generated: Sequence[np.ndarray], samples: Sequence[EvalSample]
+    ) -> list[dict[str, float]]:
         values = []
         for image, sample in zip(generated, samples, strict=True):
             truth = self.landmarker(sample.target)
@@ -78,7 +87,9 @@ class LandmarkScorer(Scorer):
 
     def summary(self) -> dict[str, float]:
         with_face = len(self.errors) + self.no_face_generated
-        return {"landmark_error_px": mean(self.errors),
-                "landmark_detection_rate": len(self.errors) / with_face if with_face else float("nan"),
-                "landmark_no_face_generated": float(self.no_face_generated),
-                "landmark_no_face_target": float(self.no_face_target)}
+        return {
+            "landmark_error_px": mean(self.errors),
+            "landmark_detection_rate": len(self.errors) / with_face if with_face else float("nan"),
+            "landmark_no_face_generated": float(self.no_face_generated),
+            "landmark_no_face_target": float(self.no_face_target),
+        }

@@ -32,19 +32,27 @@ def build_fid(feature: int = 2048, extractor: nn.Module | None = None, weights_p
 
     if extractor is not None:
         return FrechetInceptionDistance(feature=extractor.eval(), reset_real_features=True)
-    hint = ("or set fid.extractor to a custom feature extractor (an nn.Module mapping uint8 [N, 3, H, W] images "
-            "to [N, D] features)")
+    hint = (
+        "or set fid.extractor to a custom feature extractor (an nn.Module mapping uint8 [N, 3, H, W] images "
+        "to [N, D] features)"
+    )
     if not _TORCH_FIDELITY_AVAILABLE:
-        raise QualityWeightsError(f"FID with InceptionV3 features (fid.feature={feature}) needs torch-fidelity: "
-                                  f"`pip install torch-fidelity` and give fid.weights_path or go online once, {hint}")
+        raise QualityWeightsError(
+            f"FID with InceptionV3 features (fid.feature={feature}) needs torch-fidelity: "
+            f"`pip install torch-fidelity` and give fid.weights_path or go online once, {hint}"
+        )
     if weights_path is not None and not os.path.isfile(weights_path):
-        raise QualityWeightsError(f"fid.weights_path '{weights_path}' is not a file: point it at torch-fidelity's "
-                                  f"InceptionV3 weights (pt_inception-2015-12-05), {hint}")
+        raise QualityWeightsError(
+            f"fid.weights_path '{weights_path}' is not a file: point it at torch-fidelity's "
+            f"InceptionV3 weights (pt_inception-2015-12-05), {hint}"
+        )
     try:
         return FrechetInceptionDistance(feature=feature, feature_extractor_weights_path=weights_path)
     except Exception as err:  # a failed weight download surfaces as any network or file error
-        raise QualityWeightsError(f"FID InceptionV3 weights are not available ({type(err).__name__}: {err}): set "
-                                  f"fid.weights_path to a local copy, {hint}") from None
+        raise QualityWeightsError(
+            f"FID InceptionV3 weights are not available ({type(err).__name__}: {err}): set "
+            f"fid.weights_path to a local copy, {hint}"
+        ) from None
 
 
 def build_clip_score(model: str = "openai/clip-vit-large-patch14"):
@@ -60,7 +68,8 @@ def build_clip_score(model: str = "openai/clip-vit-large-patch14"):
         raise QualityWeightsError(
             f"CLIP score weights '{model}' are not available locally ({type(err).__name__}): set "
             "clip_score.model to a local folder holding a transformers CLIP model (e.g. a download of "
-            "openai/clip-vit-large-patch14), or run once online to cache it") from None
+            "openai/clip-vit-large-patch14), or run once online to cache it"
+        ) from None
     return CLIPScore(model_name_or_path=lambda: (clip.eval(), processor))
 
 
@@ -72,7 +81,9 @@ class FIDScorer(Scorer):
     def __init__(self, fid) -> None:
         self.fid, self.count = fid, 0
 
-    def score_batch(self, generated: Sequence[np.ndarray], samples: Sequence[EvalSample]) -> list[dict[str, float]]:
+    def score_batch(
+        self, generated: Sequence[np.ndarray], samples: Sequence[EvalSample]
+    ) -> list[dict[str, float]]:
         self.fid.update(_as_batch([s.target for s in samples]), real=True)
         self.fid.update(_as_batch(generated), real=False)
         self.count += len(samples)
@@ -91,7 +102,9 @@ class CLIPScorer(Scorer):
     def __init__(self, clip_score) -> None:
         self.clip_score, self.count = clip_score, 0
 
-    def score_batch(self, generated: Sequence[np.ndarray], samples: Sequence[EvalSample]) -> list[dict[str, float]]:
+    def score_batch(
+        self, generated: Sequence[np.ndarray], samples: Sequence[EvalSample]
+    ) -> list[dict[str, float]]:
         self.clip_score.update(_as_batch(generated), [s.caption for s in samples])
         self.count += len(samples)
         return [{} for _ in samples]

@@ -22,15 +22,18 @@ class SegmenterNotFoundError(FileNotFoundError):
     """The segmenter's weights are neither a local folder nor in the local hub cache."""
 
 
-def confusion_matrix(predicted: np.ndarray, target: np.ndarray, num_classes: int,
-                     ignore_index: int | None = None) -> np.ndarray:
+def confusion_matrix(
+    predicted: np.ndarray, target: np.ndarray, num_classes: int, ignore_index: int | None = None
+) -> np.ndarray:
     """`[num_classes, num_classes]` pixel counts, rows the true class, columns the predicted class."""
     if predicted.shape != target.shape:
         raise ValueError(f"prediction {predicted.shape} and labels {target.shape} differ in shape")
     p, t = predicted.astype(np.int64).ravel(), target.astype(np.int64).ravel()
     keep = t >= 0 if ignore_index is None else (t >= 0) & (t != ignore_index)
     if np.any(t[keep] >= num_classes) or np.any((p[keep] < 0) | (p[keep] >= num_classes)):
-        raise ValueError(f"labels or predictions outside [0, {num_classes}): set num_classes to cover every class")
+        raise ValueError(
+            f"labels or predictions outside [0, {num_classes}): set num_classes to cover every class"
+        )
     counts = np.bincount(num_classes * t[keep] + p[keep], minlength=num_classes * num_classes)
     return counts.reshape(num_classes, num_classes)
 
@@ -86,7 +89,9 @@ class Segmenter:
         logits = self.model(pixel_values=inputs["pixel_values"].to(self.device)).logits
         maps = []
         for image, logit in zip(images, logits, strict=True):
-            full = F.interpolate(logit[None].float(), size=image.shape[:2], mode="bilinear", align_corners=False)
+            full = F.interpolate(
+                logit[None].float(), size=image.shape[:2], mode="bilinear", align_corners=False
+            )
             maps.append(full[0].argmax(0).cpu().numpy() + self.label_offset)
         return maps
 
@@ -99,17 +104,23 @@ class SegmentationScorer(Scorer):
 
     name, primary, higher_is_better = "segmentation", "seg_miou", True
 
-    def __init__(self, segmenter: Segmenter, num_classes: int | None = None, ignore_index: int | None = 0) -> None:
+    def __init__(
+        self, segmenter: Segmenter, num_classes: int | None = None, ignore_index: int | None = 0
+    ) -> None:
         self.segmenter = segmenter
         self.num_classes = num_classes or segmenter.num_labels + segmenter.label_offset
         self.ignore_index = ignore_index
         self.total = np.zeros((self.num_classes, self.num_classes), np.int64)
         self.per_image: list[float] = []
 
-    def score_batch(self, generated: Sequence[np.ndarray], samples: Sequence[EvalSample]) -> list[dict[str, float]]:
+    def score_batch(
+        self, generated: Sequence[np.ndarray], samples: Sequence[EvalSample]
+    ) -> list[dict[str, float]]:
         missing = [s.key for s in samples if s.labels is None]
         if missing:
-            raise ValueError(f"samples {missing[:3]} have no seglabel.png: segmentation mIoU needs label maps in the shards")
+            raise ValueError(
+                f"samples {missing[:3]} have no seglabel.png: segmentation mIoU needs label maps in the shards"
+            )
         values = []
         for predicted, sample in zip(self.segmenter(generated), samples, strict=True):
             confusion = confusion_matrix(predicted, sample.labels, self.num_classes, self.ignore_index)
@@ -122,5 +133,9 @@ class SegmentationScorer(Scorer):
     def summary(self) -> dict[str, float]:
         miou, _ = mean_iou(self.total)
         accuracy = np.trace(self.total) / max(int(self.total.sum()), 1)
-        return {"seg_miou": miou, "seg_pixel_accuracy": float(accuracy), "seg_image_miou_mean": mean(self.per_image),
-                "seg_images": float(len(self.per_image))}
+        return {
+            "seg_miou": miou,
+            "seg_pixel_accuracy": float(accuracy),
+            "seg_image_miou_mean": mean(self.per_image),
+            "seg_images": float(len(self.per_image)),
+        }

@@ -114,7 +114,9 @@ def judge(rgb: np.ndarray, caption: str) -> dict[str, float]:
 def caption_fidelity(images: Sequence[np.ndarray], captions: Sequence[str]) -> dict[str, float]:
     """Mean of ``judge`` over images and their captions."""
     if len(images) != len(captions) or not images:
-        raise ValueError(f"need as many captions as images (got {len(images)} images, {len(captions)} captions)")
+        raise ValueError(
+            f"need as many captions as images (got {len(images)} images, {len(captions)} captions)"
+        )
     scores = [judge(image, caption) for image, caption in zip(images, captions, strict=True)]
     return {key: float(np.mean([s[key] for s in scores])) for key in scores[0]}
 
@@ -131,8 +133,14 @@ def single_shape_captions(count: int) -> list[str]:
     return [pairs[i % len(pairs)] for i in range(count)]
 
 
-def backbone_fidelity(folder: str | Path, count: int = 48, seed: int = 0, steps: int = 50,
-                      guidance_scale: float = 7.5, batch_size: int = 16) -> dict[str, float]:
+def backbone_fidelity(
+    folder: str | Path,
+    count: int = 48,
+    seed: int = 0,
+    steps: int = 50,
+    guidance_scale: float = 7.5,
+    batch_size: int = 16,
+) -> dict[str, float]:
     """Caption fidelity of a toy backbone loaded with stock ``StableDiffusionPipeline.from_pretrained``:
     ``count`` single-shape captions, DDIM ``steps``, against their captions and against shuffled ones."""
     import torch
@@ -146,12 +154,18 @@ def backbone_fidelity(folder: str | Path, count: int = 48, seed: int = 0, steps:
     for start in range(0, count, batch_size):
         batch = captions[start : start + batch_size]
         generator = [torch.Generator().manual_seed(seed + start + i) for i in range(len(batch))]
-        out = pipe(batch, num_inference_steps=steps, guidance_scale=guidance_scale, generator=generator,
-                   output_type="np")
+        out = pipe(
+            batch,
+            num_inference_steps=steps,
+            guidance_scale=guidance_scale,
+            generator=generator,
+            output_type="np",
+        )
         images += [(np.clip(image, 0, 1) * 255).round().astype(np.uint8) for image in out.images]
     own, chance = caption_fidelity(images, captions), caption_fidelity(images, shuffled(captions, seed))
     return {
-        "captions": count, "sampler": f"DDIM {steps} steps, guidance {guidance_scale}",
+        "captions": count,
+        "sampler": f"DDIM {steps} steps, guidance {guidance_scale}",
         **{f"single_{k}": round(v, 3) for k, v in own.items()},
         **{f"single_{k}_shuffled": round(v, 3) for k, v in chance.items()},
     }

@@ -1,1 +1,1 @@
-"""Backbone loading, control encoder, Lightning module, sampling, checkpoints, run directories, exports, inference."""
+"""Backbone, control encoder, Lightning module, sampling, checkpoints, run directories, exports, inference."""

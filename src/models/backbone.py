@@ -114,7 +114,9 @@ def unet_skeleton(spec: BackboneSpec) -> nn.Module:
 
     source = check_backbone(spec)
     local = spec.local_files_only or _offline()
-    config = UNet2DConditionModel.load_config(source, subfolder="unet", revision=spec.revision, local_files_only=local)
+    config = UNet2DConditionModel.load_config(
+        source, subfolder="unet", revision=spec.revision, local_files_only=local
+    )
     with torch.device("meta"):
         return UNet2DConditionModel.from_config(config)
 

@@ -47,7 +47,9 @@ def _fields(identity: Any) -> dict[str, Any]:
     return {"backbone": identity.get("backbone"), **layout}
 
 
-def check_identity(saved: Any, expected: Mapping[str, Any], source: str | os.PathLike, configured: str) -> None:
+def check_identity(
+    saved: Any, expected: Mapping[str, Any], source: str | os.PathLike, configured: str
+) -> None:
     """Raise `CheckpointMismatchError` naming every field in which `saved` differs from `expected`.
 
     Args:
@@ -81,7 +83,11 @@ def check_checkpoint(path: str | os.PathLike, backbone: BackboneSpec, oft: OFTCo
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """A checkpoint's tensors and identity, loaded with `weights_only=True` (never unpickles code)."""
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or CHECKPOINT_META not in checkpoint:
+    if (
+        not isinstance(checkpoint, dict)
+        or "state_dict" not in checkpoint
+        or CHECKPOINT_META not in checkpoint
+    ):
         raise ValueError(
             f"'{path}' is not an OFT-Control checkpoint (no state_dict and '{CHECKPOINT_META}' identity): "
             "pass a .ckpt written by `python -m src.train`"
@@ -102,7 +108,9 @@ def atomic_torch_save(payload: Any, path: str | os.PathLike) -> None:
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's torch checkpoint IO for local paths, written atomically; loads stay `weights_only`."""
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
         if storage_options is not None or "://" in str(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
         atomic_torch_save(checkpoint, path)

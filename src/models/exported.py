@@ -34,10 +34,16 @@ EXPORT_HINT = "export one with `python -m src.export --run RUN --out_dir DIR`"
 def encoder_config(run: TrainedRun) -> dict[str, Any]:
     """Constructor arguments of the run's control encoder plus the condition it was trained on."""
     module = run.module
-    return {"format": ENCODER_FORMAT, "version": 1, "out_channels": module.unet.conv_in.out_channels,
-            "downscale": module.vae_scale_factor, "channels": list(run.config.module.encoder_channels),
-            "in_channels": module.encoder.body[0].in_channels, "condition": run.condition,
-            "resolution": run.resolution}
+    return {
+        "format": ENCODER_FORMAT,
+        "version": 1,
+        "out_channels": module.unet.conv_in.out_channels,
+        "downscale": module.vae_scale_factor,
+        "channels": list(run.config.module.encoder_channels),
+        "in_channels": module.encoder.body[0].in_channels,
+        "condition": run.condition,
+        "resolution": run.resolution,
+    }
 
 
 def export_control_encoder(run: TrainedRun, folder: str | os.PathLike) -> Path:
@@ -59,12 +65,16 @@ def load_control_encoder(folder: str | os.PathLike) -> tuple[ControlEncoder, dic
     folder = Path(folder)
     config_path, weights = folder / ENCODER_CONFIG, folder / ENCODER_WEIGHTS
     if not config_path.is_file() or not weights.is_file():
-        raise FileNotFoundError(f"'{folder}' holds no exported control encoder ({ENCODER_CONFIG} + {ENCODER_WEIGHTS}); "
-                                f"{EXPORT_HINT}")
+        raise FileNotFoundError(
+            f"'{folder}' holds no exported control encoder ({ENCODER_CONFIG} + {ENCODER_WEIGHTS}); "
+            f"{EXPORT_HINT}"
+        )
     config = json.loads(config_path.read_text())
     if config.get("format") != ENCODER_FORMAT:
         raise ValueError(f"{config_path} is not an {ENCODER_FORMAT} config (format {config.get('format')!r})")
-    encoder = ControlEncoder(config["out_channels"], config["downscale"], config["channels"], config["in_channels"])
+    encoder = ControlEncoder(
+        config["out_channels"], config["downscale"], config["channels"], config["in_channels"]
+    )
     encoder.load_state_dict(load_file(weights), strict=True)
     return encoder.eval().requires_grad_(False), config
 
@@ -81,8 +91,13 @@ def export_diffusers(run: TrainedRun, folder: str | os.PathLike) -> Path:
     finally:
         unmerge_oft(module.unet, removed)
     export_control_encoder(run, folder / ENCODER_DIR)
-    info = {"run": str(run.files.run_dir), "checkpoint": str(run.files.checkpoint),
-            "identity": module.checkpoint_identity(), "condition": run.condition, "resolution": run.resolution}
+    info = {
+        "run": str(run.files.run_dir),
+        "checkpoint": str(run.files.checkpoint),
+        "identity": module.checkpoint_identity(),
+        "condition": run.condition,
+        "resolution": run.resolution,
+    }
     (folder / EXPORT_INFO).write_text(json.dumps(info, indent=2))
     return folder
 
@@ -98,8 +113,10 @@ def load_exported(folder: str | os.PathLike):
     from diffusers import StableDiffusionPipeline
 
     if not is_exported(folder):
-        raise FileNotFoundError(f"'{folder}' is not an exported OFT-Control folder (model_index.json and "
-                                f"{ENCODER_DIR}/): {EXPORT_HINT}")
+        raise FileNotFoundError(
+            f"'{folder}' is not an exported OFT-Control folder (model_index.json and "
+            f"{ENCODER_DIR}/): {EXPORT_HINT}"
+        )
     pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     encoder, config = load_control_encoder(Path(folder) / ENCODER_DIR)

@@ -62,7 +62,9 @@ class OFTControlModule(pl.LightningModule):
         self.tokenizer, self.noise_scheduler = parts.tokenizer, parts.noise_scheduler
         self.vae_scale_factor = parts.vae_scale_factor
         self.adapted_layers = inject_oft(self.unet, oft)
-        self.encoder = ControlEncoder(self.unet.conv_in.out_channels, parts.vae_scale_factor, encoder_channels)
+        self.encoder = ControlEncoder(
+            self.unet.conv_in.out_channels, parts.vae_scale_factor, encoder_channels
+        )
         self.memory = memory or MemoryOptions()
         apply_memory_options(self.memory, self.unet, [self.vae, self.encoder])
         self.max_consecutive_nonfinite = max_consecutive_nonfinite
@@ -130,7 +132,9 @@ class OFTControlModule(pl.LightningModule):
             prediction = self.unet(noisy, timesteps, text).sample
         return F.mse_loss(prediction.float(), self.diffusion_target(latents, noise, timesteps).float())
 
-    def diffusion_target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    def diffusion_target(
+        self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+    ) -> torch.Tensor:
         kind = self.noise_scheduler.config.prediction_type
         if kind == "epsilon":
             return noise
@@ -206,13 +210,16 @@ class OFTControlModule(pl.LightningModule):
 
     def generate(self, condition: torch.Tensor, prompts: Sequence[str], **kwargs: Any) -> torch.Tensor:
         """Images in [0, 1] for conditions in [0, 1]; keyword arguments as `sample_controlled`."""
-        options = dict(
-            num_inference_steps=self.sampling.steps,
-            guidance_scale=self.sampling.guidance_scale,
-            negative_prompt=self.sampling.negative_prompt,
-            strength=self.sampling.strength,
-            generator=torch.Generator().manual_seed(self.sampling.seed),
-        ) | kwargs
+        options = (
+            dict(
+                num_inference_steps=self.sampling.steps,
+                guidance_scale=self.sampling.guidance_scale,
+                negative_prompt=self.sampling.negative_prompt,
+                strength=self.sampling.strength,
+                generator=torch.Generator().manual_seed(self.sampling.seed),
+            )
+            | kwargs
+        )
         was_training = self.training
         self.eval()
         try:
@@ -244,4 +251,6 @@ class OFTControlModule(pl.LightningModule):
         missing = sorted(set(self.trainable_names()) - set(checkpoint["state_dict"]))
         unexpected = sorted(set(checkpoint["state_dict"]) - set(self.trainable_names()))
         if missing or unexpected:
-            raise ValueError(f"checkpoint tensors do not match: missing {missing[:5]}, unexpected {unexpected[:5]}")
+            raise ValueError(
+                f"checkpoint tensors do not match: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )

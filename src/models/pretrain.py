@@ -97,8 +97,16 @@ def _lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
 class _Stage:
     """Resumable optimisation state of one stage: modules, optimizer, schedule, EMA, step."""
 
-    def __init__(self, name: str, work_dir: Path, modules: dict[str, nn.Module], params, steps: int,
-                 warmup: int, ema: dict[str, nn.Module] | None = None):
+    def __init__(
+        self,
+        name: str,
+        work_dir: Path,
+        modules: dict[str, nn.Module],
+        params,
+        steps: int,
+        warmup: int,
+        ema: dict[str, nn.Module] | None = None,
+    ):
         self.name, self.path, self.modules, self.ema = name, work_dir / f"{name}.pt", modules, ema or {}
         self.optimizer = torch.optim.AdamW(params, weight_decay=0.0)
         self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(warmup, steps))
@@ -108,10 +116,12 @@ class _Stage:
 
     def state(self) -> dict:
         return {
-            "step": self.step, "seconds": self.seconds,
+            "step": self.step,
+            "seconds": self.seconds,
             "modules": {k: m.state_dict() for k, m in self.modules.items()},
             "ema": {k: m.state_dict() for k, m in self.ema.items()},
-            "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
         }
 
     def _load(self) -> None:
@@ -164,8 +174,9 @@ def train_vae(vae: nn.Module, recipe: ToyRecipe, work_dir: Path) -> _Stage:
     vae.train()
 
     def step(index: int) -> dict[str, float]:
-        pixels, _ = scene_batch(recipe.seed, index * cfg.batch_size, cfg.batch_size, recipe.resolution,
-                                recipe.two_fraction)
+        pixels, _ = scene_batch(
+            recipe.seed, index * cfg.batch_size, cfg.batch_size, recipe.resolution, recipe.two_fraction
+        )
         generator = torch.Generator().manual_seed(recipe.seed * 1_000_003 + index)
         posterior = vae.encode(pixels).latent_dist
         latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
@@ -207,8 +218,13 @@ def _min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.
 
 def encode_prompts(tokenizer, text_encoder: nn.Module, captions: list[str]) -> torch.Tensor:
     """Per-token hidden states of the text encoder, padded to the tokenizer's max length."""
-    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids
+    ids = tokenizer(
+        captions,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
     return text_encoder(ids)[0]
 
 
@@ -219,7 +235,9 @@ def _latent_pool(vae: nn.Module, recipe: ToyRecipe):
     means, stds, captions = [], [], []
     for start in tqdm(range(0, recipe.unet.pool_size, 256), desc="latent pool", mininterval=5):
         count = min(256, recipe.unet.pool_size - start)
-        pixels, texts = scene_batch(recipe.seed, 10_000_000 + start, count, recipe.resolution, recipe.two_fraction)
+        pixels, texts = scene_batch(
+            recipe.seed, 10_000_000 + start, count, recipe.resolution, recipe.two_fraction
+        )
         posterior = vae.encode(pixels).latent_dist
         means.append(posterior.mean)
         stds.append(posterior.std)
@@ -228,7 +246,9 @@ def _latent_pool(vae: nn.Module, recipe: ToyRecipe):
     return torch.cat(means) * scale, torch.cat(stds) * scale, captions
 
 
-def train_unet(parts: dict[str, nn.Module], tokenizer, scheduler, recipe: ToyRecipe, work_dir: Path) -> _Stage:
+def train_unet(
+    parts: dict[str, nn.Module], tokenizer, scheduler, recipe: ToyRecipe, work_dir: Path
+) -> _Stage:
     """Stage 2: fit the denoiser (and the text encoder) on VAE latents of toy scenes; EMA kept."""
     cfg = recipe.unet
     unet, text_encoder, vae = parts["unet"], parts["text_encoder"], parts["vae"]
@@ -251,7 +271,9 @@ def train_unet(parts: dict[str, nn.Module], tokenizer, scheduler, recipe: ToyRec
         captions = ["" if d else pool_captions[i] for i, d in zip(picks.tolist(), drop.tolist(), strict=True)]
         latents = mean[picks] + std[picks] * torch.randn(mean[picks].shape, generator=generator)
         noise = torch.randn(latents.shape, generator=generator)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(captions),), generator=generator)
+        timesteps = torch.randint(
+            0, scheduler.config.num_train_timesteps, (len(captions),), generator=generator
+        )
         noisy = scheduler.add_noise(latents, noise, timesteps)
         hidden = encode_prompts(tokenizer, text_encoder, captions)
         pred = unet(noisy, timesteps, encoder_hidden_states=hidden).sample
@@ -281,7 +303,9 @@ def build_toy_pipeline(seed: int):
     """The toy backbone's architecture with fresh weights (seeded), before pretraining."""
     from src.models.tiny import TOY_TEXT, TOY_UNET, TOY_VAE, build_tiny_pipeline
 
-    return build_tiny_pipeline(seed, TOY_UNET, TOY_VAE, TOY_TEXT, toy_words(), scheduler_class="DDIMScheduler")
+    return build_tiny_pipeline(
+        seed, TOY_UNET, TOY_VAE, TOY_TEXT, toy_words(), scheduler_class="DDIMScheduler"
+    )
 
 
 def pretrain(recipe: ToyRecipe, work_dir: Path):

@@ -70,7 +70,9 @@ def locate_run(source: str | os.PathLike, checkpoint: str | os.PathLike | None =
         )
     if not ckpt.is_file():
         found = sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt"))
-        raise FileNotFoundError(f"checkpoint '{ckpt}' does not exist; checkpoints of this run: {found or 'none'}")
+        raise FileNotFoundError(
+            f"checkpoint '{ckpt}' does not exist; checkpoints of this run: {found or 'none'}"
+        )
     return RunFiles(run_dir, run_dir / RUN_CONFIG, ckpt)
 
 
@@ -91,7 +93,9 @@ def validation_shards(source: str | os.PathLike, checkpoint: str | os.PathLike |
     try:
         data = OmegaConf.load(locate_run(source, checkpoint).config).data
     except FileNotFoundError:  # an exported folder has no run config
-        raise ValueError(f"'{source}' has no training config to take validation shards from: set shards=...") from None
+        raise ValueError(
+            f"'{source}' has no training config to take validation shards from: set shards=..."
+        ) from None
     if not data.get("val_shards"):
         raise ValueError(f"the run of '{source}' had no data.val_shards: set shards=DIR/val-*.tar")
     if data.get("prepare"):

@@ -63,7 +63,9 @@ TOY_UNET = dict(
     attention_head_dim=8,
 )
 TOY_VAE = dict(TINY_VAE, block_out_channels=(16, 32, 64, 64))
-TOY_TEXT = dict(TINY_TEXT, hidden_size=64, intermediate_size=128, max_position_embeddings=16, projection_dim=64)
+TOY_TEXT = dict(
+    TINY_TEXT, hidden_size=64, intermediate_size=128, max_position_embeddings=16, projection_dim=64
+)
 
 TINY_SCHEDULER = dict(
     num_train_timesteps=1000,
@@ -93,8 +95,9 @@ def build_tokenizer(words: tuple[str, ...] = (), max_length: int = TINY_TEXT["ma
     tokens = alphabet + [ch + "</w>" for ch in alphabet] + ["<|startoftext|>", "<|endoftext|>"]
     merges: list[tuple[str, str]] = []
     for _ in range(8):  # a merge learnt for one word can pre-empt another's; repair until all are whole
-        tokenizer = CLIPTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=list(merges),
-                                  model_max_length=max_length)
+        tokenizer = CLIPTokenizer(
+            vocab={t: i for i, t in enumerate(tokens)}, merges=list(merges), model_max_length=max_length
+        )
         split = {w: tokenizer.tokenize(w) for w in words}
         broken = {w: pieces for w, pieces in split.items() if len(pieces) > 1}
         if not broken:
@@ -110,8 +113,14 @@ def build_tokenizer(words: tuple[str, ...] = (), max_length: int = TINY_TEXT["ma
     raise RuntimeError(f"could not build whole-word tokens for {sorted(broken)}")
 
 
-def build_tiny_pipeline(seed: int = 0, unet: dict = TINY_UNET, vae: dict = TINY_VAE, text: dict = TINY_TEXT,
-                        words: tuple[str, ...] = (), scheduler_class: str = "DDPMScheduler"):
+def build_tiny_pipeline(
+    seed: int = 0,
+    unet: dict = TINY_UNET,
+    vae: dict = TINY_VAE,
+    text: dict = TINY_TEXT,
+    words: tuple[str, ...] = (),
+    scheduler_class: str = "DDPMScheduler",
+):
     """Random-weight SD components of the given sizes (tiny by default), seeded, as a `StableDiffusionPipeline`."""
     import diffusers
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
@@ -120,7 +129,9 @@ def build_tiny_pipeline(seed: int = 0, unet: dict = TINY_UNET, vae: dict = TINY_
     tokenizer = build_tokenizer(words, text["max_position_embeddings"])
     torch.manual_seed(seed)
     specials = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    text_config = CLIPTextConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **specials, **text)
+    text_config = CLIPTextConfig(
+        vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **specials, **text
+    )
     return StableDiffusionPipeline(
         unet=UNet2DConditionModel(**unet),
         vae=AutoencoderKL(**vae),

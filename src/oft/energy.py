@@ -46,7 +46,9 @@ def pair_scale(n_neurons: int, size: int) -> float:
 
 
 @torch.no_grad()
-def hyperspherical_energy_estimate(weight: Tensor, neurons: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
+def hyperspherical_energy_estimate(
+    weight: Tensor, neurons: Tensor, dtype: torch.dtype = torch.float64
+) -> Tensor:
     """Unbiased estimate of :func:`hyperspherical_energy` from a uniform random subset ``S`` of neurons.
 
     ``HE^(W) = N(N-1) / (m(m-1)) * HE(W[S])`` with ``N`` neurons and ``m = |S|`` (from

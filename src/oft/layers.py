@@ -147,7 +147,11 @@ class OFTLinear(OFTLayer):
     IMPLS = ("auto", "merged", "input")
 
     def __init__(
-        self, base: nn.Linear, config: OFTConfig, name: str = "", impl: Literal["auto", "merged", "input"] = "auto"
+        self,
+        base: nn.Linear,
+        config: OFTConfig,
+        name: str = "",
+        impl: Literal["auto", "merged", "input"] = "auto",
     ) -> None:
         if not isinstance(base, nn.Linear):
             raise TypeError(f"OFTLinear wraps nn.Linear, got {type(base).__name__} for layer {name!r}")

@@ -58,7 +58,9 @@ def peft_oft_config(config: OFTConfig, target_modules: Sequence[str] | None = No
     """
     import peft
 
-    targets: Any = sorted(target_modules) if target_modules is not None else union_pattern(config.target_modules)
+    targets: Any = (
+        sorted(target_modules) if target_modules is not None else union_pattern(config.target_modules)
+    )
     excludes = None if target_modules is not None else union_pattern(config.exclude_modules)
     settings = dict(
         r=config.n_blocks or 0,
