@@ -41,12 +41,19 @@ def read_condition_image(path: str | os.PathLike, resolution: int, condition: st
 
     with Image.open(path) as image:
         rgb = np.asarray(image.convert("RGB"))
+    return condition_from_rgb(rgb, resolution, condition)
+
+
+def condition_from_rgb(rgb: np.ndarray, resolution: int, condition: str) -> torch.Tensor:
+    """An RGB uint8 condition image [H, W, 3] -> `[3, R, R]` in [0, 1], resized and centre-cropped as the
+    shards' conditions (nearest-neighbour for label-like maps, area for edge maps)."""
     rgb = resize_center_crop(rgb, resolution, schema.condition_spec(condition).interpolation)
     return torch.tensor(rgb).permute(2, 0, 1).float() / 255.0
 
 
-def iter_shard_inputs(urls: Sequence[str], condition: str, resolution: int, skips: SkipCounter
-                      ) -> Iterator[ConditionInput]:
+def iter_shard_inputs(
+    urls: Sequence[str], condition: str, resolution: int, skips: SkipCounter
+) -> Iterator[ConditionInput]:
     """Samples of shards, in order, centre-cropped like validation (labels too, for segmentation)."""
     import webdataset as wds
 
@@ -59,26 +66,38 @@ def iter_shard_inputs(urls: Sequence[str], condition: str, resolution: int, skip
             labels = resize_center_crop(schema.decode_member(schema.SEGLABEL, labels), resolution, "nearest")
         return ConditionInput(out["key"], out["condition"], out["caption"], (out["image"] + 1) / 2, labels)
 
-    yield from wds.DataPipeline(wds.SimpleShardList(list(urls)),
-                                wds.tarfile_to_samples(handler=skips, select_files=schema.is_known_member),
-                                wds.map(decode, handler=skips))
+    yield from wds.DataPipeline(
+        wds.SimpleShardList(list(urls)),
+        wds.tarfile_to_samples(handler=skips, select_files=schema.is_known_member),
+        wds.map(decode, handler=skips),
+    )
 
 
-def collect_inputs(source: str | os.PathLike, condition: str, resolution: int, limit: int | None = None
-                   ) -> list[ConditionInput]:
+def collect_inputs(
+    source: str | os.PathLike, condition: str, resolution: int, limit: int | None = None
+) -> list[ConditionInput]:
     """Condition inputs from an image file, a folder of images, or a shard spec (tar, brace pattern, glob)."""
     path = Path(source).expanduser()
     if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
         inputs = [ConditionInput(path.stem, read_condition_image(path, resolution, condition))]
     elif path.is_dir() and not any(path.glob("*.tar")):
         files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[:limit]
-        inputs = [ConditionInput(p.relative_to(path).with_suffix("").as_posix().replace("/", "_"),
-                                 read_condition_image(p, resolution, condition)) for p in files]
+        inputs = [
+            ConditionInput(
+                p.relative_to(path).with_suffix("").as_posix().replace("/", "_"),
+                read_condition_image(p, resolution, condition),
+            )
+            for p in files
+        ]
     else:
-        stream = iter_shard_inputs(resolve_shards(str(source), "condition"), condition, resolution, SkipCounter())
+        stream = iter_shard_inputs(
+            resolve_shards(str(source), "condition"), condition, resolution, SkipCounter()
+        )
         inputs = [item for _, item in zip(range(limit or 2**62), stream, strict=False)]
     if not inputs:
-        raise ValueError(f"condition '{source}' holds no image ({', '.join(sorted(IMAGE_SUFFIXES))}) or shard sample")
+        raise ValueError(
+            f"condition '{source}' holds no image ({', '.join(sorted(IMAGE_SUFFIXES))}) or shard sample"
+        )
     return inputs[:limit]
 
 
@@ -87,11 +106,15 @@ def assign_prompts(inputs: Sequence[ConditionInput], prompt: str | Sequence[str]
     if prompt is None:
         missing = [item.key for item in inputs if item.caption is None]
         if missing:
-            raise ValueError(f"no prompt for {missing[:3]}: image conditions carry no caption, give prompt='...'")
+            raise ValueError(
+                f"no prompt for {missing[:3]}: image conditions carry no caption, give prompt='...'"
+            )
         return [str(item.caption) for item in inputs]
     prompts = [prompt] if isinstance(prompt, str) else [str(p) for p in prompt]
     if len(prompts) not in (1, len(inputs)):
-        raise ValueError(f"{len(prompts)} prompts for {len(inputs)} conditions: give one prompt, or one per condition")
+        raise ValueError(
+            f"{len(prompts)} prompts for {len(inputs)} conditions: give one prompt, or one per condition"
+        )
     return prompts * len(inputs) if len(prompts) == 1 else prompts
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,15 +40,20 @@ class ControlledModel:
         return self
 
 
-def load_controlled(source: str | os.PathLike, checkpoint: str | None = None, model_path: str | None = None
-                    ) -> ControlledModel:
+def load_controlled(
+    source: str | os.PathLike, checkpoint: str | None = None, model_path: str | None = None
+) -> ControlledModel:
     """From a run directory or checkpoint (rotations applied on the fly) or an exported folder (merged)."""
     if is_exported(source):
         pipe, encoder, config = load_exported(source)
-        return ControlledModel(pipe, encoder, config["condition"], config["resolution"], pipe.scheduler.config)
+        return ControlledModel(
+            pipe, encoder, config["condition"], config["resolution"], pipe.scheduler.config
+        )
     run = load_run(source, checkpoint, model_path)
     m = run.module
-    pipe = build_pipeline(m.unet, m.vae, m.text_encoder, m.tokenizer, make_scheduler("ddim", m.noise_scheduler.config))
+    pipe = build_pipeline(
+        m.unet, m.vae, m.text_encoder, m.tokenizer, make_scheduler("ddim", m.noise_scheduler.config)
+    )
     return ControlledModel(pipe, m.encoder, run.condition, run.resolution, m.noise_scheduler.config)
 
 
@@ -61,20 +66,46 @@ def describe_source(source: str | os.PathLike, checkpoint: str | None = None) ->
     return str(cfg.task.condition), int(cfg.model.resolution)
 
 
-def generate_images(model: ControlledModel, conditions: torch.Tensor, prompts: Sequence[str],
-                    options: SamplingOptions) -> torch.Tensor:
-    """`[N, num_samples, 3, H, W]` in [0, 1]; image `(n, s)` depends only on its condition, prompt and `seed + s`."""
+def generate_images(
+    model: ControlledModel,
+    conditions: torch.Tensor,
+    prompts: Sequence[str],
+    options: SamplingOptions,
+    progress: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
+    """`[N, num_samples, 3, H, W]` in [0, 1]; image `(n, s)` depends only on its condition, prompt and `seed + s`.
+
+    `progress(done, total)` is called after every denoising step of every pipeline call.
+    """
     model.pipe.scheduler = make_scheduler(options.scheduler, model.scheduler_config)
+    starts = range(0, len(prompts), options.batch_size)
+    total, done = options.num_samples * len(starts) * options.steps, 0
+
+    def on_step(step: int) -> None:
+        nonlocal done
+        done += 1
+        progress(done, total)
+
     samples = []
     for s in range(options.num_samples):
         batches = []
-        for start in range(0, len(prompts), options.batch_size):
+        for start in starts:
             chunk = slice(start, start + options.batch_size)
             count = len(prompts[chunk])
             generators = [torch.Generator().manual_seed(options.seed + s) for _ in range(count)]
-            batches.append(sample_controlled(
-                model.pipe, model.encoder, conditions[chunk], prompts[chunk], num_inference_steps=options.steps,
-                guidance_scale=options.guidance_scale, negative_prompt=options.negative_prompt,
-                strength=options.strength, generator=generators).cpu())
+            batches.append(
+                sample_controlled(
+                    model.pipe,
+                    model.encoder,
+                    conditions[chunk],
+                    prompts[chunk],
+                    num_inference_steps=options.steps,
+                    guidance_scale=options.guidance_scale,
+                    negative_prompt=options.negative_prompt,
+                    strength=options.strength,
+                    generator=generators,
+                    on_step=on_step if progress else None,
+                ).cpu()
+            )
         samples.append(torch.cat(batches))
     return torch.stack(samples, dim=1)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,11 +36,15 @@ class SamplingOptions:
     def __post_init__(self) -> None:
         if self.scheduler not in SCHEDULERS:
             raise ValueError(f"unknown scheduler '{self.scheduler}'; choose one of {', '.join(SCHEDULERS)}")
-        for name in ("num_samples", "batch_size") + (("num_inference_steps",) if self.num_inference_steps else ()):
+        for name in ("num_samples", "batch_size") + (
+            ("num_inference_steps",) if self.num_inference_steps else ()
+        ):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not math.isfinite(self.strength) or not math.isfinite(self.guidance_scale):
-            raise ValueError(f"strength {self.strength} and guidance_scale {self.guidance_scale} must be finite")
+            raise ValueError(
+                f"strength {self.strength} and guidance_scale {self.guidance_scale} must be finite"
+            )
 
     @property
     def steps(self) -> int:
@@ -59,7 +63,9 @@ def make_scheduler(name: str, config: dict):
     """A diffusers sampling scheduler by short name, sharing the backbone's noise schedule."""
     from diffusers import DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler, UniPCMultistepScheduler
 
-    classes = dict(ddim=DDIMScheduler, unipc=UniPCMultistepScheduler, euler=EulerDiscreteScheduler, ddpm=DDPMScheduler)
+    classes = dict(
+        ddim=DDIMScheduler, unipc=UniPCMultistepScheduler, euler=EulerDiscreteScheduler, ddpm=DDPMScheduler
+    )
     if name not in classes:
         raise ValueError(f"unknown sampling scheduler '{name}'; choose one of {', '.join(SCHEDULERS)}")
     return classes[name].from_config(config)
@@ -95,11 +101,13 @@ def sample_controlled(
     negative_prompt: str | Sequence[str] | None = None,
     strength: float = 1.0,
     generator: torch.Generator | None = None,
+    on_step: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
     """Generate one image per prompt under `condition` ([B, 3, H, W] in [0, 1]); returns [B, 3, H, W] in [0, 1].
 
     The paper samples with DDIM, 50 steps, guidance 9. The control is added in both branches of
-    classifier-free guidance.
+    classifier-free guidance. `on_step(i)` is called after denoising step `i` (0-based), e.g. for a
+    progress bar.
     """
     if len(prompts) != condition.shape[0]:
         raise ValueError(f"{len(prompts)} prompts for {condition.shape[0]} condition images")
@@ -115,5 +123,16 @@ def sample_controlled(
             guidance_scale=guidance_scale,
             generator=generator,
             output_type="pt",
+            callback_on_step_end=None if on_step is None else _step_callback(on_step),
         ).images
     return images.float().clamp(0, 1)
+
+
+def _step_callback(on_step: Callable[[int], None]):
+    """A diffusers `callback_on_step_end` that reports the finished step and changes nothing."""
+
+    def callback(pipe, step: int, timestep, callback_kwargs: dict) -> dict:
+        on_step(step)
+        return callback_kwargs
+
+    return callback
