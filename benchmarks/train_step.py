@@ -8,6 +8,9 @@ noise the latents, predict with the control, MSE, backward, the optimizer step (
 method's own extras (COFT projection for OFT-Control, gradient clipping for ControlNet as diffusers'
 example does). The setups:
 
+- ``Floor: control encoder only``: our control encoder on the frozen UNet, no rotations. Every method pays
+  the frozen UNet's forward and its backward to the control's input, so this is the step's floor; every
+  row also shows its step time as a ratio to it.
 - ``OFT-Control (paper|fast)``: our OFT (``conf/oft/{paper,fast}.yaml``) + our control encoder.
 - ``ControlNet``: ``ControlNetModel.from_unet`` trained as ``examples/controlnet/train_controlnet.py``
   trains it: the ControlNet is trainable, its residuals go to the frozen UNet, AdamW over its parameters.
@@ -17,10 +20,12 @@ example does). The setups:
 
 Time: all setups live in one process on one frozen UNet (they share its weight tensors) and run
 interleaved, one warm-up round then ``repeats`` rounds, the order rotated every round; the table shows
-medians and the median of the per-round ratios to ``OFT-Control (paper)``. Memory: each setup runs two
+medians and the median of the per-round ratios to the floor and to ``OFT-Control (paper)``. Memory: each setup runs two
 steps in its own child process (forked from a clean fork server), ``ru_maxrss`` is the kernel's
 high-water mark of that process. Checkpoint: bytes of the trained tensors written with safetensors.
-The table is rewritten in benchmarks/README.md between its markers.
+The table is rewritten in benchmarks/README.md between its markers. Under the SD1.5 table: where the OFT
+presets' time over the floor goes (rotation maths, optimizer, the rest), and the hyperspherical-energy
+monitor's cost at its defaults (``conf/callbacks/default.yaml``) as a share of a step.
 """
 
 from __future__ import annotations
@@ -52,10 +57,12 @@ from diffusers import ControlNetModel, DDPMScheduler, UNet2DConditionModel
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from benchmarks import readme
+from src.callbacks.energy import HypersphericalEnergyDrift, energy_drift
 from src.models.control import ControlEncoder, control_injection
 from src.models.tiny import build_tiny_pipeline
 from src.oft import OFTConfig, OFTLinear, inject_oft, oft_layers, oft_parameters, project_coft_
@@ -66,6 +73,10 @@ README = readme.README
 START, END = "<!-- train_step:start -->", "<!-- train_step:end -->"
 SD15 = ROOT / "src" / "models" / "sd15"
 REFERENCE = "OFT-Control (paper)"
+FLOOR = "Floor: control encoder only"
+# Goals for the step time over the floor (SD1.5 UNet at 256 px), and for the HE monitor's amortised share.
+FLOOR_TARGETS = {"OFT-Control (fast)": 1.10, REFERENCE: 1.25}
+HE_MONITOR_TARGET = 0.02
 DIAGNOSTIC = "OFT-Control, merged weight"  # every OFTLinear forced to impl="merged": what impl="auto" avoids
 LR = 1e-5
 LORA_RANK = 16
@@ -223,6 +234,11 @@ def _with_encoder(unet: nn.Module, after_optimizer: Callable[[], None] = _nothin
     )
 
 
+def floor(base: nn.Module) -> Setup:
+    """(0) The floor: our control encoder only, on a copy of the frozen UNet without rotations."""
+    return _with_encoder(structural_copy(base))
+
+
 def oft_control(base: nn.Module, preset: str, impl: str | None = None) -> Setup:
     """(a) Our OFT with a project preset + control encoder; COFT projection after every optimizer step.
 
@@ -289,6 +305,7 @@ def peft_lora(base: nn.Module) -> Setup:
 
 
 SETUPS: dict[str, Callable[[nn.Module], Setup]] = {
+    FLOOR: floor,
     REFERENCE: partial(oft_control, preset="paper"),
     "OFT-Control (fast)": partial(oft_control, preset="fast"),
     "ControlNet": controlnet,
@@ -332,6 +349,73 @@ def time_interleaved(backbone: Backbone, setups: dict[str, Setup], repeats: int,
 def median_ratio(times: dict[str, list[float]], name: str, reference: str) -> float:
     """Median over rounds of ``t_name / t_reference`` (both measured in the same round)."""
     return statistics.median(a / b for a, b in zip(times[name], times[reference], strict=True))
+
+
+# ------------------------------------------------------------------------------------------ overheads
+def _median_seconds(run: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def rotation_maths_seconds(setup: Setup, repeats: int = 3) -> float:
+    """Cayley (or Neumann) forward and backward of every adapted layer's blocks, nothing else."""
+    layers = [layer for _, layer in oft_layers(setup.modules["unet"])]
+
+    def run() -> None:
+        rotations = [layer.rotation() for layer in layers]
+        torch.autograd.backward(rotations, [torch.ones_like(r) for r in rotations])
+
+    seconds = _median_seconds(run, repeats)
+    setup.optimizer.zero_grad(set_to_none=True)
+    return seconds
+
+
+def optimizer_seconds(backbone: Backbone, setup: Setup, repeats: int = 3) -> float:
+    """Gradient extras, AdamW step and COFT projection of one step (on the gradients of a real step)."""
+    train_step(backbone, setup)
+
+    def run() -> None:
+        setup.before_optimizer()
+        setup.optimizer.step()
+        setup.after_optimizer()
+
+    return _median_seconds(run, repeats)
+
+
+def he_monitor_defaults() -> dict:
+    """``every_n_steps`` and ``neurons`` of the HE monitor in ``conf/callbacks/default.yaml``."""
+    node = OmegaConf.load(ROOT / "conf" / "callbacks" / "default.yaml").energy
+    return {"every_n_steps": int(node.every_n_steps), "neurons": node.neurons}
+
+
+def he_monitor_seconds(setup: Setup, repeats: int = 3) -> dict:
+    """The HE monitor at its defaults on this setup's UNet: its one-off reference and one call."""
+    defaults = he_monitor_defaults()
+    monitor = HypersphericalEnergyDrift(**defaults)
+    holder = nn.Module()
+    holder.unet = setup.modules["unet"]
+    start = time.perf_counter()
+    monitor.on_fit_start(None, holder)
+    reference = time.perf_counter() - start
+    call = _median_seconds(lambda: energy_drift(holder.unet, monitor.reference, monitor.neurons), repeats)
+    return dict(defaults, reference_s=reference, call_s=call)
+
+
+def overheads(backbone: Backbone, setups: dict[str, Setup]) -> dict[str, dict]:
+    """For the floor and each setup with a floor target: optimizer time; for the latter, rotation maths and
+    the HE monitor too."""
+    result = {FLOOR: {"optimizer_s": optimizer_seconds(backbone, setups[FLOOR])}}
+    for name in FLOOR_TARGETS:
+        result[name] = {
+            "optimizer_s": optimizer_seconds(backbone, setups[name]),
+            "rotation_s": rotation_maths_seconds(setups[name]),
+            "he_monitor": he_monitor_seconds(setups[name]),
+        }
+    return result
 
 
 # ------------------------------------------------------------------------------------------ memory
@@ -414,6 +498,7 @@ def measure(backbone_name: str, repeats: int, threads: int) -> dict:
             trainable=setup.trainable_count,
             step_s=statistics.median(times[name]),
             ratio=median_ratio(times, name, REFERENCE),
+            floor_ratio=median_ratio(times, name, FLOOR),
             **memory[name],
         )
         for name, setup in setups.items()
@@ -432,6 +517,7 @@ def measure(backbone_name: str, repeats: int, threads: int) -> dict:
         times=times,
         load=(load_before, os.getloadavg()[0]),
         pairs=[(a, b, median_ratio(times, a, b)) for a, b in pairs],
+        overheads=overheads(backbone, setups),
     )
     del setups, backbone
     gc.collect()
@@ -446,24 +532,60 @@ def table(result: dict) -> str:
         f"**{result['description']}** ({result['repeats']} interleaved rounds after 1 warm-up round; "
         f"load average {result['load'][0]:.1f} before, {result['load'][1]:.1f} after the timed rounds)",
         "",
-        "| setup | trainable params | ControlNet / setup | median step (s) | median ratio vs "
-        f"{REFERENCE} | peak RSS (GiB) | training adds (GiB) | checkpoint (MB) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| setup | trainable params | ControlNet / setup | median step (s) | median ratio vs floor | "
+        f"median ratio vs {REFERENCE} | peak RSS (GiB) | training adds (GiB) | checkpoint (MB) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows.values():
         lines.append(
             f"| {r['name']} | {r['trainable']:,} | {controlnet_count / r['trainable']:.1f}x | {r['step_s']:.3g} | "
-            f"{r['ratio']:.2f}x | {(r['peak_rss'] - r['start_rss']) / 2**30:.2f} | "
+            f"{r['floor_ratio']:.2f}x | {r['ratio']:.2f}x | {(r['peak_rss'] - r['start_rss']) / 2**30:.2f} | "
             f"{(r['peak_rss'] - r['frozen_rss']) / 2**30:.2f} | {r['checkpoint_bytes'] / 1e6:.1f} |"
         )
     lines.append("")
+    for name, target in FLOOR_TARGETS.items():  # the goals are set for SD1.5 at 256 px
+        ratio = rows[name]["floor_ratio"]
+        verdict = ("met" if ratio <= target else "not met") if result["backbone"] == "sd15" else "set for SD1.5"
+        rounds = ", ".join(f"{a / b:.3f}" for a, b in zip(result["times"][name], result["times"][FLOOR], strict=True))
+        lines.append(
+            f"- step time {name} / floor: {ratio:.3f} (median per-round ratio; goal <= {target}: {verdict}; "
+            f"rounds: {rounds})"
+        )
     for a, b, ratio in result["pairs"]:
         verdict = "met" if ratio <= 1.0 else "not met"
         lines.append(f"- step time {a} / {b}: {ratio:.3f} (median per-round ratio; target <= 1: {verdict})")
     lines.append(
         f"- trainable parameters ControlNet / {REFERENCE}: {controlnet_count / rows[REFERENCE]['trainable']:.1f}x"
     )
-    return "\n".join(lines)
+    return "\n".join([*lines, *overhead_lines(rows, result["times"], result["overheads"])])
+
+
+def overhead_lines(rows: dict[str, dict], times: dict[str, list[float]], measured: dict[str, dict]) -> list[str]:
+    """Where each OFT preset's time over the floor goes, and the HE monitor's share of a step."""
+    floor_optimizer = measured[FLOOR]["optimizer_s"]
+    lines = []
+    for name in FLOOR_TARGETS:
+        m = measured[name]
+        over = statistics.median(a - b for a, b in zip(times[name], times[FLOOR], strict=True))
+        optimizer = m["optimizer_s"] - floor_optimizer
+        rest = over - m["rotation_s"] - optimizer
+        lines.append(
+            f"- {name} over the floor: {over:+.2f} s per step (median per-round difference) = rotation maths "
+            "(Cayley/Neumann forward "
+            f"and backward of every block, measured alone) {m['rotation_s']:.2f} s + AdamW and COFT on the "
+            f"rotations {optimizer:.2f} s + the rest {rest:+.2f} s (applying the rotations in the adapted "
+            "layers' forward and backward)"
+        )
+    for name in FLOOR_TARGETS:
+        he, step = measured[name]["he_monitor"], rows[name]["step_s"]
+        share = he["call_s"] / (he["every_n_steps"] * step)
+        verdict = "met" if share <= HE_MONITOR_TARGET else "not met"
+        lines.append(
+            f"- HE monitor at its defaults ({he['neurons']} neurons per layer, every {he['every_n_steps']} steps) on "
+            f"{name}: {he['call_s']:.2f} s per call = {100 * share:.2f}% of a step amortised (goal <= "
+            f"{100 * HE_MONITOR_TARGET:.0f}%: {verdict}); reference energies once at fit start {he['reference_s']:.2f} s"
+        )
+    return lines
 
 
 def render(results: list[dict], command: str) -> str:
