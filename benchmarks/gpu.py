@@ -1,0 +1,292 @@
+"""The SD1.5-architecture training step on a CUDA GPU: 512 px, batch 4 and 16, bf16-mixed, in at most 8 minutes.
+
+    benchmarks/gpu.sh                       # = timeout 480 python -m benchmarks.gpu
+    python -m benchmarks.gpu [--batches 4,16] [--variants plain,grad_ckpt,compile] [--steps 5]
+                             [--budget-s 420] [--no-write] [--json PATH]
+    python -m benchmarks.gpu --dry-run      # CPU, a narrow SD-architecture UNet, batches 1 and 2: every path
+
+Setups (as ``benchmarks/train_step.py`` builds them, on one random-weight UNet of the public SD1.5 config):
+the floor (control encoder only), OFT-Control (paper, fast), ControlNet and peft OFT (paper, fast). Each
+runs in three variants: ``plain``, ``grad_ckpt`` (gradient checkpointing of the UNet, and of the
+ControlNet for ControlNet) and ``compile`` (regional ``torch.compile`` of every ``BasicTransformerBlock``,
+as ``module.memory.compile=true`` does; dynamo reset before each such configuration). The dry run traces
+with the ``eager`` backend (dynamo only, no code generation) to stay fast. A step is ``benchmarks.train_step.train_step`` with the
+prediction under ``torch.autocast(bfloat16)`` (what Lightning's ``bf16-mixed`` does: fp32 weights,
+bf16 compute). Per setup it prints the median step time of ``--steps`` timed steps after warm-up, the
+peak GPU memory (``torch.cuda.max_memory_allocated``) and what the step adds to the frozen UNet, and the
+ratios to the floor and to ControlNet of the same batch and variant.
+
+Runs go in priority order (plain, then gradient checkpointing, then compile; batch 4 before 16) and
+stop at ``--budget-s`` seconds after start: what did not fit is listed as skipped. Without CUDA (and
+without ``--dry-run``) it prints that and exits 0, so ``python -m benchmarks`` on a CPU machine skips it.
+On CUDA it rewrites its section of benchmarks/README.md (``--no-write`` to leave it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import gc
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from diffusers import UNet2DConditionModel
+from torch import nn
+
+from benchmarks import readme
+from benchmarks import train_step as bench
+
+START, END = "<!-- gpu:start -->", "<!-- gpu:end -->"
+SETUPS = [bench.FLOOR, bench.REFERENCE, "OFT-Control (fast)", "ControlNet", "peft OFT (paper)", "peft OFT (fast)"]
+VARIANTS = ("plain", "grad_ckpt", "compile")
+LATENT = 64  # 512 px
+TEXT_TOKENS = 77
+COMPILE_RECOMPILE_LIMIT = 32  # SD1.5's transformer blocks see 4 token counts x 3 widths, two strides
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Where and what to run: device, UNet factory, latent size, text shape and the runs' lengths."""
+
+    device: torch.device
+    unet: Callable[[], nn.Module]
+    latent: int
+    text_tokens: int
+    batches: tuple[int, ...]
+    variants: tuple[str, ...]
+    setups: tuple[str, ...]
+    steps: int
+    warmup: int
+    compile_backend: str
+    budget_s: float
+
+
+def dry_unet() -> nn.Module:
+    """The SD1.5 UNet config made narrow (widths 32/64, one layer per block, 64-d text): every module
+    name and block type of SD1.5, divisible by both OFT presets' blocks, seconds per step on a CPU."""
+    config = json.loads((bench.SD15 / "unet_config.json").read_text())
+    config.update(block_out_channels=[32, 64, 64, 64], layers_per_block=1, cross_attention_dim=64)
+    return UNet2DConditionModel(**config).requires_grad_(False)
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
+    if args.dry_run:
+        return Plan(torch.device("cpu"), dry_unet, 8, 8, tuple(args.batches or (1, 2)), tuple(args.variants),
+                    tuple(args.setups), 1, 1, "eager", args.budget_s)
+    return Plan(torch.device("cuda"), bench.sd15_unet, LATENT, TEXT_TOKENS, tuple(args.batches or (4, 16)),
+                tuple(args.variants), tuple(args.setups), args.steps, args.warmup, args.compile_backend,
+                args.budget_s)
+
+
+def backbone(unet: nn.Module, plan: Plan, batch: int, seed: int = 0) -> bench.Backbone:
+    """Random latents, text embeddings and conditions of one batch on the plan's device."""
+    generator = torch.Generator().manual_seed(seed)
+    side, device = plan.latent, plan.device
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator).to(device)
+
+    latents, text = rand(batch, 4, side, side), rand(batch, plan.text_tokens, unet.config.cross_attention_dim)
+    return bench.Backbone(
+        name="gpu",
+        description=f"SD1.5-architecture UNet, batch {batch} at {side * 8} px",
+        unet=unet,
+        scheduler=bench.DDPMScheduler(**json.loads((bench.SD15 / "scheduler_config.json").read_text())),
+        encode=lambda: (latents, text),
+        condition=torch.rand(batch, 3, side * 8, side * 8, generator=generator).to(device),
+        noise=rand(batch, 4, side, side),
+        timesteps=torch.randint(0, 1000, (batch,), generator=generator).to(device),
+    )
+
+
+def trained_modules(setup: bench.Setup, unet: nn.Module) -> list[nn.Module]:
+    """The UNet (copy) a setup runs, and for ControlNet its trainable copy too."""
+    if "controlnet" in setup.modules:
+        return [unet, setup.modules["controlnet"]]
+    return [setup.modules["unet"]]
+
+
+def compile_transformer_blocks(module: nn.Module, backend: str) -> None:
+    """Regional compilation: ``torch.compile`` of every ``BasicTransformerBlock`` (diffusers'
+    ``compile_repeated_blocks``, which ``ControlNetModel`` does not declare)."""
+    for block in module.modules():
+        if type(block).__name__ == "BasicTransformerBlock":
+            block.compile(backend=backend)
+
+
+def build(name: str, variant: str, base: nn.Module, plan: Plan) -> tuple[bench.Setup, nn.Module]:
+    """One setup on a structural copy of the frozen UNet, with the variant applied and bf16 autocast."""
+    if variant == "compile":
+        # Dynamo's caches are per code object (BasicTransformerBlock.forward) and shared by every setup:
+        # start each compiled configuration afresh, with room for one entry per block shape and stride.
+        torch._dynamo.reset()
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILE_RECOMPILE_LIMIT)
+    unet = bench.structural_copy(base)
+    setup = bench.SETUPS[name](unet)
+    for module in trained_modules(setup, unet):
+        module.to(plan.device)
+        if variant == "grad_ckpt":
+            module.enable_gradient_checkpointing()
+        if variant == "compile":
+            compile_transformer_blocks(module, plan.compile_backend)
+    for module in setup.modules.values():
+        module.to(plan.device)
+    setup.optimizer = torch.optim.AdamW(setup.trainable.values(), lr=bench.LR)  # after the move
+    predict = setup.predict
+
+    def predict_bf16(*inputs: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(plan.device.type, dtype=torch.bfloat16):
+            return predict(*inputs)
+
+    return dataclasses.replace(setup, predict=predict_bf16), unet
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_one(name: str, variant: str, batch: int, base: nn.Module, plan: Plan) -> dict:
+    """Warm-up and timed steps of one configuration; peak GPU memory over them."""
+    data = backbone(base, plan, batch)
+    cuda = plan.device.type == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()
+        before = torch.cuda.memory_allocated(plan.device)
+        torch.cuda.reset_peak_memory_stats(plan.device)
+    started = time.perf_counter()
+    setup, _ = build(name, variant, base, plan)
+    for _ in range(plan.warmup + (1 if variant == "compile" else 0)):
+        bench.train_step(data, setup)
+    _sync(plan.device)
+    warm_s = time.perf_counter() - started
+    times = []
+    for _ in range(plan.steps):
+        start = time.perf_counter()
+        bench.train_step(data, setup)
+        _sync(plan.device)
+        times.append(time.perf_counter() - start)
+    result = dict(setup=name, variant=variant, batch=batch, step_s=statistics.median(times), times=times,
+                  warmup_s=warm_s, trainable=setup.trainable_count)
+    if cuda:
+        peak = torch.cuda.max_memory_allocated(plan.device)
+        result.update(peak_gib=peak / 2**30, adds_gib=(peak - before) / 2**30)
+    del setup, data
+    gc.collect()
+    return result
+
+
+def schedule(plan: Plan) -> list[tuple[str, int, str]]:
+    """(variant, batch, setup) in priority order: plain first, small batch first, the floor first."""
+    return [(v, b, s) for v in plan.variants for b in plan.batches for s in plan.setups]
+
+
+def run_all(plan: Plan, base: nn.Module, started: float, log: Callable[[str], None] = print) -> tuple[list, list]:
+    results, skipped, interrupted = [], [], [False]
+    for variant, batch, name in schedule(plan):
+        if interrupted[0]:
+            skipped.append((name, variant, batch, "interrupted (timeout)"))
+            continue
+        if time.perf_counter() - started > plan.budget_s:
+            skipped.append((name, variant, batch, "time budget"))
+            continue
+        try:
+            row = run_one(name, variant, batch, base, plan)
+        except KeyboardInterrupt:  # gpu.sh's timeout sends SIGINT: keep and print what was measured
+            interrupted[0] = True
+            skipped.append((name, variant, batch, "interrupted (timeout)"))
+            continue
+        except Exception as error:  # an OOM or a compile failure loses one row, not the table
+            why = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:160]}"
+            skipped.append((name, variant, batch, why))
+            log(f"[{variant}, batch {batch}] {name}: failed, {why}")
+            if plan.device.type == "cuda":
+                torch.cuda.empty_cache()
+            gc.collect()
+            continue
+        results.append(row)
+        log(f"[{variant}, batch {batch}] {name}: {row['step_s'] * 1e3:.1f} ms (warm-up {row['warmup_s']:.1f} s)")
+    return results, skipped
+
+
+def ratio(results: list[dict], row: dict, reference: str) -> str:
+    same = [r for r in results if (r["setup"], r["variant"], r["batch"]) == (reference, row["variant"], row["batch"])]
+    return f"{row['step_s'] / same[0]['step_s']:.2f}x" if same else "-"
+
+
+def table(results: list[dict], skipped: list[tuple]) -> str:
+    lines = [
+        "| variant | batch | setup | median step (ms) | vs floor | vs ControlNet | peak GPU memory (GiB) | "
+        "step adds (GiB) | warm-up (s) |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        memory = f"{r['peak_gib']:.1f} | {r['adds_gib']:.1f}" if "peak_gib" in r else "- | -"
+        lines.append(
+            f"| {r['variant']} | {r['batch']} | {r['setup']} | {r['step_s'] * 1e3:.1f} | "
+            f"{ratio(results, r, bench.FLOOR)} | {ratio(results, r, 'ControlNet')} | {memory} | {r['warmup_s']:.1f} |"
+        )
+    lines += [f"- skipped {name} ({variant}, batch {batch}): {why}" for name, variant, batch, why in skipped]
+    return "\n".join(lines)
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--batches", type=lambda s: [int(b) for b in s.split(",")], help="default 4,16 (dry: 1,2)")
+    parser.add_argument("--variants", type=lambda s: s.split(","), default=list(VARIANTS))
+    parser.add_argument("--setups", type=lambda s: s.split(";"), default=SETUPS, help="';'-separated names")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per configuration")
+    parser.add_argument("--warmup", type=int, default=2, help="warm-up steps (one more under compile)")
+    parser.add_argument("--compile-backend", default="inductor")
+    parser.add_argument("--budget-s", type=float, default=420.0, help="stop starting runs after this")
+    parser.add_argument("--dry-run", action="store_true", help="CPU, narrow UNet, batches 1 and 2, 1+1 steps")
+    parser.add_argument("--quick", action="store_true", help="as --dry-run (for `python -m benchmarks --quick`)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads")
+    parser.add_argument("--no-write", action="store_true", help="print only, leave README.md alone")
+    parser.add_argument("--json", type=Path, help="also write the raw results here")
+    args = parser.parse_args(argv)
+    args.dry_run = args.dry_run or args.quick
+    unknown = sorted(set(args.setups) - set(bench.SETUPS)) + sorted(set(args.variants) - set(VARIANTS))
+    if unknown:
+        parser.error(f"unknown setup(s)/variant(s) {unknown}; setups: {SETUPS}, variants: {list(VARIANTS)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    started = time.perf_counter()
+    args = parse(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not (args.dry_run or torch.cuda.is_available()):
+        print("benchmarks.gpu: no CUDA device here, nothing measured (run benchmarks/gpu.sh on a GPU machine)")
+        return 0
+    plan = make_plan(args)
+    torch.manual_seed(0)
+    base = plan.unet().to(plan.device)
+    results, skipped = run_all(plan, base, started)
+    command = " ".join(["python -m benchmarks.gpu", *(sys.argv[1:] if argv is None else argv)])
+    device = torch.cuda.get_device_name(plan.device) if plan.device.type == "cuda" else "CPU (dry run)"
+    body = (
+        f"Measured {datetime.date.today().isoformat()} with `{command}` on {device} (torch {torch.__version__}, "
+        f"{platform.machine()}), {plan.steps} timed steps after {plan.warmup} warm-up steps (one more under "
+        f"compile), bf16 autocast, {time.perf_counter() - started:.0f} s in all.\n\n{table(results, skipped)}"
+    )
+    print(body)
+    if args.json:
+        args.json.write_text(json.dumps({"results": results, "skipped": skipped}, indent=1))
+    if plan.device.type == "cuda" and not args.no_write:
+        readme.write_section(body, readme.README, START, END)
+    return 0
+
+
+if __name__ == "__main__":
+    from benchmarks.gpu import main as _main  # the importable module, as the other scripts do
+
+    sys.exit(_main())
