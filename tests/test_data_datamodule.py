@@ -12,6 +12,7 @@ import pytest
 import torch
 from helpers import RES, PickleTrap, good_members, make_datamodule, read_shards, write_shard
 
+from data_prep import demo
 from data_prep.demo import build_demo
 from src.data import schema
 from src.data.datamodule import ShardDataModule
@@ -33,7 +34,7 @@ def test_val_round_trip_every_sample_once(demo_dir: Path, num_workers: int) -> N
     dm = make_datamodule(demo_dir / "train-*.tar", str(demo_dir / "val-*.tar"), num_workers=num_workers)
     batches = list(dm.val_dataloader())
     keys = [k for b in batches for k in b["key"]]
-    assert sorted(keys) == sorted(expected) and len(keys) == len(set(keys)) == 8
+    assert sorted(keys) == sorted(expected) and len(keys) == len(set(keys)) == demo.TOY_VAL
     for raw in batches:  # the loader yields uint8; the model's floats come from to_model_inputs
         n = len(raw["key"])
         assert raw["image"].shape == (n, 3, RES, RES) and raw["condition"].shape == (n, 1, RES, RES)
@@ -97,14 +98,14 @@ def test_prepare_builds_before_setup_resolves(tmp_path: Path) -> None:
     )
     dm.prepare_data()
     dm.setup("fit")
-    assert len(dm.train_urls) == 2 and len(dm.val_urls) == 1
+    assert len(dm.train_urls) == 4 and len(dm.val_urls) == 1
 
 
 # ------------------------------------------------------------------------------ spec resolution
 def test_resolve_shards_forms(demo_dir: Path) -> None:
-    train = [str(demo_dir / "train-000000.tar"), str(demo_dir / "train-000001.tar")]
+    train = [str(demo_dir / f"train-00000{i}.tar") for i in range(4)]
     every = sorted(str(p) for p in demo_dir.glob("*.tar"))
-    assert resolve_shards(str(demo_dir / "train-{000000..000001}.tar")) == train
+    assert resolve_shards(str(demo_dir / "train-{000000..000003}.tar")) == train
     assert resolve_shards(str(demo_dir / "train-*.tar")) == train
     assert resolve_shards(str(demo_dir)) == every
     assert resolve_shards([train[1], str(demo_dir / "val-*.tar")]) == [train[1], every[-1]]
@@ -118,7 +119,7 @@ def test_relative_specs_resolve_against_root(demo_dir: Path) -> None:
     absolute = str(demo_dir / "train-000000.tar")
     assert resolve_shards(absolute, root="/elsewhere") == [absolute]
     dm = make_datamodule("train-*.tar", "val-000000.tar", root=str(demo_dir))
-    assert len(dm.train_urls) == 2 and len(dm.val_urls) == 1
+    assert len(dm.train_urls) == 4 and len(dm.val_urls) == 1
 
 
 @pytest.mark.parametrize("spec", ["nowhere/train-*.tar", "nowhere/train-{000000..000002}.tar", "nowhere"])

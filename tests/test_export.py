@@ -58,7 +58,7 @@ def test_peft_adapter_on_the_base_unet_gives_our_unet_outputs(runs, tmp_path, pr
     g = torch.Generator().manual_seed(1)
     latents, text, t = (
         torch.randn(2, 4, 8, 8, generator=g),
-        torch.randn(2, 77, 32, generator=g),
+        torch.randn(2, 16, base.config.cross_attention_dim, generator=g),
         torch.tensor([10, 700]),
     )
     with torch.no_grad():

@@ -171,7 +171,7 @@ def test_run_files_and_checkpoint_identity_are_checked_before_weights_load(
     foreign = torch.load(files.checkpoint, weights_only=True)
     foreign["oft_control"]["backbone"] = "sd15"
     torch.save(foreign, tmp_path / "foreign.ckpt")
-    with pytest.raises(ValueError, match="trained on backbone 'sd15' but the run's config.yaml says 'tiny'"):
+    with pytest.raises(ValueError, match="trained on backbone 'sd15' but the run's config.yaml says 'toy'"):
         load_run(trained_run, tmp_path / "foreign.ckpt")
     torch.save({"state_dict": {}}, tmp_path / "plain.ckpt")
     with pytest.raises(ValueError, match="not an OFT-Control checkpoint"):

@@ -35,12 +35,14 @@ def test_controlled_unet_equals_base_unet_at_step_zero(preset):
     module = _module(preset=preset)
     base = load_backbone(module.backbone_spec).unet
     g = torch.Generator().manual_seed(1)
-    latents, text = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 32, generator=g)
+    width = module.unet.config.cross_attention_dim
+    latents, text = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 16, width, generator=g)
     t = torch.tensor([1, 999])
     with torch.no_grad(), control_injection(module.unet, module.encoder, torch.rand(2, 3, 64, 64)):
         controlled = module.unet(latents, t, text).sample
     assert torch.equal(controlled, base(latents, t, text).sample)
-    assert len(module.adapted_layers) == 36  # 9 linear layers x 4 transformer blocks of the tiny UNet
+    blocks = sum(type(m).__name__ == "BasicTransformerBlock" for m in base.modules())
+    assert blocks == 7 and len(module.adapted_layers) == 9 * blocks  # 9 linear layers per transformer block
 
 
 def test_only_encoder_and_rotations_are_trainable():
@@ -107,3 +109,29 @@ def test_coft_keeps_every_block_within_its_radius_while_training(config_factory,
         f"{int((ratios > 1 + 1e-5).sum())} of {len(ratios)} blocks outside their radius"
     )
     assert ratios.min() > 0.99  # not vacuous: every block was pushed to its radius
+
+
+def test_cubic_timesteps_favour_noisy_steps_and_bad_names_fail_early():
+    from types import SimpleNamespace
+
+    from src.models.module import OFTControlModule
+
+    scheduler = SimpleNamespace(config=SimpleNamespace(num_train_timesteps=1000))
+    torch.manual_seed(0)
+    draws = {
+        kind: OFTControlModule.sample_timesteps(
+            SimpleNamespace(timestep_sampling=kind, noise_scheduler=scheduler), 20000, torch.device("cpu")
+        )
+        for kind in ("uniform", "cubic")
+    }
+    assert all(int(t.min()) >= 0 and int(t.max()) <= 999 for t in draws.values())
+    assert abs(draws["uniform"].float().mean().item() - 499.5) < 10
+    assert abs(draws["cubic"].float().mean().item() - 750) < 10  # E[1 - u^3] = 3/4
+    with pytest.raises(ValueError, match="timestep_sampling 'cubical' is not one of: uniform, cubic"):
+        cfg = compose_config()
+        OFTControlModule(
+            instantiate(cfg.model),
+            instantiate(cfg.oft, _convert_="all"),
+            torch.optim.AdamW,
+            timestep_sampling="cubical",
+        )

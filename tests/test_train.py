@@ -133,7 +133,7 @@ def test_short_run_leaves_its_artefacts_and_trains_only_adapters(short_fit):
     with safe_open(str(out / "weights" / "last.safetensors"), "pt") as weights:
         assert set(weights.keys()) == set(ckpt["state_dict"])
         assert all(torch.equal(weights.get_tensor(k), ckpt["state_dict"][k]) for k in ckpt["state_dict"])
-        assert weights.metadata()["global_step"] == "4" and weights.metadata()["backbone"] == "tiny"
+        assert weights.metadata()["global_step"] == "4" and weights.metadata()["backbone"] == "toy"
     assert not any(k.startswith(("vae.", "text_encoder.")) for k in ckpt["state_dict"])
     assert ckpt["optimizer_states"] and ckpt["global_step"] == 4
 
@@ -148,8 +148,10 @@ def test_train_writes_run_directory(short_fit):
     assert grids
     from PIL import Image
 
-    with Image.open(grids[-1]) as grid:  # 4 rows of condition | generated | target at 64 px
-        assert grid.size == (3 * 64 + 4 * 2, 4 * 64 + 5 * 2)
+    with Image.open(
+        grids[-1]
+    ) as grid:  # 8 rows (callbacks.samples.max_images) of condition | generated | target
+        assert grid.size == (3 * 64 + 4 * 2, 8 * 64 + 9 * 2)
     saved = OmegaConf.load(out / "config.yaml")
     assert saved.task.name == "canny" and saved.paths.output_dir == str(out)
 

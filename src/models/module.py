@@ -31,6 +31,7 @@ class OFTControlModule(pl.LightningModule):
         lr_scheduler: an optional factory called with the optimizer; stepped every training step.
         encoder_channels: stage widths of the control encoder.
         caption_dropout: probability of replacing a caption by "" (ControlNet uses 0.5).
+        timestep_sampling: `uniform` (the paper's) or `cubic` (T2I-Adapter's bias to noisy steps).
         sampling: how validation samples are drawn (the `sampling/` config group).
         max_consecutive_nonfinite: stop the run after this many non-finite losses in a row (each one
             skips its optimizer step and is counted in `train/nonfinite_steps`).
@@ -49,10 +50,14 @@ class OFTControlModule(pl.LightningModule):
         sampling: SamplingOptions | None = None,
         max_consecutive_nonfinite: int = 5,
         memory: MemoryOptions | None = None,
+        timestep_sampling: str = "uniform",
     ) -> None:
         super().__init__()
         if not 0.0 <= caption_dropout <= 1.0:
             raise ValueError(f"caption_dropout {caption_dropout} is not a probability in [0, 1]")
+        if timestep_sampling not in ("uniform", "cubic"):
+            raise ValueError(f"module.timestep_sampling '{timestep_sampling}' is not one of: uniform, cubic")
+        self.timestep_sampling = timestep_sampling
         self.backbone_spec, self.oft_config = backbone, oft
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.caption_dropout = caption_dropout
@@ -124,13 +129,21 @@ class OFTControlModule(pl.LightningModule):
         latents = self.encode_images(batch["image"])
         noise = torch.randn_like(latents) if noise is None else noise
         if timesteps is None:
-            steps = self.noise_scheduler.config.num_train_timesteps
-            timesteps = torch.randint(0, steps, (latents.shape[0],), device=latents.device)
+            timesteps = self.sample_timesteps(latents.shape[0], latents.device)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         text = self.encode_prompts(batch["caption"] if captions is None else captions)
         with control_injection(self.unet, self.encoder, batch["condition"].to(latents.dtype)):
             prediction = self.unet(noisy, timesteps, text).sample
         return F.mse_loss(prediction.float(), self.diffusion_target(latents, noise, timesteps).float())
+
+    def sample_timesteps(self, count: int, device: torch.device) -> torch.Tensor:
+        """Training timesteps: uniform (the paper's), or `cubic`, `t = (1 - u^3) T` for uniform `u`, which
+        favours the noisy steps where the layout of an image is decided (T2I-Adapter, Mou et al. 2023)."""
+        total = self.noise_scheduler.config.num_train_timesteps
+        if self.timestep_sampling == "uniform":
+            return torch.randint(0, total, (count,), device=device)
+        u = torch.rand(count, device=device)
+        return ((1 - u**3) * total).long().clamp(0, total - 1)
 
     def diffusion_target(
         self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
