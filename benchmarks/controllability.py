@@ -31,9 +31,10 @@ base model at step 0. One loss for all (``diffusion_loss``: the module's, with t
 shared batches computed once) and AdamW (weight decay 0, as ``conf/train.yaml``).
 
 Sweep (successive halving): each of a method's three learning rates trains ``sweep_steps``; the one with
-the best canny F1 there trains on to ``steps`` and is the one reported. Each run is a forked child
-process (peak memory is its own ``ru_maxrss`` over its start); the three runs of a method wait at
-``sweep_steps`` until the parent says which goes on. HE drift: relative change of the hyperspherical
+the best canny F1 there, on as many validation conditions other than the reported ones, trains on to
+``steps`` and is the one reported. Each run is a forked child process (peak memory is its own
+``ru_maxrss`` over its start); a run saves itself at ``sweep_steps`` (to a temporary folder) and the
+winner's goes on in a new child from exactly there. HE drift: relative change of the hyperspherical
 energy of the adapted layers' effective weights (OFT: ``W R``; LoRA: ``W + BA``; full finetune: ``W``;
 ControlNet: the trainable copy's layers of the same names) against their pretrained values.
 
@@ -54,6 +55,7 @@ import platform
 import resource
 import statistics
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -109,7 +111,7 @@ class Schedule:
     lr_index: tuple[int, ...] = (0, 1, 2)  # which values of each grid are swept
 
 
-FULL = Schedule(batch_size=8, steps=1000, sweep_steps=250, eval_steps=(0, 100, 250, 500, 1000), eval_images=16,
+FULL = Schedule(batch_size=8, steps=250, sweep_steps=100, eval_steps=(0, 100, 250), eval_images=16,
                 sampler_steps=20)
 QUICK = Schedule(batch_size=2, steps=2, sweep_steps=1, eval_steps=(0, 1, 2), eval_images=2, sampler_steps=2,
                  lr_index=(1,))
@@ -479,24 +481,50 @@ def summary(state: RunState, start_rss: int) -> dict:
     }
 
 
+def save_state(state: RunState, path: Path, peak_mb: float) -> None:
+    """What the run needs to go on exactly where it stopped: trained tensors, AdamW, RNG, progress."""
+    torch.save({"trained": {k: p.detach() for k, p in state.adapter.trainable.items()},
+                "optimizer": state.optimizer.state_dict(), "rng": torch.get_rng_state(), "step": state.step,
+                "evals": state.evals, "step_seconds": state.step_seconds, "selection_f1": state.selection_f1,
+                "diverged_at": state.diverged_at, "peak_mb": peak_mb}, path)
+
+
+def load_state(state: RunState, path: Path) -> float:
+    """Put a saved run back into a freshly built one (same method, lr and seed); returns its peak memory."""
+    saved = torch.load(path, weights_only=False)
+    with torch.no_grad():
+        for name, param in state.adapter.trainable.items():
+            param.copy_(saved["trained"][name])
+    state.optimizer.load_state_dict(saved["optimizer"])
+    torch.set_rng_state(saved["rng"])
+    for key in ("step", "evals", "step_seconds", "selection_f1", "diverged_at"):
+        setattr(state, key, saved[key])
+    return saved["peak_mb"]
+
+
 def run_child(conn, method: Method, lr: float, spec: BackboneSpec, schedule: Schedule, batches: Batches,
-              held_out: HeldOut, threads: int, evaluate_start: bool) -> None:
-    """Child side: (step 0 if asked,) train to ``sweep_steps``, score the selection conditions, report; then,
-    if told to, train on to ``steps`` and report."""
+              held_out: HeldOut, threads: int, evaluate_start: bool, checkpoint: Path, resume: bool) -> None:
+    """Child side. Sweep phase: (step 0 if asked,) train to ``sweep_steps``, score the selection conditions,
+    save the run to ``checkpoint``, report. Resume phase: load it and train on to ``steps``, report."""
     try:
         torch.set_num_threads(threads)
         start_rss = psutil.Process().memory_info().rss
         state = start_run(method, lr, spec, schedule)
+        if resume:
+            earlier_peak = load_state(state, checkpoint)
+            train_until(state, schedule.steps, batches, held_out.report, schedule)
+            result = summary(state, start_rss)
+            conn.send(result | {"peak_mb": max(result["peak_mb"], earlier_peak)})
+            return
         if evaluate_start and 0 in schedule.eval_steps:  # every lr starts from the same model
             state.evals[0] = evaluate(state.module, state.adapter, held_out.report) | he_drift(
                 state.adapter, state.reference)
         train_until(state, schedule.sweep_steps, batches, held_out.report, schedule)
         if state.diverged_at is None:
             state.selection_f1 = evaluate(state.module, state.adapter, held_out.select)["canny_f1"]
-        conn.send(summary(state, start_rss))
-        if conn.recv() == "continue":
-            train_until(state, schedule.steps, batches, held_out.report, schedule)
-            conn.send(summary(state, start_rss))
+        result = summary(state, start_rss)
+        save_state(state, checkpoint, result["peak_mb"])
+        conn.send(result)
     except BaseException:  # report the failure to the parent instead of dying silently
         conn.send({"error": traceback.format_exc()})
     finally:
@@ -504,38 +532,41 @@ def run_child(conn, method: Method, lr: float, spec: BackboneSpec, schedule: Sch
 
 
 # ------------------------------------------------------------------------------------------ sweep
+def in_child(method: Method, lr: float, *args) -> dict:
+    """``run_child(method, lr, *args)`` in a forked child; its report."""
+    context = multiprocessing.get_context("fork")
+    parent_end, child_end = context.Pipe(duplex=False)
+    child = context.Process(target=run_child, args=(child_end, method, lr, *args))
+    child.start()
+    child_end.close()
+    try:
+        return _receive(parent_end, method, lr)
+    finally:
+        child.join()
+        parent_end.close()
+
+
 def sweep_method(method: Method, spec: BackboneSpec, schedule: Schedule, batches: Batches, held_out: HeldOut,
                  threads: int) -> dict:
     """Every lr of the method to ``sweep_steps`` (one child each); the best canny F1 on the selection
-    conditions there trains on to ``steps``."""
-    context = multiprocessing.get_context("fork")
-    children, sweep = {}, {}
+    conditions there goes on to ``steps`` (a new child that loads the run where it stopped)."""
     lrs = [method.lrs[i] for i in schedule.lr_index]
-    try:
+    sweep: dict[float, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="controllability-") as tmp:
+        saved = {lr: Path(tmp) / f"lr{i}.pt" for i, lr in enumerate(lrs)}
+        common = (spec, schedule, batches, held_out, threads)
         for lr in lrs:
-            parent_end, child_end = context.Pipe()
-            child = context.Process(target=run_child, daemon=True,
-                                    args=(child_end, method, lr, spec, schedule, batches, held_out, threads,
-                                          not sweep))
-            child.start()
-            child_end.close()
-            children[lr] = (child, parent_end)
-            sweep[lr] = _receive(parent_end, method, lr)
+            sweep[lr] = in_child(method, lr, *common, not sweep, saved[lr], False)
             print(f"  {method.name} lr {lr:g}: F1 {sweep[lr]['selection_f1']:.3f} on the selection conditions "
                   f"at step {schedule.sweep_steps} ({sweep[lr]['step_s']:.3f} s/step)", flush=True)
         finite = [lr for lr in lrs if sweep[lr]["diverged_at"] is None]
         if not finite:
             raise FloatingPointError(f"{method.name} diverged at every learning rate {lrs}")
         best = max(finite, key=lambda lr: sweep[lr]["selection_f1"])
-        for lr, (_, pipe) in children.items():
-            pipe.send("continue" if lr == best else "stop")
-        final = _receive(children[best][1], method, best) if schedule.steps > schedule.sweep_steps else sweep[best]
-        for result in [*sweep.values(), final]:  # step 0 was scored once, by the first lr's run
-            result["evals"] = {**{k: v for k, v in sweep[lrs[0]]["evals"].items() if k == 0}, **result["evals"]}
-    finally:
-        for child, pipe in children.values():
-            child.join(timeout=60)
-            pipe.close()
+        longer = schedule.steps > schedule.sweep_steps
+        final = in_child(method, best, *common, False, saved[best], True) if longer else sweep[best]
+    for result in [*sweep.values(), final]:  # step 0 was scored once, by the first lr's run
+        result["evals"] = {**{k: v for k, v in sweep[lrs[0]]["evals"].items() if k == 0}, **result["evals"]}
     return {"name": method.name, "key": method.key, "zero_init": method.zero_init, "lrs": list(method.lrs),
             "swept": lrs, "best_lr": best, "selection": {str(lr): r["selection_f1"] for lr, r in sweep.items()},
             "sweep": {str(lr): r["evals"] for lr, r in sweep.items()}, **final}
@@ -650,24 +681,24 @@ def plot(result: dict, f1_path: Path = F1_PLOT, fidelity_path: Path = FIDELITY_P
         evals = sorted((int(k), v) for k, v in row["evals"].items())
         style = next((v for k, v in styles.items() if row["key"].startswith(k)), "-")
         curves.append((f"{row['name']} (lr {row['best_lr']:g})", style, evals))
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(10.5, 5))
     for label, style, evals in curves:
         ax.plot([s for s, _ in evals], [v["canny_f1"] for _, v in evals], style, marker="o", label=label)
     chance = statistics.mean(v["canny_f1_chance"] for _, _, evals in curves for _, v in evals)
     ax.axhline(chance, color="grey", lw=1, label=f"chance (other conditions), mean {chance:.3f}")
     ax.set(xlabel="training step", ylabel="canny F1 vs own condition", title="Toy world: canny F1 vs step")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(f1_path, dpi=110)
     plt.close(fig)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(14, 4.8), sharey=True)
     for ax, key, title in zip(axes, ("caption_colour_acc", "caption_shape_acc"), ("colour", "shape"), strict=True):
         for label, style, evals in curves:
             ax.plot([s for s, _ in evals], [v[key] for _, v in evals], style, marker="o", label=label)
         chance = statistics.mean(v[f"{key}_chance"] for _, _, evals in curves for _, v in evals)
         ax.axhline(chance, color="grey", lw=1, label=f"shuffled captions, mean {chance:.2f}")
         ax.set(xlabel="training step", ylabel=f"caption {title} accuracy (toy judge)", title=f"Caption {title}")
-    axes[1].legend(fontsize=7)
+    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(fidelity_path, dpi=110)
     plt.close(fig)
@@ -683,7 +714,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     args = parser.parse_args(argv)
     result = measure(QUICK if args.quick else FULL, args.model_path, args.data_root, args.threads or 1)
-    command = " ".join(["python -m benchmarks.controllability", *(sys.argv[1:] if argv is None else argv)])
+    shown = [a for a in (sys.argv[1:] if argv is None else argv) if a not in ("--json", str(args.json))]
+    command = " ".join(["python -m benchmarks.controllability", *shown])  # --json changes no result
     section = render(result, command)
     print(section)
     if args.json:
