@@ -1,0 +1,64 @@
+"""Try a trained model in the browser: `python -m src.app` (Hydra; see conf/app.yaml).
+
+    python -m src.app run=outputs/canny/runs/<date> server_port=7860
+
+`run` is a training run directory, one of its checkpoints, or a folder exported by `python -m src.export`.
+The page takes a condition (uploaded, or drawn on a canvas; for canny a photo is turned into its edge
+map) and a prompt, and shows the samples and the condition used; the `sampling` group (conf/sampling/)
+sets the defaults of its controls. Loading and sampling are `python -m src.generate`'s: the same seed and
+settings give the same image. A run that cannot be loaded stops the app before the server starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+
+import hydra
+from omegaconf import DictConfig
+
+from src.app_ui.blocks import build_app, launch
+from src.app_ui.examples import validation_inputs, write_examples
+from src.models.inference import ControlledModel, load_controlled
+from src.models.sampling import sampling_options
+
+log = logging.getLogger(__name__)
+
+
+def load_or_exit(cfg: DictConfig) -> ControlledModel:
+    """The model of `cfg.run`, or SystemExit with one line saying why it cannot be loaded."""
+    try:
+        return load_controlled(cfg.run, cfg.get("checkpoint"), cfg.get("model_path")).to(cfg.device)
+    except Exception as error:  # whatever the cause, the user gets one line and no server
+        raise SystemExit(f"error: cannot load run '{cfg.run}': {' '.join(str(error).split())}") from None
+
+
+def app(cfg: DictConfig) -> None:
+    """Load the run of `cfg` (conf/app.yaml), build the page and serve it until interrupted."""
+    options = sampling_options(cfg.sampling)
+    model = load_or_exit(cfg)
+    inputs = validation_inputs(
+        cfg.run, cfg.get("checkpoint"), model.condition, model.resolution, cfg.examples
+    )
+    with tempfile.TemporaryDirectory(prefix="oft-control-app-") as folder:
+        examples = write_examples(inputs, folder)
+        demo = build_app(model, options, examples, title=str(cfg.run), max_samples=cfg.max_samples)
+        log.info(
+            "serving %s (%s, %d px) on http://%s:%d",
+            cfg.run,
+            model.condition,
+            model.resolution,
+            cfg.server_name,
+            cfg.server_port,
+        )
+        launch(demo, cfg.server_name, cfg.server_port, allowed_paths=[folder])
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="app")
+def main(cfg: DictConfig) -> None:
+    """Hydra entry point."""
+    app(cfg)
+
+
+if __name__ == "__main__":
+    main()
