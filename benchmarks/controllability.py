@@ -60,8 +60,8 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
-from functools import partial
+from dataclasses import asdict, dataclass, field, replace
+from functools import cache, partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -113,7 +113,7 @@ class Schedule:
 
 FULL = Schedule(batch_size=8, steps=250, sweep_steps=100, eval_steps=(0, 100, 250), eval_images=16,
                 sampler_steps=20)
-QUICK = Schedule(batch_size=2, steps=2, sweep_steps=1, eval_steps=(0, 1, 2), eval_images=2, sampler_steps=2,
+QUICK = Schedule(batch_size=2, steps=2, sweep_steps=1, eval_steps=(0, 2), eval_images=2, sampler_steps=2,
                  lr_index=(1,))
 
 
@@ -261,9 +261,13 @@ class Method:
     zero_init: bool = True
 
     def oft_config(self) -> OFTConfig:
-        config = oft_preset(self.preset or "paper")
-        config.coft = self.coft
-        return config
+        return replace(_preset(self.preset or "paper"), coft=self.coft)
+
+
+@cache
+def _preset(name: str) -> OFTConfig:
+    """``conf/oft/<name>.yaml``, composed once per process (forked children inherit it)."""
+    return oft_preset(name)
 
 
 METHODS: tuple[Method, ...] = (
@@ -589,6 +593,8 @@ def measure(schedule: Schedule, model_path: Path, data_root: Path, threads: int,
     batches = training_batches(datamodule, load_backbone(spec).vae, schedule.steps)
     held_out = held_out_batches(datamodule)
     print(f"data ready in {time.perf_counter() - began:.0f} s", flush=True)
+    for method in methods:  # compose the presets once, before any child is forked
+        method.oft_config()
     rows = []
     for method in methods:
         started = time.perf_counter()
