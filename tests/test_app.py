@@ -348,6 +348,8 @@ def test_page_renders_its_inputs_and_generates_in_headless_chromium(served):
         ):
             assert label in labels, label
         generate_in_page(page)
+        loaded = page.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+        assert loaded and not [u for u in loaded if not u.startswith(served.url)]  # nothing from the internet
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         save_page(page, ARTIFACTS / "app.png")
         assert (ARTIFACTS / "app.png").stat().st_size > 10_000
