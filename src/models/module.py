@@ -209,16 +209,17 @@ class OFTControlModule(pl.LightningModule):
         return build_pipeline(self.unet, self.vae, self.text_encoder, self.tokenizer, scheduler)
 
     def validation_samples(self, batch: dict[str, Any], max_images: int) -> torch.Tensor:
-        """Images generated from the first `max_images` samples of `batch`, drawn once per global step.
+        """Images generated from the first `max_images` samples of `batch`, drawn once per batch and step.
 
         Callbacks that look at validation generations (sample grids, controllability metrics) share them,
-        so a validation pays for sampling once.
+        so a validation pays for sampling once: the first request generates the whole batch (its size,
+        `data.val_batch_size`, is what the largest consumer scores) and later ones take a prefix.
         """
         n = min(max_images, len(batch["caption"]))
-        tag = (self.global_step, tuple(batch.get("key", batch["caption"])[:n]))
+        tag = (self.global_step, tuple(batch.get("key", batch["caption"])))
         cached = getattr(self, "_validation_cache", None)
-        if cached is None or cached[0][0] != tag[0] or cached[0][1][:n] != tag[1] or len(cached[1]) < n:
-            self._validation_cache = (tag, self.generate(batch["condition"][:n], batch["caption"][:n]))
+        if cached is None or cached[0] != tag:
+            self._validation_cache = (tag, self.generate(batch["condition"], batch["caption"]))
         return self._validation_cache[1][:n]
 
     def generate(self, condition: torch.Tensor, prompts: Sequence[str], **kwargs: Any) -> torch.Tensor:
