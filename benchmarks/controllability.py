@@ -91,7 +91,9 @@ START, END = "<!-- controllability:start -->", "<!-- controllability:end -->"
 F1_PLOT = Path(__file__).with_name("controllability_f1.png")
 FIDELITY_PLOT = Path(__file__).with_name("controllability_fidelity.png")
 DEFAULT_MODEL = ROOT / "assets" / "toy-sd"
-DEFAULT_DATA = Path(os.environ.get("OFT_CONTROL_CACHE", "~/.cache/oft-control")).expanduser() / "data" / "demo"
+DEFAULT_DATA = (
+    Path(os.environ.get("OFT_CONTROL_CACHE", "~/.cache/oft-control")).expanduser() / "data" / "demo"
+)
 #: one learning-rate grid for every method (a pilot put full finetuning's best at 1e-3 too, not lower)
 LRS = (3e-4, 1e-3, 3e-3)
 
@@ -104,17 +106,21 @@ class Schedule:
     steps: int  # optimizer steps of each method's best learning rate
     sweep_steps: int  # every learning rate trains this far; the best canny F1 here goes on to `steps`
     eval_steps: tuple[int, ...]
-    eval_images: int  # held-out validation conditions scored at every evaluation (as many others select the lr)
+    eval_images: (
+        int  # held-out validation conditions scored at every evaluation (as many others select the lr)
+    )
     sampler_steps: int  # DDIM steps
     guidance_scale: float = 9.0
     seed: int = 0
     lr_index: tuple[int, ...] = (0, 1, 2)  # which values of each grid are swept
 
 
-FULL = Schedule(batch_size=8, steps=250, sweep_steps=100, eval_steps=(0, 100, 250), eval_images=16,
-                sampler_steps=20)
-QUICK = Schedule(batch_size=2, steps=2, sweep_steps=1, eval_steps=(0, 2), eval_images=2, sampler_steps=2,
-                 lr_index=(1,))
+FULL = Schedule(
+    batch_size=8, steps=250, sweep_steps=100, eval_steps=(0, 100, 250), eval_images=16, sampler_steps=20
+)
+QUICK = Schedule(
+    batch_size=2, steps=2, sweep_steps=1, eval_steps=(0, 2), eval_images=2, sampler_steps=2, lr_index=(1,)
+)
 
 
 # ------------------------------------------------------------------------------------------ adapters
@@ -167,29 +173,43 @@ def oft_adapter(module: OFTControlModule) -> Adapter:
 
 def floor_adapter(module: OFTControlModule) -> Adapter:
     """Our control encoder alone on the frozen UNet."""
-    return Adapter(_trainable("encoder", module.encoder), module.encoder,
-                   _plain_weights(module.unet, module.adapted_layers))
+    return Adapter(
+        _trainable("encoder", module.encoder),
+        module.encoder,
+        _plain_weights(module.unet, module.adapted_layers),
+    )
 
 
 def lora_adapter(module: OFTControlModule, rank: int) -> Adapter:
     """peft LoRA (alpha = rank, so scale 1) on the OFT targets, with our encoder."""
-    config = peft.LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0,
-                             target_modules=union_pattern(module.oft_config.target_modules))
+    config = peft.LoraConfig(
+        r=rank,
+        lora_alpha=rank,
+        lora_dropout=0.0,
+        target_modules=union_pattern(module.oft_config.target_modules),
+    )
     peft.inject_adapter_in_model(config, module.unet)
     modules = dict(module.unet.named_modules())
 
     def weights() -> dict[str, Tensor]:
-        return {n: (modules[n].base_layer.weight + modules[n].get_delta_weight("default")).detach()
-                for n in module.adapted_layers}
+        return {
+            n: (modules[n].base_layer.weight + modules[n].get_delta_weight("default")).detach()
+            for n in module.adapted_layers
+        }
 
-    return Adapter(_trainable("unet", module.unet) | _trainable("encoder", module.encoder), module.encoder, weights)
+    return Adapter(
+        _trainable("unet", module.unet) | _trainable("encoder", module.encoder), module.encoder, weights
+    )
 
 
 def full_adapter(module: OFTControlModule) -> Adapter:
     """Every UNet weight trainable, with our encoder."""
     module.unet.requires_grad_(True)
-    return Adapter(_trainable("unet", module.unet) | _trainable("encoder", module.encoder), module.encoder,
-                   _plain_weights(module.unet, module.adapted_layers))
+    return Adapter(
+        _trainable("unet", module.unet) | _trainable("encoder", module.encoder),
+        module.encoder,
+        _plain_weights(module.unet, module.adapted_layers),
+    )
 
 
 def _repeat(x: Tensor, batch: int) -> Tensor:
@@ -208,9 +228,18 @@ def controlnet_adapter(module: OFTControlModule) -> Adapter:
     def residuals(condition: Tensor) -> Iterator[None]:
         def hook(_unet: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
             sample, timestep = args[0], args[1] if len(args) > 1 else kwargs["timestep"]
-            down, mid = net(sample, timestep, encoder_hidden_states=kwargs["encoder_hidden_states"],
-                            controlnet_cond=_repeat(condition, sample.shape[0]), return_dict=False)
-            return args, {**kwargs, "down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+            down, mid = net(
+                sample,
+                timestep,
+                encoder_hidden_states=kwargs["encoder_hidden_states"],
+                controlnet_cond=_repeat(condition, sample.shape[0]),
+                return_dict=False,
+            )
+            return args, {
+                **kwargs,
+                "down_block_additional_residuals": down,
+                "mid_block_additional_residual": mid,
+            }
 
         handle = module.unet.register_forward_pre_hook(hook, with_kwargs=True)
         try:
@@ -218,8 +247,13 @@ def controlnet_adapter(module: OFTControlModule) -> Adapter:
         finally:
             handle.remove()
 
-    return Adapter(trainable, None, _plain_weights(net, module.adapted_layers), residuals,
-                   before_step=lambda: torch.nn.utils.clip_grad_norm_(trainable.values(), MAX_GRAD_NORM))
+    return Adapter(
+        trainable,
+        None,
+        _plain_weights(net, module.adapted_layers),
+        residuals,
+        before_step=lambda: torch.nn.utils.clip_grad_norm_(trainable.values(), MAX_GRAD_NORM),
+    )
 
 
 def t2i_adapter(module: OFTControlModule) -> Adapter:
@@ -227,8 +261,13 @@ def t2i_adapter(module: OFTControlModule) -> Adapter:
     from diffusers import T2IAdapter
 
     channels = list(module.unet.config.block_out_channels)
-    adapter = T2IAdapter(in_channels=3, channels=channels, num_res_blocks=2,
-                         downscale_factor=module.vae_scale_factor, adapter_type="full_adapter").train()
+    adapter = T2IAdapter(
+        in_channels=3,
+        channels=channels,
+        num_res_blocks=2,
+        downscale_factor=module.vae_scale_factor,
+        adapter_type="full_adapter",
+    ).train()
 
     @contextmanager
     def residuals(condition: Tensor) -> Iterator[None]:
@@ -236,7 +275,10 @@ def t2i_adapter(module: OFTControlModule) -> Adapter:
 
         def hook(_unet: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
             batch = args[0].shape[0]  # the UNet pops from the list: a fresh one per call
-            return args, {**kwargs, "down_intrablock_additional_residuals": [_repeat(f, batch) for f in features]}
+            return args, {
+                **kwargs,
+                "down_intrablock_additional_residuals": [_repeat(f, batch) for f in features],
+            }
 
         handle = module.unet.register_forward_pre_hook(hook, with_kwargs=True)
         try:
@@ -273,8 +315,7 @@ def _preset(name: str) -> OFTConfig:
 METHODS: tuple[Method, ...] = (
     Method("oft_paper", "OFT paper (r=4, exact, COFT)", oft_adapter, LRS, "paper", rotations=True),
     Method("oft_fast", "OFT fast (b=32, Neumann, COFT)", oft_adapter, LRS, "fast", rotations=True),
-    Method("oft_nocoft", "OFT no COFT (r=4, exact)", oft_adapter, LRS, "paper", coft=False,
-           rotations=True),
+    Method("oft_nocoft", "OFT no COFT (r=4, exact)", oft_adapter, LRS, "paper", coft=False, rotations=True),
     Method("floor", "Floor: control encoder only", floor_adapter, LRS),
     Method("lora4", "peft LoRA r=4", partial(lora_adapter, rank=4), LRS),
     Method("lora16", "peft LoRA r=16", partial(lora_adapter, rank=16), LRS),
@@ -287,8 +328,12 @@ METHODS: tuple[Method, ...] = (
 def build_run(method: Method, spec: BackboneSpec, schedule: Schedule) -> tuple[OFTControlModule, Adapter]:
     """A fresh module on the backbone (seeded) and the method's adapter on it."""
     torch.manual_seed(schedule.seed)
-    sampling = SamplingOptions(scheduler="ddim", num_inference_steps=schedule.sampler_steps,
-                               guidance_scale=schedule.guidance_scale, seed=schedule.seed)
+    sampling = SamplingOptions(
+        scheduler="ddim",
+        num_inference_steps=schedule.sampler_steps,
+        guidance_scale=schedule.guidance_scale,
+        seed=schedule.seed,
+    )
     module = OFTControlModule(spec, method.oft_config(), optimizer=torch.optim.AdamW, sampling=sampling)
     if not method.rotations:
         merge_oft(module.unet)  # identity rotations -> plain layers with W I = W exactly
@@ -329,9 +374,16 @@ def demo_datamodule(data_root: Path, schedule: Schedule) -> ShardDataModule:
     from data_prep.demo import build_demo
 
     shards = build_demo("canny", data_root)
-    module = ShardDataModule(str(shards / "train-*.tar"), str(shards / "val-*.tar"), condition="canny",
-                             resolution=64, batch_size=schedule.batch_size, val_batch_size=2 * schedule.eval_images,
-                             shuffle_buffer=256, seed=schedule.seed)
+    module = ShardDataModule(
+        str(shards / "train-*.tar"),
+        str(shards / "val-*.tar"),
+        condition="canny",
+        resolution=64,
+        batch_size=schedule.batch_size,
+        val_batch_size=2 * schedule.eval_images,
+        shuffle_buffer=256,
+        seed=schedule.seed,
+    )
     module.setup()
     return module
 
@@ -361,8 +413,12 @@ def held_out_batches(datamodule: ShardDataModule) -> HeldOut:
     half = len(batch["caption"]) // 2
     if half < 1:
         raise ValueError(f"need at least 2 validation samples, got {len(batch['caption'])}")
-    return HeldOut(*({k: v[s] for k, v in batch.items() if k != "data_counts"}
-                     for s in (slice(0, half), slice(half, 2 * half))))
+    return HeldOut(
+        *(
+            {k: v[s] for k, v in batch.items() if k != "data_counts"}
+            for s in (slice(0, half), slice(half, 2 * half))
+        )
+    )
 
 
 # ------------------------------------------------------------------------------------------ one run
@@ -410,8 +466,9 @@ def evaluate(module: OFTControlModule, adapter: Adapter, batch: dict) -> dict[st
 
 
 def _evaluate(module: OFTControlModule, adapter: Adapter, batch: dict) -> dict[str, float]:
-    metric = ControllabilityMetric("canny", max_images=len(batch["caption"]),
-                                   num_inference_steps=module.sampling.steps)
+    metric = ControllabilityMetric(
+        "canny", max_images=len(batch["caption"]), num_inference_steps=module.sampling.steps
+    )
     stand_in = SimpleNamespace(generate=lambda c, p, **_: generate(module, adapter, c, p))
     metric.on_validation_batch_end(_NOT_SANITY, stand_in, None, batch, 0)
     scores = metric.scores()
@@ -422,7 +479,9 @@ def _evaluate(module: OFTControlModule, adapter: Adapter, batch: dict) -> dict[s
 def he_drift(adapter: Adapter, reference: dict[str, Tensor]) -> dict[str, float]:
     """Mean and max relative change of the adapted layers' hyperspherical energy (nan if none)."""
     current = adapter.weights()
-    drifts = [((hyperspherical_energy(w) - reference[n]).abs() / reference[n]).item() for n, w in current.items()]
+    drifts = [
+        ((hyperspherical_energy(w) - reference[n]).abs() / reference[n]).item() for n, w in current.items()
+    ]
     if not drifts:
         return {"he_drift_mean": float("nan"), "he_drift_max": float("nan")}
     return {"he_drift_mean": sum(drifts) / len(drifts), "he_drift_max": max(drifts)}
@@ -465,14 +524,17 @@ def train_until(state: RunState, until: int, batches: Batches, held_out: dict, s
         if not math.isfinite(loss.item()):
             state.diverged_at = state.step
         elif state.step in schedule.eval_steps:
-            state.evals[state.step] = (evaluate(state.module, state.adapter, held_out)
-                                       | he_drift(state.adapter, state.reference) | {"loss": loss.item()})
+            state.evals[state.step] = (
+                evaluate(state.module, state.adapter, held_out)
+                | he_drift(state.adapter, state.reference)
+                | {"loss": loss.item()}
+            )
 
 
 def summary(state: RunState, start_rss: int) -> dict:
     """What the parent reports of a run: its evaluations, cost and size."""
     trained = {k: p.detach().contiguous() for k, p in state.adapter.trainable.items()}
-    times = state.step_seconds[min(5, len(state.step_seconds) - 1):]  # the first steps allocate AdamW state
+    times = state.step_seconds[min(5, len(state.step_seconds) - 1) :]  # the first steps allocate AdamW state
     return {
         "evals": state.evals,
         "steps": state.step,
@@ -487,10 +549,20 @@ def summary(state: RunState, start_rss: int) -> dict:
 
 def save_state(state: RunState, path: Path, peak_mb: float) -> None:
     """What the run needs to go on exactly where it stopped: trained tensors, AdamW, RNG, progress."""
-    torch.save({"trained": {k: p.detach() for k, p in state.adapter.trainable.items()},
-                "optimizer": state.optimizer.state_dict(), "rng": torch.get_rng_state(), "step": state.step,
-                "evals": state.evals, "step_seconds": state.step_seconds, "selection_f1": state.selection_f1,
-                "diverged_at": state.diverged_at, "peak_mb": peak_mb}, path)
+    torch.save(
+        {
+            "trained": {k: p.detach() for k, p in state.adapter.trainable.items()},
+            "optimizer": state.optimizer.state_dict(),
+            "rng": torch.get_rng_state(),
+            "step": state.step,
+            "evals": state.evals,
+            "step_seconds": state.step_seconds,
+            "selection_f1": state.selection_f1,
+            "diverged_at": state.diverged_at,
+            "peak_mb": peak_mb,
+        },
+        path,
+    )
 
 
 def load_state(state: RunState, path: Path) -> float:
@@ -506,8 +578,19 @@ def load_state(state: RunState, path: Path) -> float:
     return saved["peak_mb"]
 
 
-def run_child(conn, method: Method, lr: float, spec: BackboneSpec, schedule: Schedule, batches: Batches,
-              held_out: HeldOut, threads: int, evaluate_start: bool, checkpoint: Path, resume: bool) -> None:
+def run_child(
+    conn,
+    method: Method,
+    lr: float,
+    spec: BackboneSpec,
+    schedule: Schedule,
+    batches: Batches,
+    held_out: HeldOut,
+    threads: int,
+    evaluate_start: bool,
+    checkpoint: Path,
+    resume: bool,
+) -> None:
     """Child side. Sweep phase: (step 0 if asked,) train to ``sweep_steps``, score the selection conditions,
     save the run to ``checkpoint``, report. Resume phase: load it and train on to ``steps``, report."""
     try:
@@ -522,7 +605,8 @@ def run_child(conn, method: Method, lr: float, spec: BackboneSpec, schedule: Sch
             return
         if evaluate_start and 0 in schedule.eval_steps:  # every lr starts from the same model
             state.evals[0] = evaluate(state.module, state.adapter, held_out.report) | he_drift(
-                state.adapter, state.reference)
+                state.adapter, state.reference
+            )
         train_until(state, schedule.sweep_steps, batches, held_out.report, schedule)
         if state.diverged_at is None:
             state.selection_f1 = evaluate(state.module, state.adapter, held_out.select)["canny_f1"]
@@ -550,8 +634,9 @@ def in_child(method: Method, lr: float, *args) -> dict:
         parent_end.close()
 
 
-def sweep_method(method: Method, spec: BackboneSpec, schedule: Schedule, batches: Batches, held_out: HeldOut,
-                 threads: int) -> dict:
+def sweep_method(
+    method: Method, spec: BackboneSpec, schedule: Schedule, batches: Batches, held_out: HeldOut, threads: int
+) -> dict:
     """Every lr of the method to ``sweep_steps`` (one child each); the best canny F1 on the selection
     conditions there goes on to ``steps`` (a new child that loads the run where it stopped)."""
     lrs = [method.lrs[i] for i in schedule.lr_index]
@@ -561,8 +646,11 @@ def sweep_method(method: Method, spec: BackboneSpec, schedule: Schedule, batches
         common = (spec, schedule, batches, held_out, threads)
         for lr in lrs:
             sweep[lr] = in_child(method, lr, *common, not sweep, saved[lr], False)
-            print(f"  {method.name} lr {lr:g}: F1 {sweep[lr]['selection_f1']:.3f} on the selection conditions "
-                  f"at step {schedule.sweep_steps} ({sweep[lr]['step_s']:.3f} s/step)", flush=True)
+            print(
+                f"  {method.name} lr {lr:g}: F1 {sweep[lr]['selection_f1']:.3f} on the selection conditions "
+                f"at step {schedule.sweep_steps} ({sweep[lr]['step_s']:.3f} s/step)",
+                flush=True,
+            )
         finite = [lr for lr in lrs if sweep[lr]["diverged_at"] is None]
         if not finite:
             raise FloatingPointError(f"{method.name} diverged at every learning rate {lrs}")
@@ -571,9 +659,17 @@ def sweep_method(method: Method, spec: BackboneSpec, schedule: Schedule, batches
         final = in_child(method, best, *common, False, saved[best], True) if longer else sweep[best]
     for result in [*sweep.values(), final]:  # step 0 was scored once, by the first lr's run
         result["evals"] = {**{k: v for k, v in sweep[lrs[0]]["evals"].items() if k == 0}, **result["evals"]}
-    return {"name": method.name, "key": method.key, "zero_init": method.zero_init, "lrs": list(method.lrs),
-            "swept": lrs, "best_lr": best, "selection": {str(lr): r["selection_f1"] for lr, r in sweep.items()},
-            "sweep": {str(lr): r["evals"] for lr, r in sweep.items()}, **final}
+    return {
+        "name": method.name,
+        "key": method.key,
+        "zero_init": method.zero_init,
+        "lrs": list(method.lrs),
+        "swept": lrs,
+        "best_lr": best,
+        "selection": {str(lr): r["selection_f1"] for lr, r in sweep.items()},
+        "sweep": {str(lr): r["evals"] for lr, r in sweep.items()},
+        **final,
+    }
 
 
 def _receive(pipe, method: Method, lr: float) -> dict:
@@ -583,8 +679,9 @@ def _receive(pipe, method: Method, lr: float) -> dict:
     return result
 
 
-def measure(schedule: Schedule, model_path: Path, data_root: Path, threads: int,
-            methods: tuple[Method, ...] = METHODS) -> dict:
+def measure(
+    schedule: Schedule, model_path: Path, data_root: Path, threads: int, methods: tuple[Method, ...] = METHODS
+) -> dict:
     """Build the shared data once, then sweep every method; returns everything the report needs."""
     torch.set_num_threads(threads)
     began, load = time.perf_counter(), os.getloadavg()[0]
@@ -599,10 +696,19 @@ def measure(schedule: Schedule, model_path: Path, data_root: Path, threads: int,
     for method in methods:
         started = time.perf_counter()
         rows.append(sweep_method(method, spec, schedule, batches, held_out, threads))
-        print(f"{method.name}: best lr {rows[-1]['best_lr']:g}, {time.perf_counter() - started:.0f} s", flush=True)
-    return {"schedule": asdict(schedule), "model_path": str(model_path), "rows": rows,
-            "seconds": time.perf_counter() - began, "load": (load, os.getloadavg()[0]),
-            "date": datetime.date.today().isoformat(), "threads": threads}
+        print(
+            f"{method.name}: best lr {rows[-1]['best_lr']:g}, {time.perf_counter() - started:.0f} s",
+            flush=True,
+        )
+    return {
+        "schedule": asdict(schedule),
+        "model_path": str(model_path),
+        "rows": rows,
+        "seconds": time.perf_counter() - began,
+        "load": (load, os.getloadavg()[0]),
+        "date": datetime.date.today().isoformat(),
+        "threads": threads,
+    }
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -623,18 +729,37 @@ def _lr_cell(row: dict) -> str:
 def table(result: dict) -> str:
     """The markdown table: F1 at every evaluated step, final chance and fidelity, HE drift, cost."""
     steps = result["schedule"]["eval_steps"]
-    head = ["method", "lr", *(f"F1 @{s}" for s in steps), "F1 chance", "colour acc", "shape acc",
-            "HE drift max", "trainable", "checkpoint", "s/step", "peak MB"]
+    head = [
+        "method",
+        "lr",
+        *(f"F1 @{s}" for s in steps),
+        "F1 chance",
+        "colour acc",
+        "shape acc",
+        "HE drift max",
+        "trainable",
+        "checkpoint",
+        "s/step",
+        "peak MB",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 2 + "---:|" * (len(head) - 2)]
     for row in result["rows"]:
         evals = {int(k): v for k, v in row["evals"].items()}
         last = evals[max(evals)]
         drift = last["he_drift_max"]
-        cells = [row["name"], _lr_cell(row), *(f"{evals[s]['canny_f1']:.3f}" if s in evals else "-" for s in steps),
-                 f"{last['canny_f1_chance']:.3f}", f"{last['caption_colour_acc']:.2f}",
-                 f"{last['caption_shape_acc']:.2f}", "-" if math.isnan(drift) else f"{drift:.1e}",
-                 _fmt_params(row["trainable"]), _fmt_bytes(row["checkpoint_bytes"]), f"{row['step_s']:.3f}",
-                 f"{row['peak_mb']:.0f}"]
+        cells = [
+            row["name"],
+            _lr_cell(row),
+            *(f"{evals[s]['canny_f1']:.3f}" if s in evals else "-" for s in steps),
+            f"{last['canny_f1_chance']:.3f}",
+            f"{last['caption_colour_acc']:.2f}",
+            f"{last['caption_shape_acc']:.2f}",
+            "-" if math.isnan(drift) else f"{drift:.1e}",
+            _fmt_params(row["trainable"]),
+            _fmt_bytes(row["checkpoint_bytes"]),
+            f"{row['step_s']:.3f}",
+            f"{row['peak_mb']:.0f}",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -644,8 +769,12 @@ def sweep_lines(result: dict) -> list[str]:
     horizon = result["schedule"]["sweep_steps"]
     out = []
     for row in result["rows"]:
-        values = ", ".join(f"{float(lr):g}: {row['selection'][lr]:.3f} / {evals[horizon]['canny_f1']:.3f}"
-                           if horizon in evals else f"{float(lr):g}: diverged" for lr, evals in row["sweep"].items())
+        values = ", ".join(
+            f"{float(lr):g}: {row['selection'][lr]:.3f} / {evals[horizon]['canny_f1']:.3f}"
+            if horizon in evals
+            else f"{float(lr):g}: diverged"
+            for lr, evals in row["sweep"].items()
+        )
         out.append(f"- {row['name']}: {values}")
     return out
 
@@ -667,10 +796,16 @@ def render(result: dict, command: str) -> str:
         f"{base['caption_colour_acc']:.2f} / shape {base['caption_shape_acc']:.2f} (shuffled captions "
         f"{base['caption_colour_acc_chance']:.2f} / {base['caption_shape_acc_chance']:.2f})."
     )
-    sweep = [f"Canny F1 at step {s['sweep_steps']} per learning rate (lr: on the {s['eval_images']} selection "
-             f"conditions, which chose the lr / on the {s['eval_images']} reported ones):", "", *sweep_lines(result)]
-    plots = ("![canny F1 vs step](controllability_f1.png)\n![caption fidelity vs step]"
-             "(controllability_fidelity.png)")
+    sweep = [
+        f"Canny F1 at step {s['sweep_steps']} per learning rate (lr: on the {s['eval_images']} selection "
+        f"conditions, which chose the lr / on the {s['eval_images']} reported ones):",
+        "",
+        *sweep_lines(result),
+    ]
+    plots = (
+        "![canny F1 vs step](controllability_f1.png)\n![caption fidelity vs step]"
+        "(controllability_fidelity.png)"
+    )
     return "\n\n".join([header, table(result), "\n".join(sweep), plots])
 
 
@@ -698,12 +833,16 @@ def plot(result: dict, f1_path: Path = F1_PLOT, fidelity_path: Path = FIDELITY_P
     fig.savefig(f1_path, dpi=110)
     plt.close(fig)
     fig, axes = plt.subplots(1, 2, figsize=(14, 4.8), sharey=True)
-    for ax, key, title in zip(axes, ("caption_colour_acc", "caption_shape_acc"), ("colour", "shape"), strict=True):
+    for ax, key, title in zip(
+        axes, ("caption_colour_acc", "caption_shape_acc"), ("colour", "shape"), strict=True
+    ):
         for label, style, evals in curves:
             ax.plot([s for s, _ in evals], [v[key] for _, v in evals], style, marker="o", label=label)
         chance = statistics.mean(v[f"{key}_chance"] for _, _, evals in curves for _, v in evals)
         ax.axhline(chance, color="grey", lw=1, label=f"shuffled captions, mean {chance:.2f}")
-        ax.set(xlabel="training step", ylabel=f"caption {title} accuracy (toy judge)", title=f"Caption {title}")
+        ax.set(
+            xlabel="training step", ylabel=f"caption {title} accuracy (toy judge)", title=f"Caption {title}"
+        )
     axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(fidelity_path, dpi=110)
@@ -715,8 +854,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="2 steps per method at one lr; writes nothing")
     parser.add_argument("--no-write", action="store_true", help="print only, leave README.md and plots alone")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    parser.add_argument("--model-path", type=Path, default=DEFAULT_MODEL, help="diffusers folder of the backbone")
-    parser.add_argument("--data-root", type=Path, default=DEFAULT_DATA, help="where the demo shards are built")
+    parser.add_argument(
+        "--model-path", type=Path, default=DEFAULT_MODEL, help="diffusers folder of the backbone"
+    )
+    parser.add_argument(
+        "--data-root", type=Path, default=DEFAULT_DATA, help="where the demo shards are built"
+    )
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     args = parser.parse_args(argv)
     result = measure(QUICK if args.quick else FULL, args.model_path, args.data_root, args.threads or 1)

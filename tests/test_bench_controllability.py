@@ -35,8 +35,9 @@ def quick(toy_folder: Path, offline_cache: Path) -> dict:
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(bench.readme, "write_section", lambda *a, **k: writes.append("README"))
         patch.setattr(bench, "plot", lambda *a, **k: writes.append("plot"))
-        result = bench.main(["--quick", "--model-path", str(toy_folder),
-                             "--data-root", str(offline_cache / "data" / "demo")])
+        result = bench.main(
+            ["--quick", "--model-path", str(toy_folder), "--data-root", str(offline_cache / "data" / "demo")]
+        )
     return {"result": result, "writes": writes}
 
 
@@ -80,7 +81,11 @@ def test_trained_metrics_are_finite_and_rotations_keep_the_energy(quick):
 
 def _targets(unet: nn.Module) -> list[nn.Linear]:
     patterns = bench.oft_preset("paper").target_modules
-    return [m for n, m in unet.named_modules() if isinstance(m, nn.Linear) and any(re.fullmatch(p, n) for p in patterns)]
+    return [
+        m
+        for n, m in unet.named_modules()
+        if isinstance(m, nn.Linear) and any(re.fullmatch(p, n) for p in patterns)
+    ]
 
 
 def test_parameter_counts_match_independent_counts(quick, toy_folder):

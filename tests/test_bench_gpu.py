@@ -28,8 +28,14 @@ def test_gpu_sh_parses_and_bounds_the_run_to_eight_minutes():
 def test_default_plan_is_the_issue_matrix():
     args = gpu.parse([])
     assert args.variants == ["plain", "grad_ckpt", "compile"]
-    assert args.setups == [bench.FLOOR, "OFT-Control (paper)", "OFT-Control (fast)", "ControlNet",
-                           "peft OFT (paper)", "peft OFT (fast)"]
+    assert args.setups == [
+        bench.FLOOR,
+        "OFT-Control (paper)",
+        "OFT-Control (fast)",
+        "ControlNet",
+        "peft OFT (paper)",
+        "peft OFT (fast)",
+    ]
     assert args.budget_s < 480 and not args.dry_run
     plan = gpu.make_plan(args)
     assert (plan.latent * 8, plan.batches, plan.compile_backend) == (512, (4, 16), "inductor")
@@ -52,7 +58,11 @@ def _dry_run(tmp_path: Path, *args: str) -> tuple[dict, str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
         [sys.executable, "-m", "benchmarks.gpu", "--dry-run", "--threads", "1", "--json", str(out), *args],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=540,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=540,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(out.read_text()), done.stdout
