@@ -16,8 +16,9 @@ bf16 compute). Per setup it prints the median step time of ``--steps`` timed ste
 peak GPU memory (``torch.cuda.max_memory_allocated``) and what the step adds to the frozen UNet, and the
 ratios to the floor and to ControlNet of the same batch and variant.
 
-Runs go in priority order (plain, then gradient checkpointing, then compile; batch 4 before 16) and
-stop at ``--budget-s`` seconds after start: what did not fit is listed as skipped. Without CUDA (and
+Runs go in priority order (plain, then gradient checkpointing, batch 4 before 16, then compile, batch 16
+first) and stop at ``--budget-s`` seconds after start: what did not fit is listed as skipped (each compiled
+configuration pays its compilation; ``--variants compile`` alone gives them the whole budget). Without CUDA (and
 without ``--dry-run``) it prints that and exits 0, so ``python -m benchmarks`` on a CPU machine skips it.
 On CUDA it rewrites its section of benchmarks/README.md (``--no-write`` to leave it).
 """
@@ -184,8 +185,13 @@ def run_one(name: str, variant: str, batch: int, base: nn.Module, plan: Plan) ->
 
 
 def schedule(plan: Plan) -> list[tuple[str, int, str]]:
-    """(variant, batch, setup) in priority order: plain first, small batch first, the floor first."""
-    return [(v, b, s) for v in plan.variants for b in plan.batches for s in plan.setups]
+    """(variant, batch, setup) in priority order: plain, then gradient checkpointing (small batch first),
+    then compile (large batch first: each compiled configuration costs its compilation), the floor first."""
+
+    def batches(variant: str) -> list[int]:
+        return sorted(plan.batches, reverse=variant == "compile")
+
+    return [(v, b, s) for v in plan.variants for b in batches(v) for s in plan.setups]
 
 
 def run_all(plan: Plan, base: nn.Module, started: float, log: Callable[[str], None] = print) -> tuple[list, list]:

@@ -1,7 +1,7 @@
 """One training step of OFT-Control against ControlNet, peft OFT and peft LoRA on the same frozen UNet.
 
     python -m benchmarks.train_step [--backbone all|tiny|sd15] [--repeats 5] [--tiny-repeats 15]
-                                    [--threads N] [--quick] [--no-write] [--json PATH]
+                                    [--threads N] [--clock wall|cpu] [--quick] [--no-write] [--json PATH]
 
 A step is what a trainer does per batch: zero the gradients, the frozen encoders (tiny backbone only),
 noise the latents, predict with the control, MSE, backward, the optimizer step (AdamW, lr 1e-5) and the
@@ -332,17 +332,25 @@ def train_step(backbone: Backbone, setup: Setup) -> Tensor:
     return loss.detach()
 
 
-def time_interleaved(backbone: Backbone, setups: dict[str, Setup], repeats: int, warmup: int = 1) -> dict:
+#: What a step's time is read from: wall-clock, or this process's CPU time (with one torch thread, the
+#: work done, nearly untouched by other processes competing for the cores of a shared machine).
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+Clock = Callable[[], float]
+
+
+def time_interleaved(
+    backbone: Backbone, setups: dict[str, Setup], repeats: int, warmup: int = 1, clock: Clock = time.perf_counter
+) -> dict:
     """Seconds per step, ``{name: [t_round1, ...]}``; every round runs each setup once, order rotated."""
     names = list(setups)
     times: dict[str, list[float]] = {name: [] for name in names}
     for round_ in range(warmup + repeats):
         shift = round_ % len(names)
         for name in names[shift:] + names[:shift]:
-            start = time.perf_counter()
+            start = clock()
             train_step(backbone, setups[name])
             if round_ >= warmup:
-                times[name].append(time.perf_counter() - start)
+                times[name].append(clock() - start)
     return times
 
 
@@ -352,16 +360,16 @@ def median_ratio(times: dict[str, list[float]], name: str, reference: str) -> fl
 
 
 # ------------------------------------------------------------------------------------------ overheads
-def _median_seconds(run: Callable[[], object], repeats: int) -> float:
+def _median_seconds(run: Callable[[], object], repeats: int, clock: Clock) -> float:
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = clock()
         run()
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return statistics.median(times)
 
 
-def rotation_maths_seconds(setup: Setup, repeats: int = 3) -> float:
+def rotation_maths_seconds(setup: Setup, clock: Clock, repeats: int = 3) -> float:
     """Cayley (or Neumann) forward and backward of every adapted layer's blocks, nothing else."""
     layers = [layer for _, layer in oft_layers(setup.modules["unet"])]
 
@@ -369,12 +377,12 @@ def rotation_maths_seconds(setup: Setup, repeats: int = 3) -> float:
         rotations = [layer.rotation() for layer in layers]
         torch.autograd.backward(rotations, [torch.ones_like(r) for r in rotations])
 
-    seconds = _median_seconds(run, repeats)
+    seconds = _median_seconds(run, repeats, clock)
     setup.optimizer.zero_grad(set_to_none=True)
     return seconds
 
 
-def optimizer_seconds(backbone: Backbone, setup: Setup, repeats: int = 3) -> float:
+def optimizer_seconds(backbone: Backbone, setup: Setup, clock: Clock, repeats: int = 3) -> float:
     """Gradient extras, AdamW step and COFT projection of one step (on the gradients of a real step)."""
     train_step(backbone, setup)
 
@@ -383,7 +391,7 @@ def optimizer_seconds(backbone: Backbone, setup: Setup, repeats: int = 3) -> flo
         setup.optimizer.step()
         setup.after_optimizer()
 
-    return _median_seconds(run, repeats)
+    return _median_seconds(run, repeats, clock)
 
 
 def he_monitor_defaults() -> dict:
@@ -392,28 +400,28 @@ def he_monitor_defaults() -> dict:
     return {"every_n_steps": int(node.every_n_steps), "neurons": node.neurons}
 
 
-def he_monitor_seconds(setup: Setup, repeats: int = 3) -> dict:
+def he_monitor_seconds(setup: Setup, clock: Clock, repeats: int = 3) -> dict:
     """The HE monitor at its defaults on this setup's UNet: its one-off reference and one call."""
     defaults = he_monitor_defaults()
     monitor = HypersphericalEnergyDrift(**defaults)
     holder = nn.Module()
     holder.unet = setup.modules["unet"]
-    start = time.perf_counter()
+    start = clock()
     monitor.on_fit_start(None, holder)
-    reference = time.perf_counter() - start
-    call = _median_seconds(lambda: energy_drift(holder.unet, monitor.reference, monitor.neurons), repeats)
+    reference = clock() - start
+    call = _median_seconds(lambda: energy_drift(holder.unet, monitor.reference, monitor.neurons), repeats, clock)
     return dict(defaults, reference_s=reference, call_s=call)
 
 
-def overheads(backbone: Backbone, setups: dict[str, Setup]) -> dict[str, dict]:
+def overheads(backbone: Backbone, setups: dict[str, Setup], clock: Clock = time.perf_counter) -> dict[str, dict]:
     """For the floor and each setup with a floor target: optimizer time; for the latter, rotation maths and
     the HE monitor too."""
-    result = {FLOOR: {"optimizer_s": optimizer_seconds(backbone, setups[FLOOR])}}
+    result = {FLOOR: {"optimizer_s": optimizer_seconds(backbone, setups[FLOOR], clock)}}
     for name in FLOOR_TARGETS:
         result[name] = {
-            "optimizer_s": optimizer_seconds(backbone, setups[name]),
-            "rotation_s": rotation_maths_seconds(setups[name]),
-            "he_monitor": he_monitor_seconds(setups[name]),
+            "optimizer_s": optimizer_seconds(backbone, setups[name], clock),
+            "rotation_s": rotation_maths_seconds(setups[name], clock),
+            "he_monitor": he_monitor_seconds(setups[name], clock),
         }
     return result
 
@@ -485,13 +493,13 @@ def memory_in_children(backbone_name: str, threads: int) -> dict[str, dict]:
 
 
 # ------------------------------------------------------------------------------------------ report
-def measure(backbone_name: str, repeats: int, threads: int) -> dict:
+def measure(backbone_name: str, repeats: int, threads: int, clock: str = "wall") -> dict:
     """Memory in children first, then parameter counts and interleaved step times in this process."""
     memory = memory_in_children(backbone_name, threads)
     backbone = BACKBONES[backbone_name]()
     setups = {name: build(backbone.unet) for name, build in SETUPS.items()}
     load_before = os.getloadavg()[0]
-    times = time_interleaved(backbone, setups, repeats)
+    times = time_interleaved(backbone, setups, repeats, clock=CLOCKS[clock])
     rows = [
         dict(
             name=name,
@@ -517,7 +525,8 @@ def measure(backbone_name: str, repeats: int, threads: int) -> dict:
         times=times,
         load=(load_before, os.getloadavg()[0]),
         pairs=[(a, b, median_ratio(times, a, b)) for a, b in pairs],
-        overheads=overheads(backbone, setups),
+        overheads=overheads(backbone, setups, CLOCKS[clock]),
+        clock=clock,
     )
     del setups, backbone
     gc.collect()
@@ -529,7 +538,8 @@ def table(result: dict) -> str:
     rows = {r["name"]: r for r in result["rows"]}
     controlnet_count = rows["ControlNet"]["trainable"]
     lines = [
-        f"**{result['description']}** ({result['repeats']} interleaved rounds after 1 warm-up round; "
+        f"**{result['description']}** ({result['repeats']} interleaved rounds after 1 warm-up round, "
+        f"{'process CPU time' if result.get('clock') == 'cpu' else 'wall-clock time'}; "
         f"load average {result['load'][0]:.1f} before, {result['load'][1]:.1f} after the timed rounds)",
         "",
         "| setup | trainable params | ControlNet / setup | median step (s) | median ratio vs floor | "
@@ -610,12 +620,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--quick", action="store_true", help="tiny backbone, 2 rounds; never writes README")
     parser.add_argument("--no-write", action="store_true", help="print only, leave README.md alone")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
+    parser.add_argument(
+        "--clock", choices=list(CLOCKS), default="wall",
+        help="step time from wall-clock (default) or this process's CPU time (a loaded machine; use --threads 1)",
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     names = ["tiny"] if args.quick else list(BACKBONES) if args.backbone == "all" else [args.backbone]
     repeats = {"tiny": 2 if args.quick else args.tiny_repeats, "sd15": args.repeats}
-    results = [measure(name, repeats[name], args.threads) for name in names]
+    results = [measure(name, repeats[name], args.threads, args.clock) for name in names]
     command = " ".join(["python -m benchmarks.train_step", *(sys.argv[1:] if argv is None else argv)])
     section = render(results, command)
     print(section)
