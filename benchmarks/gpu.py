@@ -45,7 +45,14 @@ from benchmarks import readme
 from benchmarks import train_step as bench
 
 START, END = "<!-- gpu:start -->", "<!-- gpu:end -->"
-SETUPS = [bench.FLOOR, bench.REFERENCE, "OFT-Control (fast)", "ControlNet", "peft OFT (paper)", "peft OFT (fast)"]
+SETUPS = [
+    bench.FLOOR,
+    bench.REFERENCE,
+    "OFT-Control (fast)",
+    "ControlNet",
+    "peft OFT (paper)",
+    "peft OFT (fast)",
+]
 VARIANTS = ("plain", "grad_ckpt", "compile")
 LATENT = 64  # 512 px
 TEXT_TOKENS = 77
@@ -79,11 +86,32 @@ def dry_unet() -> nn.Module:
 
 def make_plan(args: argparse.Namespace) -> Plan:
     if args.dry_run:
-        return Plan(torch.device("cpu"), dry_unet, 8, 8, tuple(args.batches or (1, 2)), tuple(args.variants),
-                    tuple(args.setups), 1, 1, "eager", args.budget_s)
-    return Plan(torch.device("cuda"), bench.sd15_unet, LATENT, TEXT_TOKENS, tuple(args.batches or (4, 16)),
-                tuple(args.variants), tuple(args.setups), args.steps, args.warmup, args.compile_backend,
-                args.budget_s)
+        return Plan(
+            torch.device("cpu"),
+            dry_unet,
+            8,
+            8,
+            tuple(args.batches or (1, 2)),
+            tuple(args.variants),
+            tuple(args.setups),
+            1,
+            1,
+            "eager",
+            args.budget_s,
+        )
+    return Plan(
+        torch.device("cuda"),
+        bench.sd15_unet,
+        LATENT,
+        TEXT_TOKENS,
+        tuple(args.batches or (4, 16)),
+        tuple(args.variants),
+        tuple(args.setups),
+        args.steps,
+        args.warmup,
+        args.compile_backend,
+        args.budget_s,
+    )
 
 
 def backbone(unet: nn.Module, plan: Plan, batch: int, seed: int = 0) -> bench.Backbone:
@@ -128,7 +156,9 @@ def build(name: str, variant: str, base: nn.Module, plan: Plan) -> tuple[bench.S
         # Dynamo's caches are per code object (BasicTransformerBlock.forward) and shared by every setup:
         # start each compiled configuration afresh, with room for one entry per block shape and stride.
         torch._dynamo.reset()
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILE_RECOMPILE_LIMIT)
+        torch._dynamo.config.recompile_limit = max(
+            torch._dynamo.config.recompile_limit, COMPILE_RECOMPILE_LIMIT
+        )
     unet = bench.structural_copy(base)
     setup = bench.SETUPS[name](unet)
     for module in trained_modules(setup, unet):
@@ -174,8 +204,15 @@ def run_one(name: str, variant: str, batch: int, base: nn.Module, plan: Plan) ->
         bench.train_step(data, setup)
         _sync(plan.device)
         times.append(time.perf_counter() - start)
-    result = dict(setup=name, variant=variant, batch=batch, step_s=statistics.median(times), times=times,
-                  warmup_s=warm_s, trainable=setup.trainable_count)
+    result = dict(
+        setup=name,
+        variant=variant,
+        batch=batch,
+        step_s=statistics.median(times),
+        times=times,
+        warmup_s=warm_s,
+        trainable=setup.trainable_count,
+    )
     if cuda:
         peak = torch.cuda.max_memory_allocated(plan.device)
         result.update(peak_gib=peak / 2**30, adds_gib=(peak - before) / 2**30)
@@ -194,7 +231,9 @@ def schedule(plan: Plan) -> list[tuple[str, int, str]]:
     return [(v, b, s) for v in plan.variants for b in batches(v) for s in plan.setups]
 
 
-def run_all(plan: Plan, base: nn.Module, started: float, log: Callable[[str], None] = print) -> tuple[list, list]:
+def run_all(
+    plan: Plan, base: nn.Module, started: float, log: Callable[[str], None] = print
+) -> tuple[list, list]:
     results, skipped, interrupted = [], [], [False]
     for variant, batch, name in schedule(plan):
         if interrupted[0]:
@@ -218,12 +257,18 @@ def run_all(plan: Plan, base: nn.Module, started: float, log: Callable[[str], No
             gc.collect()
             continue
         results.append(row)
-        log(f"[{variant}, batch {batch}] {name}: {row['step_s'] * 1e3:.1f} ms (warm-up {row['warmup_s']:.1f} s)")
+        log(
+            f"[{variant}, batch {batch}] {name}: {row['step_s'] * 1e3:.1f} ms (warm-up {row['warmup_s']:.1f} s)"
+        )
     return results, skipped
 
 
 def ratio(results: list[dict], row: dict, reference: str) -> str:
-    same = [r for r in results if (r["setup"], r["variant"], r["batch"]) == (reference, row["variant"], row["batch"])]
+    same = [
+        r
+        for r in results
+        if (r["setup"], r["variant"], r["batch"]) == (reference, row["variant"], row["batch"])
+    ]
     return f"{row['step_s'] / same[0]['step_s']:.2f}x" if same else "-"
 
 
@@ -245,7 +290,9 @@ def table(results: list[dict], skipped: list[tuple]) -> str:
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--batches", type=lambda s: [int(b) for b in s.split(",")], help="default 4,16 (dry: 1,2)")
+    parser.add_argument(
+        "--batches", type=lambda s: [int(b) for b in s.split(",")], help="default 4,16 (dry: 1,2)"
+    )
     parser.add_argument("--variants", type=lambda s: s.split(","), default=list(VARIANTS))
     parser.add_argument("--setups", type=lambda s: s.split(";"), default=SETUPS, help="';'-separated names")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per configuration")
@@ -253,7 +300,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--compile-backend", default="inductor")
     parser.add_argument("--budget-s", type=float, default=420.0, help="stop starting runs after this")
     parser.add_argument("--dry-run", action="store_true", help="CPU, narrow UNet, batches 1 and 2, 1+1 steps")
-    parser.add_argument("--quick", action="store_true", help="as --dry-run (for `python -m benchmarks --quick`)")
+    parser.add_argument(
+        "--quick", action="store_true", help="as --dry-run (for `python -m benchmarks --quick`)"
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads")
     parser.add_argument("--no-write", action="store_true", help="print only, leave README.md alone")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
@@ -271,7 +320,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if not (args.dry_run or torch.cuda.is_available()):
-        print("benchmarks.gpu: no CUDA device here, nothing measured (run benchmarks/gpu.sh on a GPU machine)")
+        print(
+            "benchmarks.gpu: no CUDA device here, nothing measured (run benchmarks/gpu.sh on a GPU machine)"
+        )
         return 0
     plan = make_plan(args)
     torch.manual_seed(0)

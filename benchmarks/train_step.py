@@ -339,7 +339,11 @@ Clock = Callable[[], float]
 
 
 def time_interleaved(
-    backbone: Backbone, setups: dict[str, Setup], repeats: int, warmup: int = 1, clock: Clock = time.perf_counter
+    backbone: Backbone,
+    setups: dict[str, Setup],
+    repeats: int,
+    warmup: int = 1,
+    clock: Clock = time.perf_counter,
 ) -> dict:
     """Seconds per step, ``{name: [t_round1, ...]}``; every round runs each setup once, order rotated."""
     names = list(setups)
@@ -409,11 +413,15 @@ def he_monitor_seconds(setup: Setup, clock: Clock, repeats: int = 3) -> dict:
     start = clock()
     monitor.on_fit_start(None, holder)
     reference = clock() - start
-    call = _median_seconds(lambda: energy_drift(holder.unet, monitor.reference, monitor.neurons), repeats, clock)
+    call = _median_seconds(
+        lambda: energy_drift(holder.unet, monitor.reference, monitor.neurons), repeats, clock
+    )
     return dict(defaults, reference_s=reference, call_s=call)
 
 
-def overheads(backbone: Backbone, setups: dict[str, Setup], clock: Clock = time.perf_counter) -> dict[str, dict]:
+def overheads(
+    backbone: Backbone, setups: dict[str, Setup], clock: Clock = time.perf_counter
+) -> dict[str, dict]:
     """For the floor and each setup with a floor target: optimizer time; for the latter, rotation maths and
     the HE monitor too."""
     result = {FLOOR: {"optimizer_s": optimizer_seconds(backbone, setups[FLOOR], clock)}}
@@ -555,8 +563,12 @@ def table(result: dict) -> str:
     lines.append("")
     for name, target in FLOOR_TARGETS.items():  # the goals are set for SD1.5 at 256 px
         ratio = rows[name]["floor_ratio"]
-        verdict = ("met" if ratio <= target else "not met") if result["backbone"] == "sd15" else "set for SD1.5"
-        rounds = ", ".join(f"{a / b:.3f}" for a, b in zip(result["times"][name], result["times"][FLOOR], strict=True))
+        verdict = (
+            ("met" if ratio <= target else "not met") if result["backbone"] == "sd15" else "set for SD1.5"
+        )
+        rounds = ", ".join(
+            f"{a / b:.3f}" for a, b in zip(result["times"][name], result["times"][FLOOR], strict=True)
+        )
         lines.append(
             f"- step time {name} / floor: {ratio:.3f} (median per-round ratio; goal <= {target}: {verdict}; "
             f"rounds: {rounds})"
@@ -570,7 +582,9 @@ def table(result: dict) -> str:
     return "\n".join([*lines, *overhead_lines(rows, result["times"], result["overheads"])])
 
 
-def overhead_lines(rows: dict[str, dict], times: dict[str, list[float]], measured: dict[str, dict]) -> list[str]:
+def overhead_lines(
+    rows: dict[str, dict], times: dict[str, list[float]], measured: dict[str, dict]
+) -> list[str]:
     """Where each OFT preset's time over the floor goes, and the HE monitor's share of a step."""
     floor_optimizer = measured[FLOOR]["optimizer_s"]
     lines = []
@@ -621,7 +635,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--no-write", action="store_true", help="print only, leave README.md alone")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     parser.add_argument(
-        "--clock", choices=list(CLOCKS), default="wall",
+        "--clock",
+        choices=list(CLOCKS),
+        default="wall",
         help="step time from wall-clock (default) or this process's CPU time (a loaded machine; use --threads 1)",
     )
     args = parser.parse_args(argv)
