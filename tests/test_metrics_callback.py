@@ -10,7 +10,7 @@ import torch
 from helpers import compose_config
 from hydra.utils import instantiate
 
-from src.callbacks.controllability import ControllabilityMetric
+from src.callbacks.controllability import ControllabilityMetric, chance_level
 
 TASKS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "task").glob("*.yaml"))
 
@@ -129,3 +129,16 @@ def test_a_short_training_run_logs_canny_f1_beside_the_loss(tmp_path):
     assert 0.0 <= metrics["val/canny_f1"] <= 1.0 and "val/loss" in metrics
     header = (out / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
     assert {"val/canny_f1", "val/canny_iou", "val/loss"} <= set(header)
+
+
+def test_chance_level_pairs_every_image_with_every_other_target_once():
+    # a score that is the mean of a pairwise table over (image i, target at position i): the chance level must
+    # be the mean of the table's off-diagonal, computed here independently
+    table = torch.rand(6, 6, generator=torch.Generator().manual_seed(0))
+
+    def score(targets):
+        return float(torch.stack([table[i, t] for i, t in enumerate(targets)]).mean())
+
+    off_diagonal = table[~torch.eye(6, dtype=torch.bool)].mean()
+    assert chance_level(score, list(range(6))) == pytest.approx(float(off_diagonal), abs=1e-6)
+    assert chance_level(score, list(range(6))) != pytest.approx(score(list(range(6))), abs=1e-3)
