@@ -22,6 +22,7 @@ import pytorch_lightning as pl
 import torch
 
 from src.data.health import COUNTS_KEY, DataHealthError, skip_fraction, top_reasons
+from src.errors import ConfigError
 
 CONFIG_KEY = "callbacks.data_health.max_skip_fraction"
 
@@ -37,9 +38,9 @@ class DataHealth(pl.Callback):
 
     def __init__(self, max_skip_fraction: float = 0.05, min_samples: int = 200) -> None:
         if not 0.0 <= max_skip_fraction <= 1.0:
-            raise ValueError(f"max_skip_fraction must be in [0, 1], got {max_skip_fraction}")
+            raise ConfigError(f"max_skip_fraction must be in [0, 1], got {max_skip_fraction}")
         if min_samples < 0:
-            raise ValueError(f"min_samples must be >= 0, got {min_samples}")
+            raise ConfigError(f"min_samples must be >= 0, got {min_samples}")
         self.max_skip_fraction, self.min_samples = max_skip_fraction, min_samples
         self.train: Counter[str] = Counter()
         self.val: Counter[str] = Counter()

@@ -18,6 +18,7 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
+from src.errors import ConfigError
 from src.oft import hyperspherical_energy, oft_layers
 from src.oft.energy import neuron_subset
 from src.oft.layers import OFTLayer
@@ -82,9 +83,9 @@ class HypersphericalEnergyDrift(pl.Callback):
         self, every_n_steps: int = 100, neurons: int | None = 256, seed: int = 0, module_attr: str = "unet"
     ) -> None:
         if every_n_steps < 1:
-            raise ValueError(f"every_n_steps {every_n_steps} must be >= 1")
+            raise ConfigError(f"every_n_steps {every_n_steps} must be >= 1")
         if neurons is not None and neurons < 2:
-            raise ValueError(f"neurons {neurons} must be >= 2 (a pair), or null for every neuron")
+            raise ConfigError(f"neurons {neurons} must be >= 2 (a pair), or null for every neuron")
         self.every_n_steps, self.n_neurons, self.seed = every_n_steps, neurons, seed
         self.module_attr = module_attr
         self.neurons: dict[str, Tensor] | None = None

@@ -30,6 +30,8 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from src.errors import ConfigError, MissingInputError
+
 log = logging.getLogger(__name__)
 
 JOB_FILE = "job_result.json"
@@ -138,7 +140,7 @@ def write_summary(sweep_dir: Path | str, metric: str | None = None, direction: s
     sweep_dir = Path(sweep_dir)
     jobs = collect(sweep_dir)
     if not jobs:
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"no {JOB_FILE} under sweep directory '{sweep_dir}': pass the directory of a multirun "
             "(outputs/<task>/multiruns/<date>) whose jobs ran with the SweepSummary callback"
         )
@@ -173,7 +175,7 @@ class SweepSummary(Callback):
 
     def __init__(self, direction: str = "minimize") -> None:
         if direction not in ("minimize", "maximize"):
-            raise ValueError(f"SweepSummary direction {direction!r} must be 'minimize' or 'maximize'")
+            raise ConfigError(f"SweepSummary direction {direction!r} must be 'minimize' or 'maximize'")
         self.direction = direction
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:

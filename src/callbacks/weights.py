@@ -9,6 +9,7 @@ from typing import Any
 import pytorch_lightning as pl
 from safetensors.torch import save_file
 
+from src.errors import ConfigError
 from src.fileio import atomic_path
 
 STEP_FILE = re.compile(r"step_(\d+)\.safetensors")
@@ -43,7 +44,7 @@ class SafetensorsWeights(pl.Callback):
 
     def __init__(self, dirname: str = "weights", keep_last: int = -1) -> None:
         if keep_last == 0 or keep_last < -1:
-            raise ValueError(f"keep_last {keep_last} must be >= 1, or -1 to keep every checkpoint")
+            raise ConfigError(f"keep_last {keep_last} must be >= 1, or -1 to keep every checkpoint")
         self.dirname, self.keep_last = dirname, keep_last
 
     def on_save_checkpoint(

@@ -12,10 +12,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from src.errors import MissingInputError
 from src.metrics.base import EvalSample, Scorer
 
 
-class QualityWeightsError(FileNotFoundError):
+class QualityWeightsError(MissingInputError):
     """The weights a quality metric needs are not available locally."""
 
 

@@ -15,10 +15,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from src.errors import MissingInputError
 from src.metrics.base import EvalSample, Scorer, mean
 
 
-class SegmenterNotFoundError(FileNotFoundError):
+class SegmenterNotFoundError(MissingInputError):
     """The segmenter's weights are neither a local folder nor in the local hub cache."""
 
 

@@ -17,6 +17,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from src.errors import ConfigError
+
 
 class ControlEncoder(nn.Module):
     """Condition image `[B, C_in, H, W]` in [0, 1] -> embedding `[B, C_out, H / f, W / f]`.
@@ -38,9 +40,11 @@ class ControlEncoder(nn.Module):
         super().__init__()
         stages = round(math.log2(downscale))
         if downscale < 1 or 2**stages != downscale:
-            raise ValueError(f"control encoder downscale {downscale} is not a power of two (SD's VAE uses 8)")
+            raise ConfigError(
+                f"control encoder downscale {downscale} is not a power of two (SD's VAE uses 8)"
+            )
         if len(channels) < stages + 1:
-            raise ValueError(
+            raise ConfigError(
                 f"control encoder channels {list(channels)} give {len(channels) - 1} stride-2 stages but the "
                 f"VAE downscales by {downscale}; give at least {stages + 1} channel widths"
             )

@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from src.errors import InputError, MissingInputError
 from src.models.control import ControlEncoder
 from src.models.run import TrainedRun
 from src.models.sampling import build_pipeline, make_scheduler
@@ -65,13 +66,13 @@ def load_control_encoder(folder: str | os.PathLike) -> tuple[ControlEncoder, dic
     folder = Path(folder)
     config_path, weights = folder / ENCODER_CONFIG, folder / ENCODER_WEIGHTS
     if not config_path.is_file() or not weights.is_file():
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"'{folder}' holds no exported control encoder ({ENCODER_CONFIG} + {ENCODER_WEIGHTS}); "
             f"{EXPORT_HINT}"
         )
     config = json.loads(config_path.read_text())
     if config.get("format") != ENCODER_FORMAT:
-        raise ValueError(f"{config_path} is not an {ENCODER_FORMAT} config (format {config.get('format')!r})")
+        raise InputError(f"{config_path} is not an {ENCODER_FORMAT} config (format {config.get('format')!r})")
     encoder = ControlEncoder(
         config["out_channels"], config["downscale"], config["channels"], config["in_channels"]
     )
@@ -113,7 +114,7 @@ def load_exported(folder: str | os.PathLike):
     from diffusers import StableDiffusionPipeline
 
     if not is_exported(folder):
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"'{folder}' is not an exported OFT-Control folder (model_index.json and "
             f"{ENCODER_DIR}/): {EXPORT_HINT}"
         )

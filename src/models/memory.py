@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from src.errors import ConfigError
+
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -47,12 +49,12 @@ class MemoryOptions:
 
     def __post_init__(self) -> None:
         if self.compile_mode not in COMPILE_MODES:
-            raise ValueError(
+            raise ConfigError(
                 f"module.memory.compile_mode {self.compile_mode!r} is not a torch.compile mode; "
                 f"use one of {list(COMPILE_MODES)}"
             )
         if self.compile_backend not in torch._dynamo.list_backends(exclude_tags=()):
-            raise ValueError(
+            raise ConfigError(
                 f"module.memory.compile_backend {self.compile_backend!r} is not a torch.compile backend; use "
                 f"one of {torch._dynamo.list_backends()} (e.g. module.memory.compile_backend=inductor)"
             )
@@ -61,7 +63,7 @@ class MemoryOptions:
 def enable_gradient_checkpointing(unet: nn.Module) -> None:
     """diffusers' own switch; refuses models that do not support it with a message naming the switch."""
     if not getattr(unet, "_supports_gradient_checkpointing", False):
-        raise ValueError(
+        raise ConfigError(
             f"{type(unet).__name__} does not support gradient checkpointing: "
             "set module.memory.gradient_checkpointing=false"
         )
@@ -77,7 +79,7 @@ def to_channels_last(modules: Iterable[nn.Module]) -> None:
 def compile_blocks(unet: nn.Module, mode: str | None, backend: str) -> None:
     """Regional `torch.compile` of the UNet's repeated blocks (diffusers' `compile_repeated_blocks`)."""
     if not getattr(unet, "_repeated_blocks", None):
-        raise ValueError(
+        raise ConfigError(
             f"{type(unet).__name__} declares no repeated blocks to compile: set module.memory.compile=false"
         )
     unet.compile_repeated_blocks(mode=None if mode == "default" else mode, backend=backend)

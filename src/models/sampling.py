@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from src.errors import ConfigError
 from src.models.control import control_injection
 
 SCHEDULERS = ("ddim", "unipc", "euler", "ddpm")
@@ -35,14 +36,14 @@ class SamplingOptions:
 
     def __post_init__(self) -> None:
         if self.scheduler not in SCHEDULERS:
-            raise ValueError(f"unknown scheduler '{self.scheduler}'; choose one of {', '.join(SCHEDULERS)}")
+            raise ConfigError(f"unknown scheduler '{self.scheduler}'; choose one of {', '.join(SCHEDULERS)}")
         for name in ("num_samples", "batch_size") + (
             ("num_inference_steps",) if self.num_inference_steps else ()
         ):
             if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not math.isfinite(self.strength) or not math.isfinite(self.guidance_scale):
-            raise ValueError(
+            raise ConfigError(
                 f"strength {self.strength} and guidance_scale {self.guidance_scale} must be finite"
             )
 
@@ -67,7 +68,7 @@ def make_scheduler(name: str, config: dict):
         ddim=DDIMScheduler, unipc=UniPCMultistepScheduler, euler=EulerDiscreteScheduler, ddpm=DDPMScheduler
     )
     if name not in classes:
-        raise ValueError(f"unknown sampling scheduler '{name}'; choose one of {', '.join(SCHEDULERS)}")
+        raise ConfigError(f"unknown sampling scheduler '{name}'; choose one of {', '.join(SCHEDULERS)}")
     return classes[name].from_config(config)
 
 
@@ -110,7 +111,7 @@ def sample_controlled(
     progress bar.
     """
     if len(prompts) != condition.shape[0]:
-        raise ValueError(f"{len(prompts)} prompts for {condition.shape[0]} condition images")
+        raise ConfigError(f"{len(prompts)} prompts for {condition.shape[0]} condition images")
     height, width = condition.shape[-2:]
     condition = condition.to(pipe.unet.device, pipe.unet.dtype)
     with control_injection(pipe.unet, encoder, condition, strength):

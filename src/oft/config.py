@@ -9,6 +9,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from src.errors import ConfigError
+
 CAYLEY_METHODS = ("exact", "neumann")
 
 
@@ -54,26 +56,28 @@ class OFTConfig:
         self.exclude_modules = _as_pattern_list(self.exclude_modules, "exclude_modules")
         self._validate_blocks()
         if self.cayley not in CAYLEY_METHODS:
-            raise ValueError(
+            raise ConfigError(
                 f"cayley {self.cayley!r} is not one of {CAYLEY_METHODS}; use 'exact' or 'neumann'"
             )
         if int(self.neumann_terms) != self.neumann_terms or self.neumann_terms < 1:
-            raise ValueError(f"neumann_terms {self.neumann_terms!r} must be an integer >= 1 (e.g. 5)")
+            raise ConfigError(f"neumann_terms {self.neumann_terms!r} must be an integer >= 1 (e.g. 5)")
         if self.coft and not (isinstance(self.eps, int | float) and self.eps > 0 and math.isfinite(self.eps)):
-            raise ValueError(f"eps {self.eps!r} must be a positive finite number when coft is on (e.g. 1e-3)")
+            raise ConfigError(
+                f"eps {self.eps!r} must be a positive finite number when coft is on (e.g. 1e-3)"
+            )
 
     def _validate_blocks(self) -> None:
         if (self.block_size is None) == (self.n_blocks is None):
-            raise ValueError(
+            raise ConfigError(
                 f"give exactly one of block_size ({self.block_size}) and n_blocks ({self.n_blocks}); "
                 "set the other to null/None"
             )
         if self.block_size is not None and (int(self.block_size) != self.block_size or self.block_size < 2):
-            raise ValueError(
+            raise ConfigError(
                 f"block_size {self.block_size!r} must be an integer >= 2 (a 1x1 rotation is fixed)"
             )
         if self.n_blocks is not None and (int(self.n_blocks) != self.n_blocks or self.n_blocks < 1):
-            raise ValueError(f"n_blocks {self.n_blocks!r} must be an integer >= 1")
+            raise ConfigError(f"n_blocks {self.n_blocks!r} must be an integer >= 1")
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> OFTConfig:
@@ -82,7 +86,7 @@ class OFTConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown OFTConfig field(s) {unknown}; valid fields are {sorted(known)}")
+            raise ConfigError(f"unknown OFTConfig field(s) {unknown}; valid fields are {sorted(known)}")
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
@@ -96,7 +100,7 @@ class OFTConfig:
         """
         if self.block_size is not None:
             if features % self.block_size:
-                raise ValueError(
+                raise ConfigError(
                     f"block_size {self.block_size} does not divide {what} {features} of layer "
                     f"{layer_name!r}; choose a divisor of {features} such as "
                     f"{_near_divisors(features, self.block_size)}, or use n_blocks"
@@ -104,7 +108,7 @@ class OFTConfig:
             return features // self.block_size, self.block_size
         assert self.n_blocks is not None
         if features % self.n_blocks or features // self.n_blocks < 2:
-            raise ValueError(
+            raise ConfigError(
                 f"n_blocks {self.n_blocks} does not split {what} {features} of layer {layer_name!r} "
                 f"into blocks of size >= 2; choose a divisor of {features} such as "
                 f"{_near_divisors(features, self.n_blocks)}, or use block_size"
@@ -125,7 +129,7 @@ def _as_pattern_list(patterns: Iterable[str] | str | None, what: str) -> list[st
         try:
             re.compile(pattern)
         except re.error as err:
-            raise ValueError(f"{what} pattern {pattern!r} is not a valid regular expression: {err}") from err
+            raise ConfigError(f"{what} pattern {pattern!r} is not a valid regular expression: {err}") from err
     return out
 
 

@@ -8,6 +8,8 @@ from collections.abc import Iterator, Mapping
 import torch
 from torch import Tensor, nn
 
+from src.errors import CheckpointError, ConfigError
+
 from .config import OFTConfig
 from .layers import OFTConv2d, OFTLayer, OFTLinear
 
@@ -33,9 +35,9 @@ def _is_target(name: str, config: OFTConfig) -> bool:
     return hit and not any(re.fullmatch(p, name) for p in config.exclude_modules)
 
 
-def _nothing_matched(config: OFTConfig, names: list[str]) -> ValueError:
+def _nothing_matched(config: OFTConfig, names: list[str]) -> ConfigError:
     examples = ", ".join(repr(n) for n in names[:4]) or "none: the model has no nn.Linear/nn.Conv2d"
-    return ValueError(
+    return ConfigError(
         f"OFT target_modules {config.target_modules} (exclude_modules {config.exclude_modules}) matched "
         f"none of the {len(names)} nn.Linear/nn.Conv2d modules; patterns must match the whole qualified "
         f"name (re.fullmatch), e.g. '.*attn1\\.to_q'. Example module names: {examples}"
@@ -107,7 +109,7 @@ def load_oft_state_dict(model: nn.Module, state: Mapping[str, Tensor]) -> None:
         if k in state and state[k].shape != p.shape
     ]
     if missing or unexpected or shapes:
-        raise ValueError(
+        raise CheckpointError(
             f"OFT state dict does not fit the model: missing keys {missing}, unexpected keys {unexpected}, "
             f"shape mismatches {shapes}. Inject with the config the checkpoint was trained with."
         )

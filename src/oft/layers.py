@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from src.errors import ConfigError
+
 from .config import OFTConfig
 from .rotation import (
     cayley,
@@ -156,7 +158,7 @@ class OFTLinear(OFTLayer):
         if not isinstance(base, nn.Linear):
             raise TypeError(f"OFTLinear wraps nn.Linear, got {type(base).__name__} for layer {name!r}")
         if impl not in self.IMPLS:
-            raise ValueError(f"impl {impl!r} must be one of {self.IMPLS}")
+            raise ConfigError(f"impl {impl!r} must be one of {self.IMPLS}")
         super().__init__(base, config, name)
         self.impl = impl
 

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from src.errors import ConfigError
+
 
 def n_skew_params(block_size: int) -> int:
     """Free entries of a ``b x b`` skew-symmetric matrix: ``b(b-1)/2``."""
@@ -134,7 +136,7 @@ def cayley(skew: Tensor, method: str = "exact", terms: int = 5) -> Tensor:
         return cayley_exact(skew)
     if method == "neumann":
         return cayley_neumann(skew, terms)
-    raise ValueError(f"unknown Cayley method {method!r}; use 'exact' or 'neumann'")
+    raise ConfigError(f"unknown Cayley method {method!r}; use 'exact' or 'neumann'")
 
 
 def skew_frobenius_norm(params: Tensor) -> Tensor:
