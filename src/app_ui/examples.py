@@ -13,6 +13,7 @@ import numpy as np
 from src.app_ui.conditions import to_uint8
 from src.data.inputs import ConditionInput, iter_shard_inputs
 from src.data.pipeline import SkipCounter
+from src.data.schema import key_path
 from src.models.exported import is_exported
 from src.models.run import validation_shards
 
@@ -53,7 +54,7 @@ def write_examples(inputs: list[ConditionInput], folder: str | os.PathLike) -> l
     folder.mkdir(parents=True, exist_ok=True)
     examples = []
     for item in inputs:
-        path = folder / f"{item.key}.png"
+        path = key_path(folder, item.key, ".png")
         Image.fromarray(to_uint8(item.condition)).save(path)
         examples.append(Example(path, str(item.caption or ""), item.labels))
     return examples

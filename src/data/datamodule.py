@@ -52,6 +52,7 @@ from src.data.pipeline import (
     to_model_inputs,
     train_pipeline,
 )
+from src.errors import ConfigError
 
 
 class ShardDataModule(pl.LightningDataModule):
@@ -74,6 +75,9 @@ class ShardDataModule(pl.LightningDataModule):
             ``landmarks``, whose left/right colours a mirror would swap).
         root: folder that relative local shard specs are resolved against (absolute specs and
             ``pipe:`` URLs are used as given); None resolves against the working directory.
+        max_member_bytes / max_image_pixels / max_caption_chars: what one sample may cost
+            (``src.data.schema.Limits``); a sample over a limit is skipped and counted
+            (``member_too_large``, ``image_too_large``, ``caption_too_long``) before it is read or decoded.
     """
 
     def __init__(
@@ -92,20 +96,26 @@ class ShardDataModule(pl.LightningDataModule):
         prepare: Callable[[], object] | None = None,
         random_flip: bool = True,
         root: str | None = None,
+        max_member_bytes: int = schema.MAX_MEMBER_BYTES,
+        max_image_pixels: int = schema.MAX_IMAGE_PIXELS,
+        max_caption_chars: int = schema.MAX_CAPTION_CHARS,
     ) -> None:
         super().__init__()
         schema.condition_spec(condition)
+        self.limits = schema.Limits(max_member_bytes, max_image_pixels, max_caption_chars)
         for name, value in (
             ("resolution", resolution),
             ("batch_size", batch_size),
             ("val_batch_size", val_batch_size),
         ):
             if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+                raise ConfigError(f"data.{name} must be >= 1, got {value}")
         if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+            raise ConfigError(f"data.num_workers must be >= 0, got {num_workers}")
         if resampled and not epoch_samples:
-            raise ValueError("resampled=True streams forever: set epoch_samples (samples per epoch)")
+            raise ConfigError(
+                "data.resampled=True streams forever: set data.epoch_samples (samples per epoch)"
+            )
         self.train_shards, self.val_shards = train_shards, val_shards
         self.condition, self.resolution = condition, resolution
         self.batch_size, self.val_batch_size, self.num_workers = batch_size, val_batch_size, num_workers
@@ -154,7 +164,7 @@ class ShardDataModule(pl.LightningDataModule):
         if not self.train_urls:
             self.setup("fit")
         seed = self.stream_seed()
-        decoder = SampleDecoder(self.condition, self.resolution, True, self.random_flip, seed)
+        decoder = SampleDecoder(self.condition, self.resolution, True, self.random_flip, seed, self.limits)
         pipeline = train_pipeline(
             self.train_urls,
             decoder,
@@ -176,7 +186,7 @@ class ShardDataModule(pl.LightningDataModule):
             return []
         if not self.val_urls:
             self.setup("validate")
-        decoder = SampleDecoder(self.condition, self.resolution, False, False, self.seed)
+        decoder = SampleDecoder(self.condition, self.resolution, False, False, self.seed, self.limits)
         pipeline = eval_pipeline(self.val_urls, decoder, batch_size=self.val_batch_size, skips=self.val_skips)
         return self._loader(pipeline)
 

@@ -5,15 +5,28 @@ Two kinds of events are counted by reason:
 - **skips** drop a sample (or the rest of a shard) and count towards the skip fraction that
   ``src.callbacks.data_health.DataHealth`` limits:
 
-  | reason                          | cause                                                          |
-  |---------------------------------|----------------------------------------------------------------|
-  | ``missing_<member>``            | the sample lacks ``jpg``, ``txt`` or the task's condition      |
-  | ``truncated_image``             | a JPEG/PNG member without its end marker (cut-off bytes)       |
-  | ``undecodable_image``           | image bytes that cv2 cannot decode                             |
-  | ``size_mismatch``               | condition and image of different height/width                  |
-  | ``undecodable_text``            | a caption that is not UTF-8                                    |
-  | ``shard_missing``               | a shard that vanished after the URL list was resolved          |
-  | ``shard_read_error``            | a truncated or corrupt tar (the rest of that shard is lost)    |
+  | reason               | cause                                                                  |
+  |----------------------|------------------------------------------------------------------------|
+  | ``missing_<member>`` | the sample lacks ``jpg``, ``txt`` or the task's condition              |
+  | ``truncated_image``  | a JPEG/PNG member without its end marker (cut-off bytes)               |
+  | ``undecodable_image``| image bytes that cv2 cannot decode, or without a header giving a size  |
+  | ``empty_member``     | a zero-byte image or json member                                       |
+  | ``image_too_large``  | an image header declaring more than ``data.max_image_pixels`` pixels  |
+  | ``allocation_failed``| memory for decoding could not be allocated                             |
+  | ``size_mismatch``    | condition and image of different height/width                          |
+  | ``undecodable_text`` | a caption that is not UTF-8                                            |
+  | ``caption_too_long`` | a caption over ``data.max_caption_chars`` characters                   |
+  | ``member_too_large`` | a tar member over ``data.max_member_bytes`` bytes (never read)         |
+  | ``unsafe_key``       | a key that is absolute, holds ``..``, a separator or other characters  |
+  | ``dotted_key``       | a key with a dot (its members would be scattered over wrong samples)   |
+  | ``duplicate_member`` | the same member twice in one sample                                    |
+  | ``link_member``      | a symbolic or hard link member (never followed)                        |
+  | ``device_member``    | a device, fifo or other special member                                 |
+  | ``shard_missing``    | a shard that vanished after the URL list was resolved                  |
+  | ``shard_read_error`` | a truncated or corrupt tar (the rest of that shard is lost)            |
+
+  Header-level reasons (``unsafe_key`` ... ``member_too_large``) are decided by
+  ``src.data.reader.ShardReader`` from the tar headers, before a byte of the sample is read.
 
 - **notes** keep the sample: ``empty_caption`` (an empty prompt is legitimate training data:
   ControlNet-style training drops captions on purpose, and the module does too) and
@@ -41,6 +54,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from src.data import schema
+from src.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +66,7 @@ EMPTY_CAPTION = "empty_caption"
 UNEXPECTED_MEMBER = "unexpected_member"
 
 
-class DataHealthError(RuntimeError):
+class DataHealthError(DataError):
     """The data is too broken to go on (skip fraction over its limit, or nothing readable)."""
 
 
@@ -60,6 +74,8 @@ def skip_reason(exn: Exception) -> str | None:
     """The named reason of a skippable error, or None when the error is a bug that must be raised."""
     if isinstance(exn, schema.SampleError):
         return exn.reason
+    if isinstance(exn, MemoryError):
+        return "allocation_failed"
     if isinstance(exn, FileNotFoundError):
         return "shard_missing"
     if isinstance(exn, (OSError, EOFError, tarfile.TarError)):
@@ -149,16 +165,3 @@ class SkipCounter:
                     self.note(EMPTY_CAPTION, key)
             batch[COUNTS_KEY] = self.take()
             yield batch
-
-
-class MemberFilter:
-    """``select_files`` for webdataset: keep schema members, note every other member without reading it."""
-
-    def __init__(self, skips: SkipCounter) -> None:
-        self.skips = skips
-
-    def __call__(self, fname: str) -> bool:
-        if schema.is_known_member(fname):
-            return True
-        self.skips.note(UNEXPECTED_MEMBER, repr(fname[:200]))
-        return False

@@ -1,9 +1,10 @@
 """Streaming pipeline over schema shards: spec resolution, safe decoding, paired transforms, batching.
 
-Only the schema's members are read from a tar (``select_files``) and only the ones a task needs are
-decoded, by explicit decoders (cv2 for images, UTF-8, json). Nothing is ever unpickled. Bad samples
-and shards are skipped and counted by reason, and every batch carries the counts
-(``src.data.health``).
+Only the schema's members are read from a tar (``src.data.reader.ShardReader``, which also checks keys,
+member types and sizes from the tar headers) and only the ones a task needs are decoded, by explicit
+decoders (cv2 for images, UTF-8, json) behind the size limits of ``src.data.schema.Limits``. Nothing is
+ever unpickled. Bad samples and shards are skipped and counted by reason, and every batch carries the
+counts (``src.data.health``).
 
 Samples and batches stay uint8 up to the device (a sixth of the float32 bytes through DataLoader
 workers' shared memory and the host-to-device copy); :func:`to_model_inputs` turns them into the
@@ -27,8 +28,10 @@ import webdataset as wds
 from braceexpand import braceexpand
 
 from src.data import schema
-from src.data.health import MemberFilter, SkipCounter
+from src.data.health import SkipCounter
+from src.data.reader import ShardReader
 from src.data.transforms import center_offsets, crop, hflip, random_offsets, resize_shorter
+from src.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +74,7 @@ def resolve_shards(
         if not matches:
             missing.append(pattern)
     if missing:
-        raise ValueError(
+        raise InputError(
             f"{what}={spec!r}: no shard found for {missing[:3]}{' ...' if len(missing) > 3 else ''}. "
             f"Build shards with `python -m data_prep.coco --images ... --captions ... --out DIR` "
             f"(or `python -m data_prep.demo --root DIR`) and set {what} to DIR/train-*.tar (or a list)."
@@ -161,12 +164,22 @@ class SampleDecoder:
     for conditions whose spec is ``flippable``) to target and condition (the condition with its spec's
     interpolation). ``image`` is uint8 ``[3, H, W]``, ``condition`` uint8 ``[C, H, W]`` with the
     member's channels (1 for canny, 3 for seg/landmarks); both are views of the decoded HWC arrays
-    (no copy). :func:`to_model_inputs` makes the model's float inputs of them.
+    (no copy). :func:`to_model_inputs` makes the model's float inputs of them. ``limits`` bound the
+    pixels of every image and the length of the caption (and, in the reader, the bytes of every member).
     """
 
-    def __init__(self, condition: str, resolution: int, train: bool, random_flip: bool, seed: int) -> None:
+    def __init__(
+        self,
+        condition: str,
+        resolution: int,
+        train: bool,
+        random_flip: bool,
+        seed: int,
+        limits: schema.Limits = schema.LIMITS,
+    ) -> None:
         self.spec = schema.condition_spec(condition)
         self.resolution, self.train, self.random_flip, self.seed = resolution, train, random_flip, seed
+        self.limits = limits
         self._rng: np.random.Generator | None = None
         self._pid = -1
 
@@ -179,11 +192,12 @@ class SampleDecoder:
         for member in (schema.IMAGE, schema.CAPTION, self.spec.member):
             if member not in sample:
                 raise schema.SampleError(f"missing_{member}", f"sample {sample.get('__key__')}")
-        image = schema.decode_member(schema.IMAGE, sample[schema.IMAGE])
-        cond = schema.decode_member(self.spec.member, sample[self.spec.member])
+        caption = schema.decode_member(schema.CAPTION, sample[schema.CAPTION], self.limits)
+        image = schema.decode_member(schema.IMAGE, sample[schema.IMAGE], self.limits)
+        cond = schema.decode_member(self.spec.member, sample[self.spec.member], self.limits)
         if image.shape[:2] != cond.shape[:2]:
             raise schema.SampleError("size_mismatch", f"{sample['__key__']}: {image.shape} vs {cond.shape}")
-        return image, cond, schema.decode_member(schema.CAPTION, sample[schema.CAPTION])
+        return image, cond, caption
 
     def transform(self, image: np.ndarray, cond: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Paired resize + crop + flip (identical geometry for both arrays)."""
@@ -307,7 +321,7 @@ def train_pipeline(
         ]
     return wds.DataPipeline(
         *source,
-        wds.tarfile_to_samples(handler=skips, select_files=MemberFilter(skips)),
+        ShardReader(skips, decoder.limits),
         BufferShuffle(max(1, shuffle_buffer), seed),
         wds.map(decoder, handler=skips),
         skips.tally,
@@ -324,7 +338,7 @@ def eval_pipeline(
     return wds.DataPipeline(
         wds.SimpleShardList(urls),
         split.shards,
-        wds.tarfile_to_samples(handler=skips, select_files=MemberFilter(skips)),
+        ShardReader(skips, decoder.limits),
         split.samples,
         wds.map(decoder, handler=skips),
         skips.tally,

@@ -16,17 +16,31 @@ member names, their encodings and the condition-to-member mapping live in exactl
 
 Only these members are ever decoded; anything else in a shard (``.pyd``, ``.pickle``...) is ignored
 without being read, so no pickle is ever loaded.
+
+**Keys** are checked here, once, for every reader and writer (:func:`check_key`): letters, digits, ``_``
+and ``-``, at most :data:`MAX_KEY_CHARS` characters, so a key is never absolute, never holds ``..`` or a
+path separator, and every path built from one (:func:`key_path`) stays inside its folder.
+
+**Limits** (:class:`Limits`, the ``data.max_*`` config keys) bound what one sample may cost before its
+bytes are read or decoded: bytes per member (from the tar header), pixels per image (from the PNG/JPEG
+header) and characters per caption.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import re
+import struct
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
+
+from src.errors import ConfigError
 
 SCHEMA_VERSION = 1
 
@@ -55,7 +69,13 @@ MEMBERS: dict[str, str] = {
 REQUIRED: tuple[str, ...] = (IMAGE, CAPTION, META)
 
 JPEG_QUALITY = 95
-_KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+MAX_KEY_CHARS = 200
+_KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
+
+#: Default limits (``data.max_member_bytes``, ``data.max_image_pixels``, ``data.max_caption_chars``).
+MAX_MEMBER_BYTES = 64 * 2**20
+MAX_IMAGE_PIXELS = 4096 * 4096
+MAX_CAPTION_CHARS = 10_000
 
 
 class SampleError(ValueError):
@@ -64,6 +84,33 @@ class SampleError(ValueError):
     def __init__(self, reason: str, detail: str = "") -> None:
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one sample may cost; over a limit the sample is skipped and counted before the expensive part.
+
+    Attributes:
+        max_member_bytes: bytes of one tar member, checked from its tar header before it is read
+            (``member_too_large``).
+        max_image_pixels: width x height of one image, checked from its PNG/JPEG header before it is
+            decoded (``image_too_large``); the converters apply the same limit to their source images.
+        max_caption_chars: characters of a caption (``caption_too_long``; a caption member of more than
+            4 bytes per allowed character is refused from its tar header, unread).
+    """
+
+    max_member_bytes: int = MAX_MEMBER_BYTES
+    max_image_pixels: int = MAX_IMAGE_PIXELS
+    max_caption_chars: int = MAX_CAPTION_CHARS
+
+    def __post_init__(self) -> None:
+        for name in ("max_member_bytes", "max_image_pixels", "max_caption_chars"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"data.{name} must be a positive integer, got {value!r}")
+
+
+LIMITS = Limits()
 
 
 @dataclass(frozen=True)
@@ -95,16 +142,36 @@ CONDITIONS: dict[str, ConditionSpec] = {
 def condition_spec(condition: str) -> ConditionSpec:
     """Return the spec of a task condition, or raise a ValueError naming the supported ones."""
     if condition not in CONDITIONS:
-        raise ValueError(f"unknown condition {condition!r}; supported: {sorted(CONDITIONS)}")
+        raise ConfigError(f"unknown condition {condition!r}; supported: {sorted(CONDITIONS)}")
     return CONDITIONS[condition]
 
 
 # ---------------------------------------------------------------------------------------------- keys
-def check_key(key: str) -> str:
-    """Return ``key`` if it is a valid sample key (letters, digits, ``_`` and ``-``; no dots)."""
-    if not _KEY_RE.match(key):
-        raise ValueError(f"invalid sample key {key!r}: use only letters, digits, '_' and '-' (no dots)")
-    return key
+def check_key(key: object) -> str:
+    """Return ``key`` if it is a safe sample key, else raise ``SampleError('unsafe_key')``.
+
+    The one key check of every reader and writer: letters, digits, ``_`` and ``-`` only (no dots), 1 to
+    :data:`MAX_KEY_CHARS` characters. Such a key is never absolute, never contains ``..`` or a path
+    separator, and makes a valid file name on every platform.
+    """
+    if isinstance(key, str) and len(key) <= MAX_KEY_CHARS and _KEY_RE.fullmatch(key):
+        return key
+    text = repr(key)[:120]
+    if not isinstance(key, str) or not key:
+        why = "it is empty"
+    elif os.path.isabs(key) or key.startswith(("\\", "~")):
+        why = "it is an absolute path"
+    elif ".." in key.replace("\\", "/").split("/"):
+        why = "it climbs out of its folder ('..')"
+    elif "/" in key or "\\" in key:
+        why = "it contains a path separator"
+    elif len(key) > MAX_KEY_CHARS:
+        why = f"it is longer than {MAX_KEY_CHARS} characters"
+    else:
+        why = "it has characters outside letters, digits, '_' and '-'"
+    raise SampleError(
+        "unsafe_key", f"invalid sample key {text}: {why}; use only letters, digits, '_' and '-' (no dots)"
+    )
 
 
 def make_key(dataset: str, source_id: str) -> str:
@@ -112,18 +179,44 @@ def make_key(dataset: str, source_id: str) -> str:
     return check_key(re.sub(r"[^A-Za-z0-9_-]", "_", f"{dataset}_{source_id}"))
 
 
+def safe_key(text: str) -> str:
+    """A safe key made of any text (e.g. a file name): other characters become ``_``, cut to length."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", text)[:MAX_KEY_CHARS] or "_"
+
+
+def key_path(folder: str | os.PathLike, key: str, suffix: str = "") -> Path:
+    """``folder / (key + suffix)``: the one way to build a path from a sample key.
+
+    The key must pass :func:`check_key` and the suffix (``"_00.png"``) may not hold a separator or
+    ``..``, so the path is always a file directly inside ``folder``.
+    """
+    check_key(key)
+    if "/" in suffix or "\\" in suffix or ".." in suffix:
+        raise ValueError(f"file name suffix {suffix!r} must not contain a path separator or '..'")
+    return Path(folder) / f"{key}{suffix}"
+
+
 def split_member_name(name: str) -> tuple[str, str]:
-    """Split a tar member name ``KEY.EXT`` at the first dot, as webdataset does."""
-    key, dot, ext = name.partition(".")
-    if not dot or "/" in key:
+    """Split a tar member name ``KEY.EXT`` at the first dot of its base name, as webdataset does
+    (``dir/k.canny.png`` -> ``("dir/k", "canny.png")``); the extension is lower-cased. The key is not
+    checked here (see :func:`check_key`). Raises ValueError for a name without a dot."""
+    head, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    if not dot or not stem:
         raise ValueError(f"tar member {name!r} is not KEY.EXT")
-    return key, ext
+    return (f"{head}/{stem}" if head or name.startswith("/") else stem), ext.lower()
 
 
 def is_known_member(name: str) -> bool:
     """True if a tar member name's extension is in the schema (used to skip everything else unread)."""
     key, dot, ext = name.rpartition("/")[-1].partition(".")
     return bool(dot) and ext.lower() in MEMBERS
+
+
+def dotted_member(ext: str) -> str | None:
+    """The schema member an unknown extension ends with (``"v2.jpg"`` -> ``"jpg"``): the member of a key
+    that has a dot, whose sample webdataset's first-dot rule would lose; None otherwise."""
+    return next((m for m in MEMBERS if ext.endswith(f".{m}")), None)
 
 
 # ------------------------------------------------------------------------------------------ encoders
@@ -167,9 +260,87 @@ def encode_member(member: str, value: Any) -> bytes:
 
 
 # ------------------------------------------------------------------------------------------ decoders
-def _imdecode(data: bytes, flags: int, member: str) -> np.ndarray:
-    """cv2.imdecode that raises SampleError('undecodable_image') on failure."""
-    array = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flags)
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+#: JPEG start-of-frame markers (baseline, progressive, lossless, arithmetic): they carry the image size
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """``(width, height)`` from a JPEG's start-of-frame segment, walking the segments before it."""
+    index, end = 2, len(data)
+    while index + 4 <= end:
+        if data[index] != 0xFF:
+            return None
+        marker = data[index + 1]
+        if marker == 0xFF:  # fill byte
+            index += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # segments without a length
+            index += 2
+            continue
+        if marker in (0xD9, 0xDA):  # end of image or start of scan before any frame header
+            return None
+        if marker in _JPEG_SOF:
+            if index + 9 > end:
+                return None
+            height, width = struct.unpack(">HH", data[index + 5 : index + 9])
+            return width, height
+        index += 2 + struct.unpack(">H", data[index + 2 : index + 4])[0]
+    return None
+
+
+def image_header_size(data: bytes) -> tuple[int, int] | None:
+    """``(width, height)`` an image's header declares, read without decoding: PNG (IHDR) and JPEG (SOF)
+    directly, other formats through PIL's lazy header parsing; None if no header says."""
+    if data[:8] == _PNG_SIGNATURE:
+        if len(data) >= 24 and data[12:16] == b"IHDR":
+            width, height = struct.unpack(">II", data[16:24])
+            return width, height
+        return None
+    if data[:2] == b"\xff\xd8":
+        return _jpeg_size(data)
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:  # reads the header only
+            return image.size
+    except Exception:  # noqa: BLE001 - whatever PIL cannot identify has no size we can trust
+        return None
+
+
+def check_pixels(width: int, height: int, limits: Limits, what: str) -> None:
+    """Raise ``SampleError('image_too_large')`` if ``width x height`` is over ``limits.max_image_pixels``."""
+    if width * height > limits.max_image_pixels:
+        raise SampleError(
+            "image_too_large",
+            f"{what}: {width}x{height} = {width * height} pixels, over the limit of {limits.max_image_pixels} "
+            "(data.max_image_pixels)",
+        )
+
+
+def _imdecode(data: bytes, flags: int, member: str, limits: Limits) -> np.ndarray:
+    """cv2.imdecode behind the size checks; failures become named SampleErrors.
+
+    Zero bytes are ``empty_member``; a header over ``limits.max_image_pixels`` is ``image_too_large``
+    (checked before anything is allocated); a failed allocation is ``allocation_failed``; anything else
+    cv2 cannot decode (or whose size no header declares) is ``undecodable_image``.
+    """
+    if not data:
+        raise SampleError("empty_member", f"{member} has zero bytes")
+    size = image_header_size(data)
+    if size is None:
+        raise SampleError("undecodable_image", f"{member} ({len(data)} bytes): no image header with a size")
+    check_pixels(*size, limits, member)
+    try:
+        array = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flags)
+    except MemoryError as exn:
+        raise SampleError("allocation_failed", f"{member}: {size[0]}x{size[1]} pixels") from exn
+    except cv2.error as exn:
+        text = str(exn).lower()
+        reason = "allocation_failed" if "alloc" in text or "memory" in text else "undecodable_image"
+        raise SampleError(
+            reason, f"{member} ({len(data)} bytes): {' '.join(str(exn).split())[:200]}"
+        ) from exn
     if array is None:
         raise SampleError("undecodable_image", f"{member} ({len(data)} bytes)")
     return array
@@ -190,26 +361,40 @@ def check_complete(member: str, data: bytes) -> None:
         raise SampleError("truncated_image", f"{member}: no PNG IEND chunk ({len(data)} bytes)")
 
 
-def decode_member(member: str, data: bytes) -> Any:
+def decode_member(member: str, data: bytes, limits: Limits = LIMITS) -> Any:
     """Decode one member's bytes: images to uint8 numpy arrays (RGB order), text to str, json to data.
 
     Images are decoded with ``IMREAD_IGNORE_ORIENTATION`` so pixels are exactly as stored; colour
     images straight to RGB order (``IMREAD_COLOR_RGB``: the codec writes RGB, no channel-reversal copy;
     the same pixels as BGR decoding reversed). Cut-off images raise ``SampleError('truncated_image')``,
-    undecodable ones ``'undecodable_image'``, non-UTF-8 text ``'undecodable_text'``.
+    undecodable ones ``'undecodable_image'``, zero-byte images and json ``'empty_member'``, images over
+    ``limits.max_image_pixels`` ``'image_too_large'``, failed allocations ``'allocation_failed'``,
+    non-UTF-8 text ``'undecodable_text'`` and captions over ``limits.max_caption_chars``
+    ``'caption_too_long'`` (an empty caption is valid).
     """
     kind = MEMBERS.get(member)
     check_complete(member, data)
     raw = cv2.IMREAD_IGNORE_ORIENTATION
     if kind in ("rgb_jpeg", "rgb_png"):
-        return _imdecode(data, cv2.IMREAD_COLOR_RGB | raw, member)
+        return _imdecode(data, cv2.IMREAD_COLOR_RGB | raw, member, limits)
     if kind == "gray_png":
-        return _imdecode(data, cv2.IMREAD_GRAYSCALE | raw, member)
+        return _imdecode(data, cv2.IMREAD_GRAYSCALE | raw, member, limits)
     if kind == "label_png":
-        return _imdecode(data, cv2.IMREAD_UNCHANGED | raw, member)
+        return _imdecode(data, cv2.IMREAD_UNCHANGED | raw, member, limits)
+    if kind == "text" and len(data) > 4 * limits.max_caption_chars:  # more characters, whatever the text
+        raise SampleError("caption_too_long", f"{member}: {len(data)} bytes (data.max_caption_chars)")
+    if kind == "json" and not data:
+        raise SampleError("empty_member", f"{member} has zero bytes")
     try:
         if kind == "text":
-            return data.decode("utf-8")
+            text = data.decode("utf-8")
+            if len(text) > limits.max_caption_chars:
+                raise SampleError(
+                    "caption_too_long",
+                    f"{member}: {len(text)} characters, over the limit of {limits.max_caption_chars} "
+                    "(data.max_caption_chars)",
+                )
+            return text
         if kind == "json":
             return json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exn:
