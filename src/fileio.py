@@ -49,3 +49,17 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def remove_orphans(folder: str | os.PathLike, pattern: str = ".*.tmp") -> list[Path]:
+    """Delete the temporary files `atomic_path` left in `folder` when its process was killed; return them.
+
+    Only call it while holding the folder's lock (`src.locks.FolderLock`): another process's temporary
+    file is a write in progress, not an orphan.
+    """
+    removed = []
+    for path in sorted(Path(folder).glob(pattern)):
+        if path.is_file():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed

@@ -14,8 +14,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from src.errors import ConfigError, MissingInputError
 
-class BackboneNotFoundError(FileNotFoundError):
+
+class BackboneNotFoundError(MissingInputError):
     """The backbone's weights are neither a local diffusers folder nor reachable on the hub."""
 
 
@@ -103,6 +105,38 @@ def _check_hub(spec: BackboneSpec) -> str:
     except Exception as err:  # any network, auth or not-found failure means the same to the user
         raise _not_found(spec, f"hub unreachable: {type(err).__name__}") from None
     return spec.path
+
+
+def vae_scale_factor(spec: BackboneSpec) -> int:
+    """Pixels per latent cell of the backbone's VAE (8 for SD), read from its config without weights."""
+    from diffusers import AutoencoderKL
+
+    source = check_backbone(spec)
+    local = spec.local_files_only or _offline()
+    config = AutoencoderKL.load_config(
+        source, subfolder="vae", revision=spec.revision, local_files_only=local
+    )
+    return 2 ** (len(config["block_out_channels"]) - 1)
+
+
+def check_resolution(spec: BackboneSpec) -> int:
+    """Raise `ConfigError` unless `model.resolution` is a positive multiple of the VAE's downsampling factor
+    (the latent grid and the control embedding would not align); checked from configs, before any weights
+    load. Returns the factor."""
+    factor = vae_scale_factor(spec)
+    resolution = spec.resolution
+    if (
+        isinstance(resolution, bool)
+        or not isinstance(resolution, int)
+        or resolution < factor
+        or resolution % factor
+    ):
+        low = max(factor, int(resolution) // factor * factor) if isinstance(resolution, int) else factor
+        raise ConfigError(
+            f"model.resolution={resolution!r} is not a multiple of the VAE's downsampling factor {factor} of "
+            f"backbone '{spec.name}': use a multiple of {factor}, e.g. model.resolution={low}"
+        )
+    return factor
 
 
 def unet_skeleton(spec: BackboneSpec) -> nn.Module:

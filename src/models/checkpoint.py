@@ -2,15 +2,19 @@
 
 A checkpoint of `python -m src.train` holds the trained tensors only (control encoder and rotations) in
 `state_dict`, Lightning's loop and optimizer state, and under `checkpoint["oft_control"]` its identity:
-the backbone's name and the layout of the rotations (`checkpoint_identity`). Resuming, rebuilding a run
-and the module's own loading hook all compare identities with `check_identity`, which names every
-field that differs. Files are written to a temporary file, fsynced and renamed, so a kill during a save
-never corrupts `last.ckpt`; they are read with `weights_only=True` (nothing is unpickled).
+the backbone's name, the layout of the rotations and the task's condition (`checkpoint_identity`).
+Resuming, rebuilding a run and the module's own loading hook all compare identities with
+`check_identity`, which names every field that differs; a checkpoint written before the condition was
+part of the identity loads with a warning that its task cannot be checked. Files are written to a
+temporary file, fsynced and renamed, so a kill during a save never corrupts `last.ckpt`; they are read
+with `weights_only=True` (nothing is unpickled) through `load_checkpoint_file`, which turns a truncated or
+corrupt file into one `CheckpointError` line (never torch's advice to load with `weights_only=False`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,32 +23,44 @@ from typing import Any
 import torch
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
+from src.errors import CheckpointError, MissingInputError
 from src.fileio import atomic_path
 from src.models.backbone import BackboneSpec
 from src.oft import OFTConfig
 
+log = logging.getLogger(__name__)
+
 CHECKPOINT_META = "oft_control"
 #: OFT settings that constrain training but do not change which tensors exist
 UNCHECKED_OFT_FIELDS = ("eps", "coft")
+#: the identity field naming the task's condition (`task.condition`: canny, seg, landmarks)
+CONDITION = "condition"
 
 
-class CheckpointMismatchError(ValueError):
-    """A checkpoint was trained with another backbone or OFT layout than the one configured."""
+class CheckpointMismatchError(CheckpointError):
+    """A checkpoint was trained with another backbone, OFT layout or task than the one configured."""
 
 
-def checkpoint_identity(backbone: BackboneSpec, oft: OFTConfig) -> dict[str, Any]:
-    """What a checkpoint must match to be loaded: the backbone's name and the layout of the rotations."""
+def checkpoint_identity(
+    backbone: BackboneSpec, oft: OFTConfig, condition: str | None = None
+) -> dict[str, Any]:
+    """What a checkpoint must match to be loaded: the backbone's name, the layout of the rotations and
+    (when known) the task's condition, i.e. the member its control encoder was trained to read."""
     layout = {k: v for k, v in dataclasses.asdict(oft).items() if k not in UNCHECKED_OFT_FIELDS}
-    return {"backbone": backbone.name, "oft": layout}
+    identity: dict[str, Any] = {"backbone": backbone.name, "oft": layout}
+    if condition is not None:
+        identity[CONDITION] = str(condition)
+    return identity
 
 
 def _fields(identity: Any) -> dict[str, Any]:
-    """`{"backbone": ..., "oft.<field>": ...}` of an identity (empty for anything that is not one)."""
+    """`{"backbone": ..., "oft.<field>": ..., "condition": ...}` of an identity (empty for a non-identity)."""
     if not isinstance(identity, Mapping):
         return {}
     oft = identity.get("oft")
     layout = {f"oft.{k}": v for k, v in oft.items()} if isinstance(oft, Mapping) else {"oft": oft}
-    return {"backbone": identity.get("backbone"), **layout}
+    task = {CONDITION: identity[CONDITION]} if identity.get(CONDITION) is not None else {}
+    return {"backbone": identity.get("backbone"), **layout, **task}
 
 
 def check_identity(
@@ -59,36 +75,74 @@ def check_identity(
         configured: what holds the configuration, for the message ("this run's config").
     """
     have, want = _fields(saved), _fields(expected)
+    what = f"checkpoint '{source}'" if str(source) else "checkpoint"
+    if CONDITION in want and CONDITION not in have and have:
+        log.warning(
+            "%s predates task identities: it records no task, so it cannot be checked against %s's "
+            "condition '%s'; make sure it was trained for that task",
+            what,
+            configured,
+            want[CONDITION],
+        )
+        want.pop(CONDITION)
+    if CONDITION not in want:  # a configuration that does not know its task checks no task
+        have.pop(CONDITION, None)
     differences = [
         f"trained on {name} {have.get(name)!r} but {configured} says {want.get(name)!r}"
-        for name in sorted(set(have) | set(want), key=lambda n: (n != "backbone", n))
+        for name in sorted(set(have) | set(want), key=lambda n: (n != CONDITION, n != "backbone", n))
         if have.get(name) != want.get(name)
     ]
     if differences:
-        what = f"checkpoint '{source}'" if str(source) else "checkpoint"
+        task = " (and the same task)" if have.get(CONDITION) != want.get(CONDITION) else ""
         raise CheckpointMismatchError(
             f"{what} does not match {configured} ({'; '.join(differences)}): resume with the same model "
-            "and oft settings, or pass a checkpoint of a run with this configuration"
+            f"and oft settings{task}, or pass a checkpoint of a run with this configuration"
         )
 
 
-def check_checkpoint(path: str | os.PathLike, backbone: BackboneSpec, oft: OFTConfig) -> None:
-    """Fail before any weights load if `path` is missing or was trained with another backbone or OFT layout."""
+def load_checkpoint_file(path: str | os.PathLike, mmap: bool = False) -> Any:
+    """`torch.load(path, weights_only=True)` that reports a missing, truncated or corrupt file as one
+    `CheckpointError` line; torch's own message (which suggests `weights_only=False`, i.e. running
+    whatever code the file holds) is never shown."""
     if not Path(path).is_file():
-        raise FileNotFoundError(f"ckpt_path '{path}' does not exist: point it at <run>/checkpoints/last.ckpt")
-    saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get(CHECKPOINT_META)
-    check_identity(saved, checkpoint_identity(backbone, oft), path, "this run's config")
+        raise MissingInputError(f"checkpoint '{path}' does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as error:  # any failure to parse the file means the same to the user
+        unsafe = "Unsupported global" in str(error)  # a pickle of code objects, never loaded
+        kind = "holds objects other than tensors" if unsafe else "is truncated or corrupt"
+        raise CheckpointError(
+            f"'{path}' is not a readable PyTorch checkpoint: it {kind} ({type(error).__name__}); "
+            "pass a .ckpt written by `python -m src.train`, e.g. <run>/checkpoints/last.ckpt"
+        ) from None
+
+
+def check_checkpoint(
+    path: str | os.PathLike, backbone: BackboneSpec, oft: OFTConfig, condition: str | None = None
+) -> None:
+    """Fail before any weights load if `path` is missing, unreadable, or was trained with another
+    backbone, OFT layout or task."""
+    if not Path(path).is_file():
+        raise MissingInputError(f"ckpt_path '{path}' does not exist: point it at <run>/checkpoints/last.ckpt")
+    checkpoint = load_checkpoint_file(path, mmap=True)
+    saved = checkpoint.get(CHECKPOINT_META) if isinstance(checkpoint, dict) else None
+    if saved is None:
+        raise CheckpointError(
+            f"ckpt_path '{path}' is not an OFT-Control checkpoint (no '{CHECKPOINT_META}' identity): "
+            "pass a .ckpt written by `python -m src.train`"
+        )
+    check_identity(saved, checkpoint_identity(backbone, oft, condition), path, "this run's config")
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """A checkpoint's tensors and identity, loaded with `weights_only=True` (never unpickles code)."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = load_checkpoint_file(path)
     if (
         not isinstance(checkpoint, dict)
         or "state_dict" not in checkpoint
         or CHECKPOINT_META not in checkpoint
     ):
-        raise ValueError(
+        raise CheckpointError(
             f"'{path}' is not an OFT-Control checkpoint (no state_dict and '{CHECKPOINT_META}' identity): "
             "pass a .ckpt written by `python -m src.train`"
         )

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from src.errors import CheckpointError, ConfigError
 from src.models.backbone import BackboneSpec, load_backbone
 from src.models.checkpoint import CHECKPOINT_META, check_identity, checkpoint_identity
 from src.models.control import ControlEncoder, control_injection
@@ -37,6 +38,8 @@ class OFTControlModule(pl.LightningModule):
             skips its optimizer step and is counted in `train/nonfinite_steps`).
         memory: memory/speed switches for the frozen UNet (gradient checkpointing, channels-last,
             torch.compile); all off by default.
+        condition: the task's condition (`task.condition`), recorded in the checkpoint identity so a
+            checkpoint is never loaded for another task; `src.train` and `src.models.run` pass it.
     """
 
     def __init__(
@@ -51,12 +54,14 @@ class OFTControlModule(pl.LightningModule):
         max_consecutive_nonfinite: int = 5,
         memory: MemoryOptions | None = None,
         timestep_sampling: str = "uniform",
+        condition: str | None = None,
     ) -> None:
         super().__init__()
+        self.condition = condition
         if not 0.0 <= caption_dropout <= 1.0:
-            raise ValueError(f"caption_dropout {caption_dropout} is not a probability in [0, 1]")
+            raise ConfigError(f"caption_dropout {caption_dropout} is not a probability in [0, 1]")
         if timestep_sampling not in ("uniform", "cubic"):
-            raise ValueError(f"module.timestep_sampling '{timestep_sampling}' is not one of: uniform, cubic")
+            raise ConfigError(f"module.timestep_sampling '{timestep_sampling}' is not one of: uniform, cubic")
         self.timestep_sampling = timestep_sampling
         self.backbone_spec, self.oft_config = backbone, oft
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
@@ -153,7 +158,7 @@ class OFTControlModule(pl.LightningModule):
             return noise
         if kind == "v_prediction":
             return self.noise_scheduler.get_velocity(latents, noise, timesteps)
-        raise ValueError(f"prediction_type '{kind}' is not supported; use epsilon or v_prediction")
+        raise ConfigError(f"prediction_type '{kind}' is not supported; use epsilon or v_prediction")
 
     # ----------------------------------------------------------------------------------- lightning
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
@@ -243,7 +248,7 @@ class OFTControlModule(pl.LightningModule):
 
     # ----------------------------------------------------------------------------------- checkpoints
     def checkpoint_identity(self) -> dict[str, Any]:
-        return checkpoint_identity(self.backbone_spec, self.oft_config)
+        return checkpoint_identity(self.backbone_spec, self.oft_config, self.condition)
 
     def trained_state_dict(self) -> dict[str, torch.Tensor]:
         """The trained tensors only (control encoder and rotations); refuses non-finite values."""
@@ -260,11 +265,11 @@ class OFTControlModule(pl.LightningModule):
         checkpoint[CHECKPOINT_META] = self.checkpoint_identity()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse checkpoints from another backbone or OFT layout, and ones missing trained tensors."""
+        """Refuse checkpoints from another backbone, OFT layout or task, and ones missing trained tensors."""
         check_identity(checkpoint.get(CHECKPOINT_META), self.checkpoint_identity(), "", "this run's config")
         missing = sorted(set(self.trainable_names()) - set(checkpoint["state_dict"]))
         unexpected = sorted(set(checkpoint["state_dict"]) - set(self.trainable_names()))
         if missing or unexpected:
-            raise ValueError(
+            raise CheckpointError(
                 f"checkpoint tensors do not match: missing {missing[:5]}, unexpected {unexpected[:5]}"
             )

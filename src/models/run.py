@@ -9,18 +9,28 @@ identity has been checked. Cheap checks (files, identity, backbone reachability)
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from src.errors import ConfigError, MissingInputError, OutputError
+from src.fileio import remove_orphans
+from src.locks import FolderLock, is_global_rank_zero
 from src.models.backbone import check_backbone
 from src.models.checkpoint import CHECKPOINT_META, check_identity, checkpoint_identity, read_checkpoint
 from src.models.module import OFTControlModule
 
+log = logging.getLogger(__name__)
+
 RUN_CONFIG = "config.yaml"
 LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"
+#: run subfolders whose files are written atomically (`src.fileio.atomic_path`): a kill may leave `.*.tmp`
+ATOMIC_FOLDERS = ("checkpoints", "weights")
 
 
 @dataclass(frozen=True)
@@ -59,21 +69,57 @@ def locate_run(source: str | os.PathLike, checkpoint: str | os.PathLike | None =
     elif path.is_dir():
         run_dir, ckpt = path, Path(checkpoint).expanduser() if checkpoint else path / LAST_CHECKPOINT
     else:
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"run '{source}' is neither a run directory nor a checkpoint file: pass the folder a training run "
             "wrote (it holds config.yaml and checkpoints/last.ckpt), e.g. run=outputs/canny/runs/<date>"
         )
     if not (run_dir / RUN_CONFIG).is_file():
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"no {RUN_CONFIG} in run directory '{run_dir}': pass the folder `python -m src.train` wrote "
             "(a checkpoint must sit in <run>/checkpoints/ so its config can be found)"
         )
     if not ckpt.is_file():
         found = sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt"))
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"checkpoint '{ckpt}' does not exist; checkpoints of this run: {found or 'none'}"
         )
     return RunFiles(run_dir, run_dir / RUN_CONFIG, ckpt)
+
+
+def remove_run_orphans(run_dir: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files a run killed while saving left in `checkpoints/` and `weights/`."""
+    removed = [path for sub in ATOMIC_FOLDERS for path in remove_orphans(Path(run_dir) / sub)]
+    for path in removed:
+        log.warning("removed %s, left behind by a run killed while saving", path)
+    return removed
+
+
+@contextmanager
+def own_run_directory(run_dir: str | os.PathLike, resumed: str | os.PathLike | None = None) -> Iterator[Path]:
+    """Hold `run_dir` exclusively for a training run (`src.locks.FolderLock`; rank zero only).
+
+    Another training already writing there is refused with its pid; once the lock is held, the orphan
+    temporaries of a killed run are removed from `run_dir`, and from the run `resumed` (a checkpoint path)
+    comes from when no live process holds that one.
+    """
+    run_dir = Path(run_dir)
+    if not is_global_rank_zero():
+        yield run_dir
+        return
+    with FolderLock(run_dir, "training: python -m src.train"):
+        remove_run_orphans(run_dir)
+        source = Path(resumed).expanduser().parent if resumed else None
+        if (
+            source is not None
+            and source.name == "checkpoints"
+            and source.parent.resolve() != run_dir.resolve()
+        ):
+            try:
+                with FolderLock(source.parent, "removing orphan temporaries"):
+                    remove_run_orphans(source.parent)
+            except OutputError:
+                pass  # that run is alive (its temporaries are writes in progress) or read-only
+        yield run_dir
 
 
 def write_run_config(cfg: DictConfig, run_dir: str | os.PathLike) -> Path:
@@ -93,11 +139,11 @@ def validation_shards(source: str | os.PathLike, checkpoint: str | os.PathLike |
     try:
         data = OmegaConf.load(locate_run(source, checkpoint).config).data
     except FileNotFoundError:  # an exported folder has no run config
-        raise ValueError(
+        raise ConfigError(
             f"'{source}' has no training config to take validation shards from: set shards=..."
         ) from None
     if not data.get("val_shards"):
-        raise ValueError(f"the run of '{source}' had no data.val_shards: set shards=DIR/val-*.tar")
+        raise ConfigError(f"the run of '{source}' had no data.val_shards: set shards=DIR/val-*.tar")
     if data.get("prepare"):
         instantiate(data.prepare)()  # the offline demo data, built once
     return resolve_shards(data.val_shards, "data.val_shards", data.get("root"))
@@ -124,10 +170,11 @@ def load_run(
     cfg = load_run_config(files, backbone_path)
     state = read_checkpoint(files.checkpoint)
     backbone = instantiate(cfg.model)
-    expected = checkpoint_identity(backbone, instantiate(cfg.oft, _convert_="all"))
+    condition = str(cfg.task.condition)
+    expected = checkpoint_identity(backbone, instantiate(cfg.oft, _convert_="all"), condition)
     check_identity(state[CHECKPOINT_META], expected, files.checkpoint, "the run's config.yaml")
     check_backbone(backbone)
-    module: OFTControlModule = instantiate(cfg.module)
+    module: OFTControlModule = instantiate(cfg.module, condition=condition)
     module.on_load_checkpoint(state)  # identity (backbone, OFT layout) and the exact set of trained tensors
     module.load_state_dict(state["state_dict"], strict=False)
     module.eval().requires_grad_(False)
