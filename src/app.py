@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 
 from src.app_ui.blocks import build_app, launch
 from src.app_ui.examples import validation_inputs, write_examples
+from src.errors import InputError, one_line, take_debug_flag, user_errors
 from src.models.inference import ControlledModel, load_controlled
 from src.models.sampling import sampling_options
 
@@ -26,11 +27,12 @@ log = logging.getLogger(__name__)
 
 
 def load_or_exit(cfg: DictConfig) -> ControlledModel:
-    """The model of `cfg.run`, or SystemExit with one line saying why it cannot be loaded."""
+    """The model of `cfg.run`, or an `InputError` whose one line says why it cannot be loaded (the entry
+    point prints it and exits with status 2, before any server starts)."""
     try:
         return load_controlled(cfg.run, cfg.get("checkpoint"), cfg.get("model_path")).to(cfg.device)
     except Exception as error:  # whatever the cause, the user gets one line and no server
-        raise SystemExit(f"error: cannot load run '{cfg.run}': {' '.join(str(error).split())}") from None
+        raise InputError(f"cannot load run '{cfg.run}': {one_line(error)}") from None
 
 
 def app(cfg: DictConfig) -> None:
@@ -56,9 +58,11 @@ def app(cfg: DictConfig) -> None:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="app")
 def main(cfg: DictConfig) -> None:
-    """Hydra entry point."""
-    app(cfg)
+    """Hydra entry point; errors users cause print one line and exit with status 2."""
+    with user_errors():
+        app(cfg)
 
 
 if __name__ == "__main__":
+    take_debug_flag()
     main()

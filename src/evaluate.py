@@ -9,17 +9,15 @@ controllability metric (docs/design.md, "Metrics": canny IoU/F1, segmentation mI
 optional quality metrics (FID, CLIP score). Writes `metrics.json` (summary, settings and per-sample
 values), `metrics.md` (a markdown table) and `best.png` / `worst.png` (condition | generated | target rows
 of the best and worst samples by the controllability metric). Everything that can fail for want of
-weights or data (segmenter, FID/CLIP weights, shards) is checked before the model is loaded.
+weights or data (segmenter, FID/CLIP weights, shards) is checked before the model is loaded. When not one
+sample could be read the reports are still written (valid JSON: `null` for every missing value) and the
+command fails with one line naming the skip counts (exit status 2).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
-import json
 import logging
-from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import hydra
@@ -28,18 +26,11 @@ from omegaconf import DictConfig
 
 from src.data.inputs import batched, iter_shard_inputs
 from src.data.pipeline import SkipCounter, resolve_shards
-from src.metrics.base import Scorer
-from src.metrics.evaluation import (
-    CaseKeeper,
-    build_scorers,
-    eval_samples,
-    markdown_table,
-    save_cases,
-    score_batch,
-)
+from src.errors import DataError, take_debug_flag, user_errors
+from src.metrics.evaluation import CaseKeeper, build_scorers, eval_samples, score_batch, write_report
 from src.models.inference import describe_source, generate_images, load_controlled
 from src.models.run import validation_shards
-from src.models.sampling import SamplingOptions, sampling_options
+from src.models.sampling import sampling_options
 
 log = logging.getLogger(__name__)
 
@@ -70,48 +61,22 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                 values.get(scorers[0].primary), item.key, torch.stack([item.condition, image, item.target])
             )
             records.append({"key": item.key, "caption": item.caption, **values})
-    return write_report(cfg, scorers, keeper, records, dict(skips.counts), options)
-
-
-def write_report(
-    cfg: DictConfig,
-    scorers: Sequence[Scorer],
-    keeper: CaseKeeper,
-    records: list[dict[str, Any]],
-    skipped: dict[str, int],
-    options: SamplingOptions,
-) -> dict[str, Any]:
-    """`metrics.json`, `metrics.md`, `best.png` and `worst.png` in `cfg.out_dir`; returns the json content."""
-    out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    metrics = {k: v for scorer in scorers for k, v in scorer.summary().items()}
-    header = {
-        "run": str(cfg.run),
-        "samples": len(records),
-        "skipped": skipped or 0,
-        "sampler": f"{options.scheduler} {options.steps} steps, guidance {options.guidance_scale}",
-        "strength": options.strength,
-        "ranked by": scorers[0].primary,
-    }
-    report = {
-        "metrics": metrics,
-        **header,
-        "sampling": dataclasses.asdict(options),
-        "best": save_cases(keeper.best(), out_dir / "best.png"),
-        "worst": save_cases(keeper.worst(), out_dir / "worst.png"),
-        "per_sample": records,
-    }
-    (out_dir / "metrics.json").write_text(json.dumps(report, indent=2, default=float))
-    (out_dir / "metrics.md").write_text(markdown_table(metrics, header))
-    log.info("%s", json.dumps(metrics))
+    report = write_report(cfg, scorers, keeper, records, dict(skips.counts), options)
+    if not records:
+        raise DataError(
+            f"nothing was evaluated: no readable sample in {len(urls)} shard(s) "
+            f"(skipped: {dict(skips.counts) or 'none'}); reports with empty metrics are in {cfg.out_dir}"
+        )
     return report
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    """Hydra entry point."""
-    evaluate(cfg)
+    """Hydra entry point; errors users cause print one line and exit with status 2."""
+    with user_errors():
+        evaluate(cfg)
 
 
 if __name__ == "__main__":
+    take_debug_flag()
     main()

@@ -24,19 +24,24 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
+from src.errors import ConfigError, OutputError, run_cli
 from src.models.exported import FORMATS, WRITERS
 from src.models.run import load_run
+
+
+class ExportExistsError(OutputError, FileExistsError):
+    """The export would overwrite earlier exports."""
 
 
 def prepare_out_dir(out_dir: Path, formats: Sequence[str], overwrite: bool) -> dict[str, Path]:
     """Target folders per format; refuses to write into non-empty ones unless `overwrite`."""
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown or not formats:
-        raise ValueError(f"unknown export format(s) {unknown or formats}; choose from {', '.join(FORMATS)}")
+        raise ConfigError(f"unknown export format(s) {unknown or formats}; choose from {', '.join(FORMATS)}")
     targets = {name: out_dir / name for name in formats}
     busy = [str(p) for p in targets.values() if p.exists() and any(p.iterdir())]
     if busy and not overwrite:
-        raise FileExistsError(
+        raise ExportExistsError(
             f"export folder(s) {busy} are not empty: choose another --out_dir or pass --overwrite"
         )
     for path in targets.values():
@@ -76,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--model_path", default=None, help="the frozen backbone's folder, if it moved since training"
     )
     parser.add_argument("--overwrite", action="store_true", help="replace existing export folders")
+    parser.epilog = "Errors print one line (exit status 2); --debug shows the traceback."
     return parser
 
 
@@ -89,4 +95,4 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

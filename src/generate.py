@@ -23,6 +23,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from src.data.inputs import ConditionInput, assign_prompts, collect_inputs
+from src.data.schema import key_path
+from src.errors import take_debug_flag, user_errors
 from src.grids import image_grid
 from src.models.inference import describe_source, generate_images, load_controlled
 from src.models.sampling import SamplingOptions, sampling_options
@@ -46,8 +48,9 @@ def write_outputs(
     records = []
     for item, prompt, row in zip(inputs, prompts, images, strict=True):
         for s, image in enumerate(row):
-            name = f"images/{item.key}_{s:02d}.png"
-            save_image(image, out_dir / name)
+            path = key_path(out_dir / "images", item.key, f"_{s:02d}.png")  # never outside out_dir/images
+            name = path.relative_to(out_dir).as_posix()
+            save_image(image, path)
             records.append(
                 {"key": item.key, "sample": s, "seed": options.seed + s, "prompt": prompt, "file": name}
             )
@@ -81,9 +84,11 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="generate")
 def main(cfg: DictConfig) -> None:
-    """Hydra entry point."""
-    generate(cfg)
+    """Hydra entry point; errors users cause print one line and exit with status 2."""
+    with user_errors():
+        generate(cfg)
 
 
 if __name__ == "__main__":
+    take_debug_flag()
     main()

@@ -12,6 +12,7 @@ import argparse
 from pathlib import Path
 
 from src.callbacks.sweep_summary import write_summary
+from src.errors import run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,4 +36,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

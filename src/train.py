@@ -14,9 +14,10 @@ import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from src.models.backbone import check_backbone, unet_skeleton
+from src.errors import take_debug_flag, user_errors
+from src.models.backbone import check_backbone, check_resolution, unet_skeleton
 from src.models.checkpoint import check_checkpoint
-from src.models.run import write_run_config
+from src.models.run import own_run_directory, write_run_config
 from src.oft import inject_oft
 
 log = logging.getLogger(__name__)
@@ -32,16 +33,17 @@ def _instantiate_all(group: DictConfig | None) -> list:
 def preflight(cfg: DictConfig) -> pl.LightningDataModule:
     """Fail fast, before any weights load, on what users commonly get wrong; return the ready datamodule.
 
-    Checks, in order of cost: backbone weights reachable, OFT targets and block sizes against the
-    backbone's real UNet layout (built on the meta device), a resumed checkpoint's backbone and OFT layout,
-    and that the shard specs match shards.
+    Checks, in order of cost: backbone weights reachable, the resolution against the VAE's factor, OFT
+    targets and block sizes against the backbone's real UNet layout (built on the meta device), a resumed
+    checkpoint's backbone, OFT layout and task, and that the shard specs match shards.
     """
     backbone = instantiate(cfg.model)
     check_backbone(backbone)
+    check_resolution(backbone)
     oft = instantiate(cfg.oft, _convert_="all")
     inject_oft(unet_skeleton(backbone), oft)
     if cfg.get("ckpt_path"):
-        check_checkpoint(cfg.ckpt_path, backbone, oft)
+        check_checkpoint(cfg.ckpt_path, backbone, oft, cfg.task.condition)
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
@@ -61,7 +63,7 @@ def build_run(cfg: DictConfig) -> Run:
     """Check the config cheaply, then instantiate data, module, callbacks, loggers and trainer."""
     datamodule = preflight(cfg)
     pl.seed_everything(cfg.seed, workers=True)
-    module = instantiate(cfg.module)
+    module = instantiate(cfg.module, condition=cfg.task.condition)
     log.info("trainable: %s (adapted %d UNet layers)", module.parameter_summary(), len(module.adapted_layers))
     callbacks = _instantiate_all(cfg.get("callbacks"))
     loggers = _instantiate_all(cfg.get("logger"))
@@ -70,19 +72,27 @@ def build_run(cfg: DictConfig) -> Run:
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Fit the module described by `cfg` and return the final logged metrics as floats."""
-    run = build_run(cfg)
-    write_run_config(cfg, cfg.paths.output_dir)
-    run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+    """Fit the module described by `cfg` and return the final logged metrics as floats.
+
+    The run directory is held exclusively for the whole run (another training there is refused), and
+    temporaries left by a killed run are removed first (`src.models.run.own_run_directory`).
+    """
+    with own_run_directory(cfg.paths.output_dir, cfg.get("ckpt_path")):
+        run = build_run(cfg)
+        write_run_config(cfg, cfg.paths.output_dir)
+        ckpt = cfg.get("ckpt_path")
+        run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=ckpt, weights_only=True)
     return {name: float(value) for name, value in run.trainer.callback_metrics.items()}
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    """Hydra entry point; returns the optimized metric for sweepers."""
-    metrics = train(cfg)
+    """Hydra entry point; returns the optimized metric for sweepers. Errors users cause print one line."""
+    with user_errors():
+        metrics = train(cfg)
     return metrics.get(cfg.get("optimized_metric"))
 
 
 if __name__ == "__main__":
+    take_debug_flag()
     main()

@@ -29,6 +29,7 @@ from src.data.annotators import canny_edges
 from src.data.inputs import condition_from_rgb, read_condition_image
 from src.data.palette import colorize
 from src.data.transforms import resize_center_crop
+from src.errors import InputError, one_line
 from src.models.sampling import SamplingOptions
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -222,11 +223,11 @@ def test_a_run_that_cannot_be_loaded_stops_with_one_line_before_any_server(
     bad = tmp_path / "bad"
     shutil.copytree(trained_run, bad)
     (bad / "checkpoints" / "last.ckpt").write_bytes(b"not a checkpoint")
-    for run, reason in [(tmp_path / "nope", "neither a run directory"), (bad, "")]:
-        with pytest.raises(SystemExit) as stop:
+    for run, reason in [(tmp_path / "nope", "neither a run directory"), (bad, "truncated or corrupt")]:
+        with pytest.raises(InputError) as stop:  # the entry point prints it as one line, exit status 2
             app.app(compose_config(f"run={run}", name="app"))
-        line = str(stop.value.code)
-        assert line.startswith(f"error: cannot load run '{run}': ") and reason in line and "\n" not in line
+        line = one_line(stop.value)
+        assert line.startswith(f"cannot load run '{run}': ") and reason in line and "weights_only" not in line
 
 
 def test_progress_reports_every_denoising_step_and_changes_no_image(trained_run):

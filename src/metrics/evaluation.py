@@ -8,6 +8,9 @@ summary.
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import logging
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -18,12 +21,16 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from src.data.inputs import ConditionInput
+from src.errors import ConfigError
 from src.grids import image_grid
 from src.metrics.base import EvalSample, Scorer, to_uint8
 from src.metrics.edges import CannyScorer
 from src.metrics.landmarks import FaceLandmarker, LandmarkScorer
 from src.metrics.quality import CLIPScorer, FIDScorer, build_clip_score, build_fid
 from src.metrics.segmentation import SegmentationScorer, Segmenter
+from src.models.sampling import SamplingOptions
+
+log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------------------- scorers
@@ -41,7 +48,7 @@ def control_scorer(cfg: DictConfig, condition: str) -> Scorer:
         ),
     }
     if condition not in builders:
-        raise ValueError(f"no controllability metric for condition '{condition}'; known: {sorted(builders)}")
+        raise ConfigError(f"no controllability metric for condition '{condition}'; known: {sorted(builders)}")
     return builders[condition]()
 
 
@@ -112,9 +119,66 @@ def save_cases(cases: Sequence[tuple[float, str, torch.Tensor]], path: Path) -> 
 
 
 # ----------------------------------------------------------------------------------------------- reports
-def _format(value: float) -> str:
-    """Counts as integers, everything else with four decimals."""
-    return str(int(value)) if math.isfinite(value) and float(value).is_integer() else f"{value:.4f}"
+def _format(value: float | None) -> str:
+    """Counts as integers, everything else with four decimals; a missing value as `-`."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return str(int(value)) if float(value).is_integer() else f"{value:.4f}"
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with every NaN or infinite float replaced by None (JSON has no NaN: `null` is missing),
+    tensors and numpy scalars turned into numbers, tuples into lists."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    if isinstance(value, bool | str | int) or value is None:
+        return value
+    if hasattr(value, "item"):  # torch / numpy scalars
+        value = value.item()
+    if isinstance(value, float | int):
+        return value if math.isfinite(value) else None
+    return str(value)
+
+
+def write_report(
+    cfg: DictConfig,
+    scorers: Sequence[Scorer],
+    keeper: CaseKeeper,
+    records: list[dict[str, Any]],
+    skipped: dict[str, int],
+    options: SamplingOptions,
+) -> dict[str, Any]:
+    """`metrics.json`, `metrics.md`, `best.png` and `worst.png` in `cfg.out_dir`; returns the json content.
+
+    `metrics.json` is strict JSON: missing values (a metric over no sample) are `null`, never `NaN`.
+    """
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics = json_safe({k: v for scorer in scorers for k, v in scorer.summary().items()})
+    header = {
+        "run": str(cfg.run),
+        "samples": len(records),
+        "skipped": skipped or 0,
+        "sampler": f"{options.scheduler} {options.steps} steps, guidance {options.guidance_scale}",
+        "strength": options.strength,
+        "ranked by": scorers[0].primary,
+    }
+    report = json_safe(
+        {
+            "metrics": metrics,
+            **header,
+            "sampling": dataclasses.asdict(options),
+            "best": save_cases(keeper.best(), out_dir / "best.png"),
+            "worst": save_cases(keeper.worst(), out_dir / "worst.png"),
+            "per_sample": records,
+        }
+    )
+    (out_dir / "metrics.json").write_text(json.dumps(report, indent=2, allow_nan=False))
+    (out_dir / "metrics.md").write_text(markdown_table(metrics, header))
+    log.info("%s", json.dumps(metrics))
+    return report
 
 
 def markdown_table(metrics: dict[str, float], header: dict[str, Any]) -> str:
