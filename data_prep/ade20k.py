@@ -36,6 +36,7 @@ from data_prep.images import load_labels, load_rgb
 from data_prep.shards import SourceItem, add_writer_args, write_dataset
 from src.data import palette, schema
 from src.data.transforms import resize_center_crop
+from src.errors import ConfigError, MissingInputError, run_cli
 
 DATASET = "ade20k"
 FOLDERS = {"training": "train", "validation": "val"}
@@ -67,10 +68,10 @@ def load_ade20k_items(
     items = []
     for folder in folders:
         if folder not in FOLDERS:
-            raise ValueError(f"unknown ADE20K folder {folder!r}; expected some of {list(FOLDERS)}")
+            raise ConfigError(f"unknown ADE20K folder {folder!r}; expected some of {list(FOLDERS)}")
         images_dir = root / "images" / folder
         if not images_dir.is_dir():
-            raise ValueError(
+            raise MissingInputError(
                 f"{images_dir} is not a directory (expected ADEChallengeData2016/images/{folder})"
             )
         for path in sorted(images_dir.rglob("*.jpg")):
@@ -187,4 +188,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -12,7 +12,45 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from src.errors import InputError, MissingInputError
+
+
+def read_json(path: str | Path, option: str) -> Any:
+    """A JSON file given on the command line (``option``, e.g. ``--captions``); a missing, unreadable or
+    malformed file is one ``InputError`` line naming the file and what is wrong with it."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise MissingInputError(f"{option} {path} does not exist") from None
+    except UnicodeDecodeError as error:
+        raise InputError(
+            f"{option} {path} is not UTF-8 text (byte {error.start} is 0x{error.object[error.start]:02x})"
+        ) from None
+    except OSError as error:
+        raise InputError(f"{option} {path} cannot be read: {error.strerror or error}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise InputError(
+            f"{option} {path} is not valid JSON: {error.msg} at line {error.lineno}, column {error.colno}"
+        ) from None
+
+
+def inside(folder: str | Path, relative: object) -> Path | None:
+    """``folder / relative`` when ``relative`` is a relative path that stays inside ``folder`` (no
+    absolute path, no ``..``), else None: the converters never open a listed file outside their input
+    folder."""
+    if not isinstance(relative, str) or not relative or "\x00" in relative:
+        return None
+    norm = relative.replace("\\", "/")
+    parts = PurePosixPath(norm)
+    if parts.is_absolute() or ".." in parts.parts or norm[1:3] == ":/" or not parts.parts:
+        return None
+    return Path(folder) / parts
 
 
 def _clean(texts: str | list[str]) -> tuple[str, ...]:
@@ -27,14 +65,28 @@ def load_captions(source: str | Path | None) -> dict[str, tuple[str, ...]]:
         return {}
     path = Path(source)
     if path.is_dir():
-        return {
-            p.stem: _clean(p.read_text(encoding="utf-8").splitlines()) for p in sorted(path.glob("*.txt"))
-        }
+        texts = {}
+        for file in sorted(path.glob("*.txt")):
+            try:
+                texts[file.stem] = _clean(file.read_text(encoding="utf-8").splitlines())
+            except UnicodeDecodeError as error:
+                raise InputError(f"--captions {file} is not UTF-8 text (byte {error.start})") from None
+        return texts
     if not path.is_file():
-        raise ValueError(f"captions source {path} is neither a JSON file nor a folder of .txt files")
-    data = json.loads(path.read_text(encoding="utf-8"))
+        raise MissingInputError(f"--captions {path} is neither a JSON file nor a folder of .txt files")
+    data = read_json(path, "--captions")
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object mapping image names to captions")
+        raise InputError(
+            f"--captions {path}: expected a JSON object mapping image names to captions, got {type(data).__name__}"
+        )
+    for name, texts in data.items():
+        if not isinstance(texts, str) and not (
+            isinstance(texts, list) and all(isinstance(t, str) for t in texts)
+        ):
+            raise InputError(
+                f"--captions {path}: the captions of {name!r} must be a string or a list of strings, "
+                f"got {type(texts).__name__}"
+            )
     return {str(name): _clean(texts) for name, texts in data.items()}
 
 

@@ -13,7 +13,10 @@ JPEG is lossy, so recomputing Canny from the *decoded* ``jpg`` gives a slightly 
 against the pre-encoding array (``data_prep.images.load_rgb`` + ``resize_center_crop``) instead.
 
 Images without captions, missing files and unreadable/corrupt images are skipped and counted by
-reason (``no_captions``, ``missing_image``, ``unreadable_image``) in ``summary.json``.
+reason (``no_captions``, ``missing_image``, ``unreadable_image``, ``image_too_large``) in
+``summary.json``; so are entries whose ``file_name`` leaves ``--images`` (absolute, or with ``..``:
+``unsafe_path``), which are never opened. A captions file that is not COCO's JSON is one error line
+naming the file and what is wrong.
 
     python -m data_prep.coco --images DIR/train2017 \\
         --captions DIR/annotations/captions_train2017.json --out shards/coco-canny
@@ -32,11 +35,15 @@ from typing import Any
 
 import numpy as np
 
+from data_prep.captions import inside, read_json
 from data_prep.images import load_rgb
 from data_prep.shards import SourceItem, add_writer_args, write_dataset
 from src.data import schema
 from src.data.annotators import CANNY_HIGH, CANNY_LOW, canny_edges
 from src.data.transforms import resize_center_crop
+from src.errors import InputError, MissingInputError, run_cli
+
+log = logging.getLogger(__name__)
 
 DATASET = "coco2017"
 
@@ -62,25 +69,60 @@ class CannyOptions:
     canny_on: str = "gray"
 
 
+def _coco_captions(data: Any, path: Path) -> dict[Any, list[tuple[int, str]]]:
+    """``image_id -> [(annotation id, caption)]`` of COCO's captions JSON; InputError naming what is wrong."""
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise InputError(
+            f"--captions {path} is not a COCO captions file: expected an object with an 'images' list"
+        )
+    if not isinstance(data.get("annotations"), list):
+        raise InputError(f"--captions {path} is not a COCO captions file: expected an 'annotations' list")
+    captions: dict[Any, list[tuple[int, str]]] = defaultdict(list)
+    for index, ann in enumerate(data["annotations"]):
+        if not isinstance(ann, dict) or not isinstance(ann.get("caption"), str) or "image_id" not in ann:
+            raise InputError(
+                f"--captions {path}: annotations[{index}] needs an 'image_id' and a text 'caption'"
+            )
+        if not isinstance(ann["image_id"], int | str):
+            raise InputError(f"--captions {path}: annotations[{index}].image_id must be a number or a string")
+        order = ann.get("id", 0)
+        captions[ann["image_id"]].append(
+            (order if isinstance(order, int) else 0, " ".join(ann["caption"].split()))
+        )
+    return captions
+
+
 def load_coco_items(images_dir: str | Path, captions_file: str | Path) -> tuple[list[SourceItem], Counter]:
-    """Items (one per image that has captions) and the counts of images skipped while listing."""
-    data = json.loads(Path(captions_file).read_text(encoding="utf-8"))
-    captions: dict[int, list[tuple[int, str]]] = defaultdict(list)
-    for ann in data["annotations"]:
-        captions[ann["image_id"]].append((ann.get("id", 0), " ".join(ann["caption"].split())))
+    """Items (one per image that has captions) and the counts of images skipped while listing.
+
+    A ``file_name`` that is absolute or climbs out of ``images_dir`` is counted as ``unsafe_path`` and
+    never opened; a malformed captions file raises ``InputError`` naming the file and the entry.
+    """
+    path = Path(captions_file)
+    data = read_json(path, "--captions")
+    captions = _coco_captions(data, path)
     items, skipped = [], Counter()
-    for image in data["images"]:
+    for index, image in enumerate(data["images"]):
+        if not isinstance(image, dict) or "id" not in image or "file_name" not in image:
+            raise InputError(f"--captions {path}: images[{index}] needs an 'id' and a 'file_name'")
+        if not isinstance(image["id"], int | str):
+            raise InputError(f"--captions {path}: images[{index}].id must be a number or a string")
         texts = tuple(text for _, text in sorted(captions.get(image["id"], [])) if text)
         if not texts:
             skipped["no_captions"] += 1
             continue
-        payload = CocoImage(
-            str(Path(images_dir) / image["file_name"]),
-            image["file_name"],
-            int(image["width"]),
-            int(image["height"]),
-            texts,
-        )
+        source = inside(images_dir, image["file_name"])
+        if source is None:
+            skipped["unsafe_path"] += 1
+            log.warning("skipped image %s: file_name %r is outside --images", image["id"], image["file_name"])
+            continue
+        try:
+            width, height = int(image.get("width", 0)), int(image.get("height", 0))
+        except (TypeError, ValueError):
+            raise InputError(
+                f"--captions {path}: images[{index}] has a width/height that is not a number"
+            ) from None
+        payload = CocoImage(str(source), image["file_name"], width, height, texts)
         items.append(SourceItem(str(image["id"]), payload))
     return items, skipped
 
@@ -135,7 +177,7 @@ def convert(
     """Convert COCO images + captions to canny shards in ``out``; return the summary dict."""
     options = options or CannyOptions()
     if not Path(images).is_dir():
-        raise ValueError(f"--images {images} is not a directory (expected COCO's train2017/)")
+        raise MissingInputError(f"--images {images} is not a directory (expected COCO's train2017/)")
     items, pre_skipped = load_coco_items(images, captions)
     return write_dataset(
         items,
@@ -195,4 +237,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -35,6 +35,7 @@ from data_prep.shards import SourceItem, add_writer_args, write_dataset
 from src.data import schema
 from src.data.annotators import detect_faces
 from src.data.transforms import resize_center_crop, resize_shorter
+from src.errors import MissingInputError, run_cli
 
 DATASET = "faces"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
@@ -65,7 +66,7 @@ def load_face_items(
     """One item per image file under ``images``; ``texts``: loaded captions (see data_prep.captions)."""
     images = Path(images)
     if not images.is_dir():
-        raise ValueError(f"--images {images} is not a directory of face photos")
+        raise MissingInputError(f"--images {images} is not a directory of face photos")
     items = []
     for path in sorted(p for p in images.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
         relative = path.relative_to(images)
@@ -218,4 +219,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -16,7 +16,11 @@ This module then
   ``OUT/_state/{name}.json`` is skipped, and a run that has nothing left to do writes nothing at all.
   A finished shard from different settings or inputs is an error (use ``overwrite`` or a new OUT);
 - runs shards in parallel worker processes with a tqdm bar, and writes ``OUT/summary.json``:
-  samples written per split, skipped counts by reason, shard counts and seconds.
+  samples written per split, skipped counts by reason, shard counts and seconds;
+- holds ``OUT`` exclusively (``src.locks.FolderLock``): a second converter into the same folder is
+  refused with the first one's pid, and a lock left by a killed converter is taken over;
+- reports a folder it cannot write (read-only, full) as one ``OutputError`` line and removes the
+  partial temporary shard it was writing.
 """
 
 from __future__ import annotations
@@ -41,7 +45,9 @@ from typing import Any
 from tqdm import tqdm
 
 from src.data import schema
+from src.errors import ConfigError, OutputError
 from src.fileio import fsync_dir
+from src.locks import FolderLock
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +138,52 @@ def plan_shards(
 
 
 # ------------------------------------------------------------------------------------ one shard
+def output_error(path: Path, error: OSError) -> OutputError:
+    """One line for a write that failed: the file, the system's reason and the likely cause."""
+    return OutputError(
+        f"cannot write {path}: {error.strerror or error} (is the output folder read-only or full?)"
+    )
+
+
+class _OutputFile:
+    """A binary file for writing whose failures (a read-only or full folder) are ``OutputError`` lines."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self._file = open(path, "wb")  # noqa: SIM115 - closed by close(), also on errors
+        except OSError as error:
+            raise output_error(path, error) from error
+
+    def _call(self, method: str, *args: Any) -> Any:
+        try:
+            return getattr(self._file, method)(*args)
+        except OSError as error:
+            raise output_error(self.path, error) from error
+
+    def write(self, data: bytes) -> int:
+        return self._call("write", data)
+
+    def tell(self) -> int:
+        return self._file.tell()
+
+    def flush(self) -> None:
+        self._call("flush")
+
+    def fsync(self) -> None:
+        self._call("flush")
+        try:
+            os.fsync(self._file.fileno())
+        except OSError as error:
+            raise output_error(self.path, error) from error
+
+    def close(self) -> None:
+        try:
+            self._file.close()
+        except OSError as error:  # a buffered write that failed at close
+            raise output_error(self.path, error) from error
+
+
 def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     """Append one file to a tar with fixed metadata."""
     info = tarfile.TarInfo(name)
@@ -152,10 +204,14 @@ def _write_sample(tar: tarfile.TarFile, key: str, members: dict[str, bytes]) -> 
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    """Write a text file through a temporary name and a rename."""
+    """Write a text file through a temporary name and a rename (failures are ``OutputError`` lines)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise output_error(path, error) from error
 
 
 @dataclass(frozen=True)
@@ -190,21 +246,33 @@ def add_writer_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     parser.add_argument("--resolution", type=int, default=None, help="resize shorter side + centre crop")
     parser.add_argument("--overwrite", action="store_true", help="delete previous shards in --out first")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="show the traceback of an error (default: one line, exit status 2)",
+    )
 
 
 def write_shard(job: _ShardJob) -> dict[str, Any]:
     """Write one shard (temporary name, fsync, then rename) and its state file; return its stats.
 
-    A crash or kill at any point leaves either no ``{name}`` or the complete one; the temporary file is
+    A crash or kill at any point leaves either no ``{name}`` or the complete one; on an error (a
+    read-only or full folder: ``OutputError``) the temporary file is removed at once, after a kill it is
     removed and rewritten by the next run.
     """
     out, name = Path(job.out_dir), job.plan.name
     tmp = out / f".{name}.tmp"
-    with open(tmp, "wb") as raw:
-        with tarfile.open(fileobj=raw, mode="w") as tar:
-            written, nbytes, skipped = _write_items(tar, job)
-        raw.flush()
-        os.fsync(raw.fileno())
+    try:
+        raw = _OutputFile(tmp)
+        try:
+            with tarfile.open(fileobj=raw, mode="w") as tar:
+                written, nbytes, skipped = _write_items(tar, job)
+            raw.fsync()
+        finally:
+            raw.close()
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     stats = {
         "shard": name,
         "split": job.plan.split,
@@ -213,8 +281,13 @@ def write_shard(job: _ShardJob) -> dict[str, Any]:
         "skipped": dict(skipped),
         "bytes": nbytes,
     }
-    _atomic_write_text(out / STATE_DIR / f"{name}.json", json.dumps(stats, indent=1, sort_keys=True))
-    os.replace(tmp, out / name)  # the commit point: the shard exists only when complete
+    try:
+        _atomic_write_text(out / STATE_DIR / f"{name}.json", json.dumps(stats, indent=1, sort_keys=True))
+        os.replace(tmp, out / name)  # the commit point: the shard exists only when complete
+    except OSError as error:
+        raise output_error(out / name, error) from error
+    finally:
+        tmp.unlink(missing_ok=True)
     fsync_dir(out)
     return stats
 
@@ -247,7 +320,7 @@ def _pending_jobs(plans: Sequence[ShardPlan], out: Path, overwrite: bool, **job_
     names = {p.name for p in plans}
     strays = sorted(p.name for p in out.glob("*.tar") if p.name not in names)
     if strays:
-        raise ValueError(
+        raise ConfigError(
             f"{out} holds shards from another run ({strays[:3]}...); use --overwrite or a new --out"
         )
     jobs = []
@@ -255,7 +328,7 @@ def _pending_jobs(plans: Sequence[ShardPlan], out: Path, overwrite: bool, **job_
         fingerprint = plan.fingerprint(job_kw["settings"])
         state = _read_state(out, plan.name)
         if state is not None and state["fingerprint"] != fingerprint:
-            raise ValueError(
+            raise ConfigError(
                 f"{out / plan.name} was written with other settings or inputs; use --overwrite or a new --out"
             )
         if state is None:
@@ -316,18 +389,88 @@ def write_dataset(
 
     ``settings`` (annotator and resize settings) go into every shard's fingerprint and the summary;
     ``pre_skipped`` counts items the converter dropped before planning (e.g. images without captions).
+    ``out_dir`` is held exclusively for the whole conversion (``src.locks.FolderLock``).
     """
-    start, out = time.monotonic(), Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    start, out, items = time.monotonic(), Path(out_dir), list(items)
+    if not overwrite:  # a finished dataset is read without the lock: concurrent readers are fine
+        done = _finished_summary(items, out, settings, val_fraction, shard_size, max_samples)
+        if done is not None:
+            log.info("%s is up to date", out)
+            return done
+    with FolderLock(out, f"conversion: {dataset} shards"):
+        return _write_dataset(
+            items,
+            make_sample,
+            out,
+            start,
+            dataset=dataset,
+            settings=settings,
+            val_fraction=val_fraction,
+            shard_size=shard_size,
+            max_samples=max_samples,
+            workers=workers,
+            pre_skipped=pre_skipped,
+            overwrite=overwrite,
+        )
+
+
+def _finished_summary(
+    items: list[SourceItem],
+    out: Path,
+    settings: dict[str, Any],
+    val_fraction: float,
+    shard_size: int,
+    max_samples: int | None,
+) -> dict[str, Any] | None:
+    """The summary of ``out`` if every planned shard is finished with these settings (nothing to write)."""
+    if not (out / SUMMARY).is_file():
+        return None
+    plans = plan_shards(items, val_fraction=val_fraction, shard_size=shard_size, max_samples=max_samples)
+    if {p.name for p in out.glob("*.tar")} != {plan.name for plan in plans}:
+        return None
+    for plan in plans:
+        state = _read_state(out, plan.name)
+        if state is None or state.get("fingerprint") != plan.fingerprint(settings):
+            return None
+    try:
+        return json.loads((out / SUMMARY).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
+def _write_dataset(
+    items: Iterable[SourceItem],
+    make_sample: MakeSample,
+    out: Path,
+    start: float,
+    *,
+    dataset: str,
+    settings: dict[str, Any],
+    val_fraction: float,
+    shard_size: int,
+    max_samples: int | None,
+    workers: int,
+    pre_skipped: Counter | None,
+    overwrite: bool,
+) -> dict[str, Any]:
+    """`write_dataset` once `out` is locked."""
     plans = plan_shards(items, val_fraction=val_fraction, shard_size=shard_size, max_samples=max_samples)
     jobs = _pending_jobs(plans, out, overwrite, settings=settings, dataset=dataset, make_sample=make_sample)
-    (out / STATE_DIR).mkdir(exist_ok=True)
+    try:
+        (out / STATE_DIR).mkdir(exist_ok=True)
+    except OSError as error:
+        raise output_error(out / STATE_DIR, error) from error
     if not jobs and (out / SUMMARY).exists():
         log.info("%s is up to date (%d shards)", out, len(plans))
         return json.loads((out / SUMMARY).read_text(encoding="utf-8"))
     for stale in out.glob(".*.tar.tmp"):
         stale.unlink()  # leftovers of an interrupted run
-    _run_jobs(jobs, workers, desc=f"{dataset} -> {out.name}")
+    try:
+        _run_jobs(jobs, workers, desc=f"{dataset} -> {out.name}")
+    except BaseException:
+        for partial in out.glob(".*.tar.tmp"):  # of workers stopped mid-shard (we hold the folder's lock)
+            partial.unlink(missing_ok=True)
+        raise
     extra = {
         "dataset": dataset,
         "settings": settings,
