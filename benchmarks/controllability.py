@@ -1,15 +1,15 @@
 """Controllability on the toy world: OFT and COFT against LoRA, ControlNet, T2I-Adapter and full finetuning.
 
-    python -m benchmarks.controllability [--quick] [--no-write] [--threads 1] [--model-path DIR]
-                                         [--data-root DIR] [--json PATH]
+    python -m benchmarks.controllability [--quick] [--no-write] [--jobs 2] [--threads 1]
+                                         [--model-path DIR] [--data-root DIR] [--json PATH]
 
 Every method is trained from the same seed on the same toy-world canny shards (``data_prep.demo``), for
-the same number of steps with the same batches, noise and timesteps, and evaluated at the same steps on
-the same held-out validation conditions with the same sampler (the project's ``OFTControlModule.generate``:
-a stock diffusers pipeline, DDIM, classifier-free guidance with the control in both branches). Scores are
-the project's validation metric (``src.callbacks.controllability``): canny F1 of the generated images
-against their own targets and against the other samples' targets (the chance level), and the toy judge's
-caption fidelity (``src.metrics.toy``: colour, shape and object accuracy).
+the same number of steps with the same batches, noise, timesteps and caption dropout, and evaluated at the
+same steps on the same held-out validation conditions with the same sampler (the project's
+``OFTControlModule.generate``: a stock diffusers pipeline, DDIM, classifier-free guidance with the control
+in both branches). Scores are the project's validation metric (``src.callbacks.controllability``): canny
+F1 of the generated images against their own targets and against the other samples' targets (the chance
+level), and the toy judge's caption fidelity (``src.metrics.toy``: colour, shape and object accuracy).
 
 The methods, each with a three-value learning-rate sweep:
 
@@ -27,16 +27,29 @@ The methods, each with a three-value learning-rate sweep:
 Every run is the project's Lightning module (``OFTControlModule``: the backbone, our control encoder, the
 rotations); methods without rotations merge the module's identity rotations away first (``merge_oft``,
 exact at step 0), then add their own adapter. Zero-initialised methods (all but T2I-Adapter) equal the
-base model at step 0. One loss for all (``diffusion_loss``: the module's, with the VAE latents of the
-shared batches computed once) and AdamW (weight decay 0, as ``conf/train.yaml``).
+base model at step 0. One loss for all (``diffusion_loss``: the module's training step, with the VAE
+latents of the shared batches computed once; the training timesteps are the module's own
+``sample_timesteps``, mode ``Schedule.timestep_sampling``: ``cubic``, ``t = (1 - u^3) T``, the project's
+demo default in ``conf/train.yaml``) and AdamW (weight decay 0, as ``conf/train.yaml``).
 
 Sweep (successive halving): each of a method's three learning rates trains ``sweep_steps``; the one with
-the best canny F1 there, on as many validation conditions other than the reported ones, trains on to
-``steps`` and is the one reported. Each run is a forked child process (peak memory is its own
-``ru_maxrss`` over its start); a run saves itself at ``sweep_steps`` (to a temporary folder) and the
-winner's goes on in a new child from exactly there. HE drift: relative change of the hyperspherical
-energy of the adapted layers' effective weights (OFT: ``W R``; LoRA: ``W + BA``; full finetune: ``W``;
-ControlNet: the trainable copy's layers of the same names) against their pretrained values.
+the lowest held-out denoising loss there (``selection_loss``: the same loss without caption dropout, on
+the validation conditions other than the reported ones, each with ``selection_draws`` fixed (latent,
+noise, timestep) draws from a seeded generator, the same for every method and lr) trains on to ``steps``
+and is the one reported. Canny F1 on those selection conditions at ``sweep_steps`` is reported beside the
+loss but chooses nothing (with 16 conditions it is noise at that horizon). Each run is a forked child
+process with its own torch threads (peak memory is its own ``ru_maxrss`` above its RSS at its start, so
+concurrent children do not see each other); ``--jobs N`` children run at once (default 2 on the full
+schedule, 1 on ``--quick``): first the sweep runs, each method's continuation as soon as its sweep is in.
+Every run is deterministic from its own seed, so ``--jobs`` changes the timings, not the scores. A run
+saves itself at ``sweep_steps`` (to a temporary folder) and the winner's goes on in a new child from
+exactly there. HE drift: relative change of the hyperspherical energy of the adapted layers' effective
+weights (OFT: ``W R``; LoRA: ``W + BA``; full finetune: ``W``; ControlNet: the trainable copy's layers of
+the same names) against their pretrained values.
+
+At the start it prints a time estimate from the schedule (``estimate``: recorded per-method step times,
+the evaluation count, the machine's load and ``--jobs``), then progress lines (run, step, elapsed, the
+run's and the whole benchmark's ETA) suited to following a long run in a log.
 
 Writes the table between its markers in benchmarks/README.md and the plots
 ``benchmarks/controllability_f1.png`` and ``benchmarks/controllability_fidelity.png``. ``--quick`` runs
@@ -50,6 +63,7 @@ import datetime
 import json
 import math
 import multiprocessing
+import multiprocessing.connection
 import os
 import platform
 import resource
@@ -104,23 +118,46 @@ class Schedule:
 
     batch_size: int
     steps: int  # optimizer steps of each method's best learning rate
-    sweep_steps: int  # every learning rate trains this far; the best canny F1 here goes on to `steps`
+    sweep_steps: int  # every learning rate trains this far; the lowest selection loss here goes on
     eval_steps: tuple[int, ...]
-    eval_images: (
-        int  # held-out validation conditions scored at every evaluation (as many others select the lr)
-    )
+    eval_images: int  # held-out conditions scored at every evaluation (as many others select the lr)
     sampler_steps: int  # DDIM steps
     guidance_scale: float = 9.0
     seed: int = 0
     lr_index: tuple[int, ...] = (0, 1, 2)  # which values of each grid are swept
+    timestep_sampling: str = "cubic"  # the module's `sample_timesteps` mode: `cubic` or `uniform`
+    selection_draws: int = 4  # fixed (latent, noise, timestep) draws per selection condition
+    selection_f1: bool = True  # also score canny F1 on the selection conditions (shown, chooses nothing)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.sweep_steps <= self.steps:
+            raise ValueError(f"sweep_steps {self.sweep_steps} is not in 1..steps ({self.steps})")
+        if list(self.eval_steps) != sorted(set(self.eval_steps)) or self.eval_steps[0] < 0:
+            raise ValueError(f"eval_steps {self.eval_steps} are not increasing steps from 0")
+        if self.eval_steps[-1] != self.steps:
+            raise ValueError(f"the last eval step {self.eval_steps[-1]} is not steps ({self.steps})")
+        if self.timestep_sampling not in ("uniform", "cubic"):
+            raise ValueError(f"timestep_sampling '{self.timestep_sampling}' is not one of: uniform, cubic")
+        if self.selection_draws < 1:
+            raise ValueError(f"selection_draws {self.selection_draws} < 1")
 
 
 FULL = Schedule(
-    batch_size=8, steps=250, sweep_steps=100, eval_steps=(0, 100, 250), eval_images=16, sampler_steps=20
+    batch_size=16,  # the demo default (conf/data/demo.yaml)
+    steps=1000,
+    sweep_steps=150,
+    eval_steps=(0, 100, 250, 500, 1000),
+    eval_images=16,
+    sampler_steps=20,
+    guidance_scale=9.0,
 )
 QUICK = Schedule(
     batch_size=2, steps=2, sweep_steps=1, eval_steps=(0, 2), eval_images=2, sampler_steps=2, lr_index=(1,)
 )
+#: children at once unless --jobs says otherwise
+DEFAULT_JOBS = {"full": 2, "quick": 1}
+#: a child prints its progress every this many optimizer steps (and after every evaluation)
+PROGRESS_EVERY = 50
 
 
 # ------------------------------------------------------------------------------------------ adapters
@@ -334,7 +371,13 @@ def build_run(method: Method, spec: BackboneSpec, schedule: Schedule) -> tuple[O
         guidance_scale=schedule.guidance_scale,
         seed=schedule.seed,
     )
-    module = OFTControlModule(spec, method.oft_config(), optimizer=torch.optim.AdamW, sampling=sampling)
+    module = OFTControlModule(
+        spec,
+        method.oft_config(),
+        optimizer=torch.optim.AdamW,
+        sampling=sampling,
+        timestep_sampling=schedule.timestep_sampling,
+    )
     if not method.rotations:
         merge_oft(module.unet)  # identity rotations -> plain layers with W I = W exactly
     return module, method.build(module)
@@ -423,16 +466,73 @@ def held_out_batches(datamodule: ShardDataModule) -> HeldOut:
 
 # ------------------------------------------------------------------------------------------ one run
 def diffusion_loss(module: OFTControlModule, adapter: Adapter, batches: Batches, index: int) -> Tensor:
-    """``OFTControlModule.diffusion_loss`` (MSE on the scheduler's target, uniform timesteps, caption
-    dropout) on cached latents, with the method's control in place of the module's encoder alone."""
+    """The module's training step (``training_step``: caption dropout, then ``diffusion_loss`` with its own
+    latent draw and ``sample_timesteps``), drawn in the same order from the global RNG, on cached latents
+    and with the method's control in place of the module's encoder alone."""
+    captions = module.drop_captions(batches.captions[index])
     latents = batches.latents(index)
     noise = torch.randn_like(latents)
-    timesteps = torch.randint(0, module.noise_scheduler.config.num_train_timesteps, (latents.shape[0],))
+    timesteps = module.sample_timesteps(latents.shape[0], latents.device)
+    return denoising_loss(module, adapter, latents, noise, timesteps, captions, batches.conditions[index])
+
+
+def denoising_loss(
+    module: OFTControlModule,
+    adapter: Adapter,
+    latents: Tensor,
+    noise: Tensor,
+    timesteps: Tensor,
+    captions: list[str],
+    condition: Tensor,
+) -> Tensor:
+    """MSE between the UNet's prediction (with the method's control) and the scheduler's target."""
     noisy = module.noise_scheduler.add_noise(latents, noise, timesteps)
-    text = module.encode_prompts(module.drop_captions(batches.captions[index]))
-    with control(module, adapter, batches.conditions[index]):
+    text = module.encode_prompts(captions)
+    with control(module, adapter, condition):
         prediction = module.unet(noisy, timesteps, encoder_hidden_states=text).sample
     return F.mse_loss(prediction.float(), module.diffusion_target(latents, noise, timesteps).float())
+
+
+#: added to the schedule's seed for the selection draws (training uses seed + 1)
+SELECTION_SEED = 1_000
+
+
+@dataclass
+class SelectionInputs:
+    """Fixed draws on the selection conditions: ``latents``, ``noise``, ``timesteps`` hold one entry per
+    draw, each a batch of all the conditions."""
+
+    latents: list[Tensor]
+    noise: list[Tensor]
+    timesteps: list[Tensor]
+    captions: list[str]
+    condition: Tensor
+
+
+def selection_inputs(module: OFTControlModule, batch: dict, schedule: Schedule) -> SelectionInputs:
+    """``schedule.selection_draws`` draws of (latent, noise, timestep) for every condition of ``batch``,
+    by the module's own ``encode_images`` and ``sample_timesteps`` from a generator seeded by the schedule
+    alone: the same for every method and lr. The global RNG is left as it was."""
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(schedule.seed + SELECTION_SEED)
+        latents, noise, timesteps = [], [], []
+        for _ in range(schedule.selection_draws):
+            latents.append(module.encode_images(batch["image"]))
+            noise.append(torch.randn_like(latents[-1]))
+            timesteps.append(module.sample_timesteps(latents[-1].shape[0], latents[-1].device))
+    return SelectionInputs(latents, noise, timesteps, list(batch["caption"]), batch["condition"])
+
+
+@torch.no_grad()
+def selection_loss(module: OFTControlModule, adapter: Adapter, inputs: SelectionInputs) -> float:
+    """The held-out denoising loss that chooses the lr: ``denoising_loss`` (no caption dropout) averaged
+    over the fixed draws; the global RNG is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        losses = [
+            denoising_loss(module, adapter, latents, noise, timesteps, inputs.captions, inputs.condition)
+            for latents, noise, timesteps in zip(inputs.latents, inputs.noise, inputs.timesteps, strict=True)
+        ]
+    return torch.stack(losses).mean().item()
 
 
 @contextmanager
@@ -493,9 +593,11 @@ class RunState:
     adapter: Adapter
     optimizer: torch.optim.Optimizer
     reference: dict[str, Tensor]
+    label: str = ""
     evals: dict[int, dict[str, float]] = field(default_factory=dict)
     step_seconds: list[float] = field(default_factory=list)
     step: int = 0
+    selection_loss: float = float("nan")
     selection_f1: float = float("nan")
     diverged_at: int | None = None  # the step whose loss was not finite; training stops there
 
@@ -505,29 +607,60 @@ def start_run(method: Method, lr: float, spec: BackboneSpec, schedule: Schedule)
     reference = {n: hyperspherical_energy(w) for n, w in adapter.weights().items()}
     optimizer = torch.optim.AdamW(adapter.trainable.values(), lr=lr, weight_decay=0.0)
     torch.manual_seed(schedule.seed + 1)  # the same noise, timesteps and caption dropout for every method
-    return RunState(module, adapter, optimizer, reference)
+    return RunState(module, adapter, optimizer, reference, label=run_label(method, lr))
+
+
+def run_label(method: Method, lr: float) -> str:
+    return f"{method.name} @ lr {lr:g}"
+
+
+def _clock(seconds: float) -> str:
+    """``1h02m``, ``12m05s`` or ``42s``."""
+    seconds = max(0, round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def print_scores(label: str, step: int, scores: dict[str, float], loss: float | None = None) -> None:
+    print(
+        f"    {label}: step {step}: F1 {scores['canny_f1']:.3f} (chance {scores['canny_f1_chance']:.3f}), "
+        f"colour {scores['caption_colour_acc']:.2f}, shape {scores['caption_shape_acc']:.2f}"
+        + ("" if loss is None else f", training loss {loss:.4f}"),
+        flush=True,
+    )
 
 
 def train_until(state: RunState, until: int, batches: Batches, held_out: dict, schedule: Schedule) -> None:
-    """Optimizer steps up to ``until``, evaluating at the schedule's steps after step 0."""
+    """Optimizer steps up to ``until``, evaluating at the schedule's steps after step 0; prints progress."""
     state.module.train()
+    began, first = time.perf_counter(), state.step
     while state.step < until and state.diverged_at is None:
-        began = time.perf_counter()
+        step_began = time.perf_counter()
         state.optimizer.zero_grad(set_to_none=True)
         loss = diffusion_loss(state.module, state.adapter, batches, state.step)
         loss.backward()
         state.adapter.before_step()
         state.optimizer.step()
         state.adapter.after_step()
-        state.step_seconds.append(time.perf_counter() - began)
+        state.step_seconds.append(time.perf_counter() - step_began)
         state.step += 1
         if not math.isfinite(loss.item()):
             state.diverged_at = state.step
+            print(f"    {state.label}: loss not finite at step {state.step}; stopped", flush=True)
         elif state.step in schedule.eval_steps:
+            scores = evaluate(state.module, state.adapter, held_out)
             state.evals[state.step] = (
-                evaluate(state.module, state.adapter, held_out)
-                | he_drift(state.adapter, state.reference)
-                | {"loss": loss.item()}
+                scores | he_drift(state.adapter, state.reference) | {"loss": loss.item()}
+            )
+            print_scores(state.label, state.step, scores, loss.item())
+        if state.step % PROGRESS_EVERY == 0 or state.step == until:
+            elapsed = time.perf_counter() - began
+            rate = elapsed / (state.step - first)  # seconds per step of this child, evaluations included
+            print(
+                f"    {state.label}: step {state.step}/{until} in {_clock(elapsed)} "
+                f"({rate:.2f} s/step with evaluations), run ETA {_clock(rate * (until - state.step))}",
+                flush=True,
             )
 
 
@@ -538,13 +671,19 @@ def summary(state: RunState, start_rss: int) -> dict:
     return {
         "evals": state.evals,
         "steps": state.step,
+        "lr": state.optimizer.param_groups[0]["lr"],  # a continuation: the saved optimizer's
+        "selection_loss": state.selection_loss,
         "selection_f1": state.selection_f1,
         "diverged_at": state.diverged_at,
         "trainable": state.adapter.trainable_count,
         "checkpoint_bytes": len(safetensors_bytes(trained)),
         "step_s": statistics.median(times) if times else float("nan"),
+        # this process's own high-water mark (a forked child starts its own) above its RSS at its start
         "peak_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - start_rss) / 2**20,
     }
+
+
+_SAVED = ("step", "evals", "step_seconds", "selection_loss", "selection_f1", "diverged_at")
 
 
 def save_state(state: RunState, path: Path, peak_mb: float) -> None:
@@ -554,12 +693,8 @@ def save_state(state: RunState, path: Path, peak_mb: float) -> None:
             "trained": {k: p.detach() for k, p in state.adapter.trainable.items()},
             "optimizer": state.optimizer.state_dict(),
             "rng": torch.get_rng_state(),
-            "step": state.step,
-            "evals": state.evals,
-            "step_seconds": state.step_seconds,
-            "selection_f1": state.selection_f1,
-            "diverged_at": state.diverged_at,
             "peak_mb": peak_mb,
+            **{key: getattr(state, key) for key in _SAVED},
         },
         path,
     )
@@ -573,7 +708,7 @@ def load_state(state: RunState, path: Path) -> float:
             param.copy_(saved["trained"][name])
     state.optimizer.load_state_dict(saved["optimizer"])
     torch.set_rng_state(saved["rng"])
-    for key in ("step", "evals", "step_seconds", "selection_f1", "diverged_at"):
+    for key in _SAVED:
         setattr(state, key, saved[key])
     return saved["peak_mb"]
 
@@ -591,8 +726,9 @@ def run_child(
     checkpoint: Path,
     resume: bool,
 ) -> None:
-    """Child side. Sweep phase: (step 0 if asked,) train to ``sweep_steps``, score the selection conditions,
-    save the run to ``checkpoint``, report. Resume phase: load it and train on to ``steps``, report."""
+    """Child side. Sweep phase: (step 0 if asked,) train to ``sweep_steps``, the selection loss (and F1) on
+    the selection conditions, save the run to ``checkpoint``, report. Resume phase: load it and train on to
+    ``steps``, report."""
     try:
         torch.set_num_threads(threads)
         start_rss = psutil.Process().memory_info().rss
@@ -604,12 +740,15 @@ def run_child(
             conn.send(result | {"peak_mb": max(result["peak_mb"], earlier_peak)})
             return
         if evaluate_start and 0 in schedule.eval_steps:  # every lr starts from the same model
-            state.evals[0] = evaluate(state.module, state.adapter, held_out.report) | he_drift(
-                state.adapter, state.reference
-            )
+            scores = evaluate(state.module, state.adapter, held_out.report)
+            state.evals[0] = scores | he_drift(state.adapter, state.reference)
+            print_scores(state.label, 0, scores)
         train_until(state, schedule.sweep_steps, batches, held_out.report, schedule)
         if state.diverged_at is None:
-            state.selection_f1 = evaluate(state.module, state.adapter, held_out.select)["canny_f1"]
+            inputs = selection_inputs(state.module, held_out.select, schedule)
+            state.selection_loss = selection_loss(state.module, state.adapter, inputs)
+            if schedule.selection_f1:
+                state.selection_f1 = evaluate(state.module, state.adapter, held_out.select)["canny_f1"]
         result = summary(state, start_rss)
         save_state(state, checkpoint, result["peak_mb"])
         conn.send(result)
@@ -619,46 +758,284 @@ def run_child(
         conn.close()
 
 
+# ------------------------------------------------------------------------------------------ estimate
+#: Median seconds per optimizer step with one torch thread, by method, at batch 8: the 250-step full run
+#: of 2026-12-01 (the table in benchmarks/README.md), at a 1-minute load average of 3.1 on 2 cores.
+STEP_SECONDS_AT_8: dict[str, float] = {
+    "oft_paper": 0.292,
+    "oft_fast": 0.435,
+    "oft_nocoft": 0.387,
+    "floor": 0.244,
+    "lora4": 0.303,
+    "lora16": 0.216,
+    "controlnet": 0.156,
+    "t2i": 0.065,
+    "full": 0.168,
+}
+#: step time ~ (batch / 8) ** exponent: 0 if the tiny model's steps are all per-op overhead, 1 if all
+#: arithmetic; the estimate takes the middle and prints the range (--quick's batch-2 steps were not faster
+#: than those batch-8 ones, so the truth is likely nearer 0; nothing has been timed at batch 16 yet)
+BATCH_EXPONENT, BATCH_EXPONENT_RANGE = 0.5, (0.0, 1.0)
+#: that run's 22.5 minutes less its training steps, data and child starts, over its 72 evaluations
+EVAL_SECONDS = 3.5  # one evaluation of 16 conditions at 20 DDIM steps; scaled by conditions x steps
+CHILD_SECONDS = 2.0  # a child builds its module (and loads its checkpoint)
+ENCODE_SECONDS = 0.005  # the parent's shard decoding and VAE encoding, per training image
+RECORDED_LOAD = 3.1  # the 1-minute load average at that run's start (before its one child ran)
+
+
+def step_seconds(key: str, batch: int, exponent: float = BATCH_EXPONENT) -> float:
+    """The recorded step time of method ``key``, scaled from batch 8 to ``batch``."""
+    return STEP_SECONDS_AT_8.get(key, 0.3) * (batch / 8) ** exponent
+
+
+def speed(jobs: int, cores: int, background: float) -> float:
+    """Runs' worth of progress per second with ``jobs`` children on ``cores`` next to ``background``
+    runnable threads, relative to one child at the recorded load: each thread gets
+    ``min(1, cores / runnable)`` of a core."""
+    share = lambda runnable: min(1.0, cores / max(runnable, 1.0))  # noqa: E731
+    recorded = share(RECORDED_LOAD + 1)  # the recorded run: one child next to its start's load
+    return jobs * share(max(background, 0.0) + jobs) / recorded
+
+
+@dataclass
+class Task:
+    """One child: a method's sweep run at one lr (to ``sweep_steps``) or the winner's continuation."""
+
+    method: Method
+    lr: float | None  # None: the continuation, before its sweep has chosen the lr
+    resume: bool = False
+    evaluate_start: bool = False
+    checkpoint: Path | None = None
+
+    def steps(self, schedule: Schedule) -> int:
+        return schedule.steps - schedule.sweep_steps if self.resume else schedule.sweep_steps
+
+    def evaluations(self, schedule: Schedule) -> int:
+        """Evaluations of ``eval_images`` conditions this child runs."""
+        low, high = (schedule.sweep_steps, schedule.steps) if self.resume else (0, schedule.sweep_steps)
+        count = sum(low < s <= high for s in schedule.eval_steps)
+        if not self.resume:
+            count += int(self.evaluate_start and 0 in schedule.eval_steps) + int(schedule.selection_f1)
+        return count
+
+    def seconds(self, schedule: Schedule, exponent: float = BATCH_EXPONENT) -> float:
+        """Estimated seconds of this child alone at the recorded load."""
+        if self.resume and schedule.steps == schedule.sweep_steps:
+            return 0.0
+        evaluation = EVAL_SECONDS * schedule.eval_images / 16 * schedule.sampler_steps / 20
+        loss = 0 if self.resume else schedule.selection_draws * schedule.eval_images / schedule.batch_size / 3
+        return (
+            CHILD_SECONDS
+            + (self.steps(schedule) + loss) * step_seconds(self.method.key, schedule.batch_size, exponent)
+            + self.evaluations(schedule) * evaluation
+        )
+
+    def label(self) -> str:
+        return (
+            run_label(self.method, self.lr) if self.lr is not None else f"{self.method.name} (continuation)"
+        )
+
+
+def swept_lrs(method: Method, schedule: Schedule) -> list[float]:
+    return [method.lrs[i] for i in schedule.lr_index]
+
+
+def plan(methods: tuple[Method, ...], schedule: Schedule) -> list[Task]:
+    """Every sweep run, costliest method first (so the last continuation to start is a cheap one), then
+    one continuation per method (its lr set once its sweep is in)."""
+    order = sorted(methods, key=lambda m: -Task(m, None, resume=True).seconds(schedule))
+    sweeps = [
+        Task(m, lr, evaluate_start=i == 0) for m in order for i, lr in enumerate(swept_lrs(m, schedule))
+    ]
+    continuations = [Task(m, None, resume=True) for m in methods if schedule.steps > schedule.sweep_steps]
+    return sweeps + continuations
+
+
+def estimate(
+    methods: tuple[Method, ...], schedule: Schedule, jobs: int, cores: int, background: float
+) -> dict[str, float]:
+    """Seconds the schedule should take: data, the runs' work at the recorded load, the wall time with
+    ``jobs`` (and its range over ``BATCH_EXPONENT_RANGE``)."""
+    tasks = plan(methods, schedule)
+    data = ENCODE_SECONDS * schedule.steps * schedule.batch_size
+    rate = speed(min(jobs, len(tasks)), cores, background)
+    work = {e: sum(t.seconds(schedule, e) for t in tasks) for e in (BATCH_EXPONENT, *BATCH_EXPONENT_RANGE)}
+    low, high = (data + work[e] / rate for e in BATCH_EXPONENT_RANGE)
+    return {
+        "data_s": data,
+        "work_s": work[BATCH_EXPONENT],
+        "speed": rate,
+        "wall_s": data + work[BATCH_EXPONENT] / rate,
+        "wall_range_s": (low, high),
+        "runs": len(tasks),
+        "evaluations": sum(t.evaluations(schedule) for t in tasks),
+        "steps": sum(t.steps(schedule) for t in tasks),
+    }
+
+
+def estimate_line(found: dict, schedule: Schedule, jobs: int, background: float) -> str:
+    low, high = found["wall_range_s"]
+    return (
+        f"estimate: {found['runs']} runs ({len(schedule.lr_index)} lr x {schedule.sweep_steps} steps per "
+        f"method, then {schedule.steps - schedule.sweep_steps} more for each method's best), "
+        f"{found['steps']} optimizer steps at batch {schedule.batch_size}, {found['evaluations']} evaluations "
+        f"of {schedule.eval_images} conditions at DDIM {schedule.sampler_steps}: {_clock(found['work_s'])} of "
+        f"one-run work at the step times recorded at batch 8 (load {RECORDED_LOAD:g}) scaled by "
+        f"(batch/8)^{BATCH_EXPONENT:g}, + {_clock(found['data_s'])} of data; --jobs {jobs} next to a load of "
+        f"{background:.1f} on {os.cpu_count()} cores goes {found['speed']:.2f}x that: about "
+        f"{_clock(found['wall_s'])} in all ({_clock(min(low, high))} to {_clock(max(low, high))} for step "
+        f"times from independent of to proportional to the batch)"
+    )
+
+
 # ------------------------------------------------------------------------------------------ sweep
-def in_child(method: Method, lr: float, *args) -> dict:
-    """``run_child(method, lr, *args)`` in a forked child; its report."""
+def choose_lr(sweep: dict[float, dict]) -> float:
+    """The swept lr with the lowest selection loss (the first such in the grid on a tie); runs that
+    diverged or whose selection loss is not finite are out."""
+    finite = {
+        lr: r["selection_loss"]
+        for lr, r in sweep.items()
+        if r["diverged_at"] is None and math.isfinite(r["selection_loss"])
+    }
+    if not finite:
+        raise FloatingPointError(f"diverged at every learning rate {list(sweep)}")
+    return min(finite, key=finite.__getitem__)
+
+
+def launch(task: Task, common: tuple) -> tuple:
+    """``run_child`` for ``task`` in a forked child; (the parent's end of its pipe, the process)."""
     context = multiprocessing.get_context("fork")
     parent_end, child_end = context.Pipe(duplex=False)
-    child = context.Process(target=run_child, args=(child_end, method, lr, *args))
+    args = (child_end, task.method, task.lr, *common, task.evaluate_start, task.checkpoint, task.resume)
+    child = context.Process(target=run_child, args=args, daemon=True)
     child.start()
     child_end.close()
+    return parent_end, child
+
+
+def receive(conn, child, task: Task) -> dict:
+    """The child's report (it has exited after sending it); raises on its failure."""
     try:
-        return _receive(parent_end, method, lr)
-    finally:
+        result = conn.recv()
+    except EOFError:
         child.join()
-        parent_end.close()
+        result = {"error": f"the child exited with code {child.exitcode} before reporting"}
+    child.join()
+    conn.close()
+    if "error" in result:
+        raise RuntimeError(f"{task.label()} failed:\n{result['error']}")
+    return result
 
 
-def sweep_method(
-    method: Method, spec: BackboneSpec, schedule: Schedule, batches: Batches, held_out: HeldOut, threads: int
-) -> dict:
-    """Every lr of the method to ``sweep_steps`` (one child each); the best canny F1 on the selection
-    conditions there goes on to ``steps`` (a new child that loads the run where it stopped)."""
-    lrs = [method.lrs[i] for i in schedule.lr_index]
-    sweep: dict[float, dict] = {}
+class Progress:
+    """Runs done and the ETA: what is left of the estimated work, scaled by how long the finished runs took
+    against their estimates (before any has: by the start's estimate of the slowdown of ``jobs`` runs)."""
+
+    def __init__(self, tasks: list[Task], schedule: Schedule, jobs: int, rate: float) -> None:
+        self.jobs, self.ratio = jobs, jobs / rate  # a run's seconds per estimated second, at first
+        self.left = {id(t): t.seconds(schedule) for t in tasks}
+        self.started: dict[int, float] = {}
+        self.total, self.done_estimate, self.done_actual = len(tasks), 0.0, 0.0
+        self.began = time.perf_counter()
+
+    def start(self, task: Task) -> None:
+        self.started[id(task)] = time.perf_counter()
+
+    def finish(self, task: Task) -> tuple[float, str]:
+        """The run's seconds and a ``[done/total runs, elapsed, ETA]`` note."""
+        now = time.perf_counter()
+        seconds = now - self.started.pop(id(task))
+        self.done_estimate += self.left.pop(id(task))
+        self.done_actual += seconds
+        if self.done_estimate > 0:
+            self.ratio = self.done_actual / self.done_estimate
+        in_flight = sum(now - began for began in self.started.values())
+        left = max(0.0, self.ratio * sum(self.left.values()) - in_flight)
+        eta = left / min(self.jobs, max(len(self.left), 1))
+        done = self.total - len(self.left)
+        return seconds, f"[{done}/{self.total} runs, {_clock(now - self.began)} so far, ETA {_clock(eta)}]"
+
+
+def run_all(
+    methods: tuple[Method, ...],
+    spec: BackboneSpec,
+    schedule: Schedule,
+    batches: Batches,
+    held_out: HeldOut,
+    threads: int,
+    jobs: int,
+    rate: float = 1.0,
+) -> list[dict]:
+    """Every task of ``plan`` in forked children, ``jobs`` at a time (a continuation first once its sweep
+    is in): each method's lrs to ``sweep_steps``, the lowest selection loss on to ``steps`` (a new child that
+    loads the run where it stopped). Returns the table's rows in the order of ``methods``."""
+    tasks = plan(methods, schedule)
+    waiting = [t for t in tasks if not t.resume]
+    continuation = {t.method.key: t for t in tasks if t.resume}
+    ready: list[Task] = []
+    sweeps: dict[str, dict[float, dict]] = {m.key: {} for m in methods}
+    final: dict[str, dict] = {}
+    running: dict = {}
+    progress = Progress(tasks, schedule, jobs, rate)
+    common = (spec, schedule, batches, held_out, threads)
     with tempfile.TemporaryDirectory(prefix="controllability-") as tmp:
-        saved = {lr: Path(tmp) / f"lr{i}.pt" for i, lr in enumerate(lrs)}
-        common = (spec, schedule, batches, held_out, threads)
-        for lr in lrs:
-            sweep[lr] = in_child(method, lr, *common, not sweep, saved[lr], False)
-            print(
-                f"  {method.name} lr {lr:g}: F1 {sweep[lr]['selection_f1']:.3f} on the selection conditions "
-                f"at step {schedule.sweep_steps} ({sweep[lr]['step_s']:.3f} s/step)",
-                flush=True,
-            )
-        finite = [lr for lr in lrs if sweep[lr]["diverged_at"] is None]
-        if not finite:
-            raise FloatingPointError(f"{method.name} diverged at every learning rate {lrs}")
-        best = max(finite, key=lambda lr: sweep[lr]["selection_f1"])
-        longer = schedule.steps > schedule.sweep_steps
-        final = in_child(method, best, *common, False, saved[best], True) if longer else sweep[best]
-    for result in [*sweep.values(), final]:  # step 0 was scored once, by the first lr's run
-        result["evals"] = {**{k: v for k, v in sweep[lrs[0]]["evals"].items() if k == 0}, **result["evals"]}
+        for task in waiting:
+            index = swept_lrs(task.method, schedule).index(task.lr)
+            task.checkpoint = Path(tmp) / f"{task.method.key}-lr{index}.pt"
+        try:
+            while waiting or ready or running:
+                while len(running) < jobs and (ready or waiting):
+                    task = (ready or waiting).pop(0)
+                    print(f"  start {task.label()}: {'continuation' if task.resume else 'sweep'}", flush=True)
+                    progress.start(task)
+                    conn, child = launch(task, common)
+                    running[conn] = (task, child)
+                for conn in multiprocessing.connection.wait(list(running)):
+                    task, child = running.pop(conn)
+                    result = receive(conn, child, task)
+                    seconds, note = progress.finish(task)
+                    key = task.method.key
+                    if task.resume:
+                        final[key] = result
+                        task.checkpoint.unlink(missing_ok=True)
+                        print(f"  {task.label()} done in {_clock(seconds)} {note}", flush=True)
+                        continue
+                    sweeps[key][task.lr] = result
+                    print(
+                        f"  {task.label()} swept in {_clock(seconds)}: selection loss "
+                        f"{result['selection_loss']:.5f}, F1 {result['selection_f1']:.3f} {note}",
+                        flush=True,
+                    )
+                    if len(sweeps[key]) < len(schedule.lr_index):
+                        continue
+                    try:
+                        best = choose_lr(sweeps[key])
+                    except FloatingPointError as error:
+                        raise FloatingPointError(f"{task.method.name} {error}") from None
+                    print(f"  {task.method.name}: lr {best:g} has the lowest selection loss", flush=True)
+                    keep = next(t.checkpoint for t in tasks if t.method is task.method and t.lr == best)
+                    for path in Path(tmp).glob(f"{key}-lr*.pt"):
+                        if path != keep:
+                            path.unlink()
+                    if key in continuation:
+                        continuation[key].lr, continuation[key].checkpoint = best, keep
+                        ready.append(continuation[key])
+                    else:
+                        final[key] = sweeps[key][best]
+        finally:  # on a failure, stop the runs still going (only the children started here)
+            for conn, (_, child) in running.items():
+                child.terminate()
+                child.join()
+                conn.close()
+    return [row(m, swept_lrs(m, schedule), sweeps[m.key], final[m.key]) for m in methods]
+
+
+def row(method: Method, lrs: list[float], sweep: dict[float, dict], final: dict) -> dict:
+    """A method's row: its final run, with every swept lr's selection scores and evaluations."""
+    best = choose_lr(sweep)
+    start = {k: v for k, v in sweep[lrs[0]]["evals"].items() if k == 0}  # scored once, by the first lr
+    for result in [*sweep.values(), final]:
+        result["evals"] = {**start, **result["evals"]}
     return {
         "name": method.name,
         "key": method.key,
@@ -666,48 +1043,55 @@ def sweep_method(
         "lrs": list(method.lrs),
         "swept": lrs,
         "best_lr": best,
-        "selection": {str(lr): r["selection_f1"] for lr, r in sweep.items()},
-        "sweep": {str(lr): r["evals"] for lr, r in sweep.items()},
-        **final,
+        "selection_loss": {str(lr): sweep[lr]["selection_loss"] for lr in lrs},
+        "selection_f1": {str(lr): sweep[lr]["selection_f1"] for lr in lrs},
+        "sweep": {str(lr): sweep[lr]["evals"] for lr in lrs},
+        **{k: v for k, v in final.items() if not k.startswith("selection_")},  # the chosen lr's: above
     }
 
 
-def _receive(pipe, method: Method, lr: float) -> dict:
-    result = pipe.recv()
-    if "error" in result:
-        raise RuntimeError(f"{method.name} at lr {lr:g} failed:\n{result['error']}")
-    return result
+def shared_data(spec: BackboneSpec, data_root: Path, schedule: Schedule) -> tuple[Batches, HeldOut]:
+    """The training batches (latents encoded once) and the held-out conditions every run shares. Seeded:
+    in the main process the pipeline's shuffle and augmentation seeds include ``torch.initial_seed()``,
+    which is random per process unless set, so unseeded two runs of the benchmark trained on different
+    batches."""
+    torch.manual_seed(schedule.seed)
+    datamodule = demo_datamodule(data_root, schedule)
+    batches = training_batches(datamodule, load_backbone(spec).vae, schedule.steps)
+    return batches, held_out_batches(datamodule)
 
 
 def measure(
-    schedule: Schedule, model_path: Path, data_root: Path, threads: int, methods: tuple[Method, ...] = METHODS
+    schedule: Schedule,
+    model_path: Path,
+    data_root: Path,
+    threads: int,
+    methods: tuple[Method, ...] = METHODS,
+    jobs: int = 1,
 ) -> dict:
     """Build the shared data once, then sweep every method; returns everything the report needs."""
     torch.set_num_threads(threads)
     began, load = time.perf_counter(), os.getloadavg()[0]
+    found = estimate(methods, schedule, jobs, os.cpu_count() or 1, load)
+    print(estimate_line(found, schedule, jobs, load), flush=True)
     spec = BackboneSpec(name="toy", path=str(model_path), resolution=64, local_files_only=True)
-    datamodule = demo_datamodule(data_root, schedule)
-    batches = training_batches(datamodule, load_backbone(spec).vae, schedule.steps)
-    held_out = held_out_batches(datamodule)
-    print(f"data ready in {time.perf_counter() - began:.0f} s", flush=True)
+    batches, held_out = shared_data(spec, data_root, schedule)
+    print(f"data ready in {_clock(time.perf_counter() - began)}", flush=True)
     for method in methods:  # compose the presets once, before any child is forked
         method.oft_config()
-    rows = []
-    for method in methods:
-        started = time.perf_counter()
-        rows.append(sweep_method(method, spec, schedule, batches, held_out, threads))
-        print(
-            f"{method.name}: best lr {rows[-1]['best_lr']:g}, {time.perf_counter() - started:.0f} s",
-            flush=True,
-        )
+    rows = run_all(methods, spec, schedule, batches, held_out, threads, jobs, found["speed"])
+    seconds = time.perf_counter() - began
+    print(f"all runs done in {_clock(seconds)} (estimated {_clock(found['wall_s'])})", flush=True)
     return {
         "schedule": asdict(schedule),
         "model_path": str(model_path),
         "rows": rows,
-        "seconds": time.perf_counter() - began,
+        "seconds": seconds,
+        "estimated_seconds": found["wall_s"],
         "load": (load, os.getloadavg()[0]),
         "date": datetime.date.today().isoformat(),
         "threads": threads,
+        "jobs": jobs,
     }
 
 
@@ -764,41 +1148,57 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def probe_step(schedule: dict) -> int | None:
+    """The last evaluated step within the sweep (every lr is scored there on the reported conditions)."""
+    within = [s for s in schedule["eval_steps"] if 0 < s <= schedule["sweep_steps"]]
+    return within[-1] if within else None
+
+
 def sweep_lines(result: dict) -> list[str]:
-    """Each method's canny F1 at the sweep horizon for every learning rate (selection / reported conditions)."""
-    horizon = result["schedule"]["sweep_steps"]
+    """Each method's selection loss, selection F1 and reported F1 for every swept learning rate."""
+    probe = probe_step(result["schedule"])
     out = []
     for row in result["rows"]:
-        values = ", ".join(
-            f"{float(lr):g}: {row['selection'][lr]:.3f} / {evals[horizon]['canny_f1']:.3f}"
-            if horizon in evals
-            else f"{float(lr):g}: diverged"
-            for lr, evals in row["sweep"].items()
-        )
-        out.append(f"- {row['name']}: {values}")
+        cells = []
+        for lr, evals in row["sweep"].items():
+            loss, f1 = row["selection_loss"][lr], row["selection_f1"][lr]
+            if not math.isfinite(loss):
+                cells.append(f"{float(lr):g}: diverged")
+                continue
+            mark = " (chosen)" if float(lr) == row["best_lr"] else ""
+            reported = f" / {evals[probe]['canny_f1']:.3f}" if probe in evals else ""
+            cells.append(f"{float(lr):g}{mark}: {loss:.5f}, F1 {f1:.3f}{reported}")
+        out.append(f"- {row['name']}: " + "; ".join(cells))
     return out
 
 
 def render(result: dict, command: str) -> str:
     s = result["schedule"]
     base = {int(k): v for k, v in result["rows"][0]["evals"].items()}[0]
+    model = Path(result["model_path"])
+    model = model.relative_to(ROOT) if model.is_relative_to(ROOT) else model
+    sampling = {"cubic": "`cubic`, t = (1 - u^3) T", "uniform": "`uniform`"}[s["timestep_sampling"]]
     header = (
         f"Measured {result['date']} with `{command}` in {result['seconds'] / 60:.1f} minutes on "
-        f"{os.cpu_count()} CPU cores ({platform.machine()}, torch {torch.__version__}, {result['threads']} torch "
-        f"thread; 1-minute load average {result['load'][0]:.1f} at the start, {result['load'][1]:.1f} at the end). "
-        f"Backbone `{Path(result['model_path']).relative_to(ROOT) if Path(result['model_path']).is_relative_to(ROOT) else result['model_path']}`; "
-        f"toy-world canny demo shards (1024 training scenes, batch {s['batch_size']}, {s['steps']} steps, "
-        f"caption dropout 0.5); {s['eval_images']} held-out validation conditions, DDIM {s['sampler_steps']} steps, "
-        f"guidance {s['guidance_scale']:g}, seed {s['seed']}. Learning rates: every value of the method's grid "
-        f"trains {s['sweep_steps']} steps, the best canny F1 there on {s['eval_images']} other validation conditions "
-        f"trains on to {s['steps']} (shown). "
-        f"Base model (step 0): F1 {base['canny_f1']:.3f} (chance {base['canny_f1_chance']:.3f}), caption colour "
-        f"{base['caption_colour_acc']:.2f} / shape {base['caption_shape_acc']:.2f} (shuffled captions "
-        f"{base['caption_colour_acc_chance']:.2f} / {base['caption_shape_acc_chance']:.2f})."
+        f"{os.cpu_count()} CPU cores ({platform.machine()}, torch {torch.__version__}; {result['jobs']} runs at "
+        f"a time, {result['threads']} torch thread each; 1-minute load average {result['load'][0]:.1f} at the "
+        f"start, {result['load'][1]:.1f} at the end). Backbone `{model}`; toy-world canny demo shards (1024 "
+        f"training scenes, batch {s['batch_size']}, {s['steps']} steps, caption dropout 0.5, training "
+        f"timesteps {sampling}: the module's `sample_timesteps`); {s['eval_images']} held-out validation "
+        f"conditions, DDIM {s['sampler_steps']} steps, guidance {s['guidance_scale']:g}, seed {s['seed']}. "
+        f"Learning rates: every value of the method's grid trains {s['sweep_steps']} steps; the lowest "
+        f"held-out denoising loss there on {s['eval_images']} other validation conditions (each with "
+        f"{s['selection_draws']} fixed latent, noise and timestep draws, the same for every run) trains on "
+        f"to {s['steps']} (shown). Base model (step 0): F1 {base['canny_f1']:.3f} (chance "
+        f"{base['canny_f1_chance']:.3f}), caption colour {base['caption_colour_acc']:.2f} / shape "
+        f"{base['caption_shape_acc']:.2f} (shuffled captions {base['caption_colour_acc_chance']:.2f} / "
+        f"{base['caption_shape_acc_chance']:.2f})."
     )
+    probe = probe_step(s)
+    reported = f" / canny F1 on the {s['eval_images']} reported ones at step {probe}" if probe else ""
     sweep = [
-        f"Canny F1 at step {s['sweep_steps']} per learning rate (lr: on the {s['eval_images']} selection "
-        f"conditions, which chose the lr / on the {s['eval_images']} reported ones):",
+        f"Learning-rate selection at step {s['sweep_steps']} (lr: selection loss, which chose the lr, and "
+        f"canny F1 on the {s['eval_images']} selection conditions{reported}):",
         "",
         *sweep_lines(result),
     ]
@@ -853,7 +1253,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--quick", action="store_true", help="2 steps per method at one lr; writes nothing")
     parser.add_argument("--no-write", action="store_true", help="print only, leave README.md and plots alone")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        help=f"runs at a time, each a child process (default {DEFAULT_JOBS['full']}; "
+        f"{DEFAULT_JOBS['quick']} with --quick)",
+    )
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
     parser.add_argument(
         "--model-path", type=Path, default=DEFAULT_MODEL, help="diffusers folder of the backbone"
     )
@@ -862,7 +1268,11 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     args = parser.parse_args(argv)
-    result = measure(QUICK if args.quick else FULL, args.model_path, args.data_root, args.threads or 1)
+    jobs = DEFAULT_JOBS["quick" if args.quick else "full"] if args.jobs is None else args.jobs
+    if jobs < 1:
+        parser.error(f"--jobs {jobs} < 1")
+    schedule = QUICK if args.quick else FULL
+    result = measure(schedule, args.model_path, args.data_root, args.threads or 1, jobs=jobs)
     shown = [a for a in (sys.argv[1:] if argv is None else argv) if a not in ("--json", str(args.json))]
     command = " ".join(["python -m benchmarks.controllability", *shown])  # --json changes no result
     section = render(result, command)
