@@ -56,6 +56,57 @@ def write_shard(path: Path, samples: dict[str, dict[str, bytes]]) -> None:
                 tar.addfile(info, io.BytesIO(data))
 
 
+def png_header_only(width: int, height: int, channels: int = 3) -> bytes:
+    """A tiny, valid-looking PNG whose IHDR declares `width` x `height` pixels (a decompression bomb's
+    header: the file is a few dozen bytes, decoding it would allocate width * height * channels)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    color = {1: 0, 3: 2}[channels]
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, color, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+        + chunk(b"IEND", b"")
+    )
+
+
+def write_tar(path: Path, entries: list) -> None:
+    """A tar of `entries`, each `(name, bytes)` for a regular file or a ready `tarfile.TarInfo` (links,
+    devices: written as headers only); `(name, None, size)` writes a header declaring `size` bytes whose
+    data is a hole (a sparse file: the tar takes a few KB on disk whatever `size` says)."""
+    with open(path, "wb") as raw, tarfile.open(fileobj=raw, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for entry in entries:
+            if isinstance(entry, tarfile.TarInfo):
+                tar.addfile(entry)
+            elif len(entry) == 3:
+                name, _, size = entry
+                info = tarfile.TarInfo(name)
+                info.size = size
+                raw.write(info.tobuf(tarfile.GNU_FORMAT))
+                blocks = -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+                raw.seek(blocks, 1)  # the data: a hole
+                tar.offset = raw.tell()
+            else:
+                name, data = entry
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def special_member(name: str, kind: bytes, linkname: str = "") -> tarfile.TarInfo:
+    """A header-only tar member of type `kind` (`tarfile.SYMTYPE`, `LNKTYPE`, `CHRTYPE`, `FIFOTYPE`...)."""
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, linkname
+    if kind in (tarfile.CHRTYPE, tarfile.BLKTYPE):
+        info.devmajor, info.devminor = 1, 3  # /dev/null's numbers
+    return info
+
+
 def read_shard(path: Path) -> dict[str, dict[str, bytes]]:
     """`{key: {member extension: bytes}}` of a shard, read with the standard library only."""
     samples: dict[str, dict[str, bytes]] = {}
@@ -118,7 +169,7 @@ def make_trained_run(out: Path, *overrides: str) -> Path:
     from src.oft import project_coft_
 
     cfg = compose_config("debug=default", *overrides, output_dir=out)
-    module = instantiate(cfg.module)
+    module = instantiate(cfg.module, condition=cfg.task.condition)  # as src.train builds it
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, param in module.named_parameters():
