@@ -62,7 +62,9 @@ from data_prep.demo_photos import PHOTOS
 from data_prep.demo_seg import render_scene, scene_labels
 from src.data import schema
 from src.data.datamodule import ShardDataModule
+from src.data.health import SkipCounter
 from src.data.pipeline import SampleDecoder, collate, to_model_inputs
+from src.data.reader import ShardReader
 
 README = readme.README
 START, END = "<!-- data_pipeline:start -->", "<!-- data_pipeline:end -->"
@@ -314,7 +316,7 @@ def stages(urls: list[str]) -> dict[str, Callable[[], int]]:
     batched = [collate(decoded[start : start + BATCH]) for start in range(0, len(decoded) - BATCH + 1, BATCH)]
 
     def read() -> int:
-        return sum(1 for _ in wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples()))
+        return sum(1 for _ in wds.DataPipeline(wds.SimpleShardList(urls), ShardReader(SkipCounter("bench"))))
 
     def decode() -> int:
         for s in raw:
@@ -336,7 +338,7 @@ def stages(urls: list[str]) -> dict[str, Callable[[], int]]:
         return sum(len(to_model_inputs(batch)["key"]) for batch in batched)
 
     return {
-        "tar read (webdataset)": read,
+        "tar read (ShardReader: grouping + header checks)": read,
         "decode jpg + canny png + caption": decode,
         "paired resize/crop/flip": transform,
         "SampleDecoder total (decode + transform + uint8 tensors)": lambda: sum(1 for s in raw if decoder(s)),
@@ -410,8 +412,9 @@ def reading(rates: dict[str, list[float]]) -> str:
         "raw OpenCV), mostly the first touch of fresh memory: 25 MB of float32 per batch of 4 plus the int32 "
         "lookup indices, which the CPU allocator may hand back to the OS after every batch, so its cost swings "
         "from run to run; on a GPU the caching allocator keeps that memory and the lookup is one small kernel. Images are decoded straight to RGB (`IMREAD_COLOR_RGB`, no channel-reversal copy) "
-        "and flipped with `cv2.flip`. What stays on top of the raw decode: webdataset's tar reading and "
-        "shuffle buffer, the crop/flip and the batch copy. Shards stored at 512 px make the resize a no-op; "
+        "and flipped with `cv2.flip`. What stays on top of the raw decode: the shard reader (webdataset's "
+        "grouping plus the key, member-type and size checks from the tar headers), the image-header pixel "
+        "check, the shuffle buffer, the crop/flip and the batch copy. Shards stored at 512 px make the resize a no-op; "
         "larger stored images add one."
     )
 

@@ -132,6 +132,19 @@ def test_the_shard_reader_reads_no_byte_of_a_refused_member(tmp_path: Path, monk
     assert not any(name.startswith("huge") for name in read)
 
 
+def test_a_dotted_key_is_a_counted_lost_sample_and_a_dotted_extra_member_is_only_noted(tmp_path: Path):
+    good = good_members(2)
+    entries = _members("img", good) + [(f"img.v2.{ext}", data) for ext, data in good.items()]
+    entries += [(f"solo.v3.{ext}", data) for ext, data in good.items()]  # no sample of its own left
+    entries += _members("meta", good) + [("meta.extra.json", b"{}")]  # an extra member of `meta`
+    write_tar(tmp_path / "d.tar", entries)
+    skips = SkipCounter("test")
+    samples = list(ShardReader(skips)([str(tmp_path / "d.tar")]))
+    assert [s["__key__"] for s in samples] == ["img", "meta"]
+    assert set(samples[0]) == {"__key__", "__url__", *good} and samples[0]["jpg"] == good["jpg"]
+    assert skips.counts == {"dotted_key": 2} and skips.notes == {"unexpected_member": 1}
+
+
 def test_limits_come_from_the_data_config_and_are_checked(tmp_path: Path):
     data = compose_config("data=shards", "data.train_shards=x").data
     defaults = (data.max_member_bytes, data.max_image_pixels, data.max_caption_chars)

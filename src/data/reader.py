@@ -9,11 +9,14 @@ header *before* a member's bytes are read:
 - a member outside the schema (``.pyd``, ``.pickle``, a name without a dot) is noted
   (``unexpected_member``) and never read;
 - a sample is skipped and counted, its remaining members unread, when one of its members has an unsafe
-  key (``unsafe_key``, :func:`src.data.schema.check_key`), a key with a dot whose members the first-dot
-  rule would scatter (``dotted_key``), is a symbolic or hard link (``link_member``) or a device, fifo or
-  other special file (``device_member``), appears twice (``duplicate_member``), is larger than
-  ``limits.max_member_bytes`` (``member_too_large``) or is a caption longer than 4 bytes per allowed
-  character (``caption_too_long``);
+  key (``unsafe_key``, :func:`src.data.schema.check_key`), is a symbolic or hard link (``link_member``)
+  or a device, fifo or other special file (``device_member``), appears twice (``duplicate_member``), is
+  larger than ``limits.max_member_bytes`` (``member_too_large``) or is a caption longer than 4 bytes per
+  allowed character (``caption_too_long``);
+- a key with a dot (``img.v2.jpg``: webdataset's first-dot rule files it under ``img`` as ``v2.jpg``)
+  loses its sample: one ``dotted_key`` skip per dotted key that has an image member; its members are never
+  read, and ``img``'s own members, if any, still make a sample. A dotted name without an image member
+  (``img.meta.json``) is an extra member of ``img``: ``unexpected_member``;
 - a shard that cannot be opened is ``shard_missing`` (gone) or ``shard_read_error``; a tar that breaks
   mid-way (truncated, corrupt, or a pax/long-name header over :data:`MAX_HEADER_BYTES`) loses its
   remaining samples and counts ``shard_read_error`` once.
@@ -52,8 +55,6 @@ def _member_problem(info: tarfile.TarInfo, key: str, ext: str, sample: dict, lim
         schema.check_key(key)
     except schema.SampleError as error:
         return f"unsafe_key: {error}"
-    if ext not in schema.MEMBERS:
-        return f"dotted_key: member {info.name!r} (keys may not contain dots)"
     if info.issym() or info.islnk():
         return f"link_member: {info.name!r} links to {info.linkname!r}"
     if not info.isreg():
@@ -98,6 +99,7 @@ class ShardReader:
         """The samples of one open tar stream."""
         sample: dict[str, Any] | None = None
         problem = ""
+        dotted: dict[str, list[str]] = {}  # dotted key suffix ("v2") -> the schema members it has
         with tarfile.open(fileobj=stream, mode="r|*", tarinfo=_BoundedTarInfo) as tar:
             for info in tar:
                 tar.members = []  # stream mode would keep every header
@@ -108,25 +110,44 @@ class ShardReader:
                 except ValueError:
                     self.skips.note(UNEXPECTED_MEMBER, repr(info.name[:200]))
                     continue
-                if ext not in schema.MEMBERS and schema.dotted_member(ext) is None:
+                member = ext if ext in schema.MEMBERS else schema.dotted_member(ext)
+                if member is None:
                     self.skips.note(UNEXPECTED_MEMBER, repr(info.name[:200]))
                     continue
                 if sample is None or key != sample["__key__"]:
-                    yield from self._finish(sample, problem)
-                    sample, problem = {"__key__": key, "__url__": url}, ""
+                    yield from self._finish(sample, problem, dotted)
+                    sample, problem, dotted = {"__key__": key, "__url__": url}, "", {}
                 if problem:
                     continue  # the sample is lost already: read nothing more of it
+                if member != ext:  # a dotted key: never read
+                    try:
+                        schema.check_key(key)
+                    except schema.SampleError as error:
+                        problem = f"unsafe_key: {error}"
+                    dotted.setdefault(ext[: -len(member) - 1], []).append(member)
+                    continue
                 problem = _member_problem(info, key, ext, sample, self.limits)
                 if not problem:
                     handle = tar.extractfile(info)
                     sample[ext] = handle.read() if handle is not None else b""
-        yield from self._finish(sample, problem)
+        yield from self._finish(sample, problem, dotted)
 
-    def _finish(self, sample: dict[str, Any] | None, problem: str) -> Iterator[dict[str, Any]]:
+    def _finish(
+        self, sample: dict[str, Any] | None, problem: str, dotted: dict[str, list[str]]
+    ) -> Iterator[dict[str, Any]]:
         if sample is None:
             return
         if problem:
             reason, _, detail = problem.partition(": ")
             self.skips(schema.SampleError(reason, f"{detail} in {sample['__url__']}"))
-        elif len(sample) > 2:
+            return
+        for suffix, members in dotted.items():
+            name = f"{sample['__key__']}.{suffix}"
+            if schema.IMAGE in members:
+                detail = f"key {name!r} has a dot (members {members}) in {sample['__url__']}"
+                self.skips(schema.SampleError("dotted_key", detail))
+            else:
+                for member in members:
+                    self.skips.note(UNEXPECTED_MEMBER, repr(f"{name}.{member}"[:200]))
+        if len(sample) > 2:
             yield sample
