@@ -28,9 +28,11 @@ def _open_array(path: str | Path, mode: str | None, limits: Limits = LIMITS) -> 
             return np.asarray(image.convert(mode) if mode else image)
     except SampleError:
         raise
+    except Image.DecompressionBombError as exn:  # PIL's own limit (higher than ours) stopped it first
+        raise SampleError(f"{what}_too_large", f"{path}: {exn}") from exn
     except FileNotFoundError as exn:
         raise SampleError(f"missing_{'image' if mode else 'annotation'}", str(path)) from exn
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exn:
+    except (OSError, ValueError, SyntaxError) as exn:
         raise SampleError(f"unreadable_{'image' if mode else 'annotation'}", f"{path}: {exn}") from exn
 
 

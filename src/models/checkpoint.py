@@ -107,7 +107,12 @@ def load_checkpoint_file(path: str | os.PathLike, mmap: bool = False) -> Any:
     if not Path(path).is_file():
         raise MissingInputError(f"checkpoint '{path}' does not exist")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError as error:
+            if not mmap or "mmap can only be used" not in str(error):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)  # not a zip: say why below
     except Exception as error:  # any failure to parse the file means the same to the user
         unsafe = "Unsupported global" in str(error)  # a pickle of code objects, never loaded
         kind = "holds objects other than tensors" if unsafe else "is truncated or corrupt"
