@@ -35,6 +35,7 @@ from pathlib import Path
 
 from data_prep import ade20k, coco, faces, toy_world
 from data_prep.demo_faces import write_faces_layout
+from src.errors import run_cli
 
 DEMO_VERSION = 2
 DEMO_RESOLUTION = 64
@@ -158,4 +159,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

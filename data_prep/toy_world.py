@@ -31,6 +31,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from src.errors import run_cli
+
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (215, 45, 40),
     "green": (40, 160, 60),
@@ -214,4 +216,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

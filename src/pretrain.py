@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from src.errors import run_cli
 from src.models.pretrain import ToyRecipe, pretrain, recipe_dict
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -119,4 +120,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)
