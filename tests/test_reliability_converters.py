@@ -2,7 +2,7 @@
 over, malformed captions JSON is one line naming the file, a read-only or full output folder is one line with
 no partial shard left, file_name paths outside --images are never opened, source images obey the pixel limit.
 
-Every hostile input is built here, in a temporary folder (issue 13, items 3, 5, 8 and 9).
+Every hostile input is built here, in a temporary folder.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 `--debug`); a checkpoint's task is part of its identity; evaluation on nothing fails with valid JSON; two
 trainings never share a run directory, and a killed run's temporaries go on the next start.
 
-Every hostile input is built here, in a temporary folder (issue 13, items 5-9).
+Every hostile input is built here, in a temporary folder.
 """
 
 from __future__ import annotations
@@ -228,7 +228,7 @@ def test_evaluation_on_nothing_fails_and_writes_strict_json(trained_run, tmp_pat
     json.loads((tmp_path / "out" / "metrics.json").read_text(), parse_constant=no_nan)
 
 
-# ----------------------------------------------------------- items 5 and 9: run directory, leftovers
+# ------------------------------------------------------------------- run directory, leftovers
 def test_a_second_training_in_one_run_directory_is_refused_and_a_killed_runs_leftovers_go(
     tmp_path, config_factory, monkeypatch, caplog
 ):

@@ -2,7 +2,7 @@
 captions are named, counted skips for every reader; nothing is written outside an output folder; a training
 run over all of them next to good samples finishes with every reason counted and bounded memory.
 
-Every hostile input is built here, in a temporary folder (issue 13, items 1-4).
+Every hostile input is built here, in a temporary folder.
 """
 
 from __future__ import annotations
