@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 from src.errors import take_debug_flag, user_errors
 from src.models.backbone import check_backbone, check_resolution, unet_skeleton
 from src.models.checkpoint import check_checkpoint
+from src.models.module import check_schedule_length
 from src.models.run import own_run_directory, write_run_config
 from src.oft import inject_oft
 
@@ -33,10 +34,11 @@ def _instantiate_all(group: DictConfig | None) -> list:
 def preflight(cfg: DictConfig) -> pl.LightningDataModule:
     """Fail fast, before any weights load, on what users commonly get wrong; return the ready datamodule.
 
-    Checks, in order of cost: backbone weights reachable, the resolution against the VAE's factor, OFT
+    Checks, in order of cost: the lr schedule's length, backbone weights reachable, the resolution against the VAE's factor, OFT
     targets and block sizes against the backbone's real UNet layout (built on the meta device), a resumed
     checkpoint's backbone, OFT layout and task, and that the shard specs match shards.
     """
+    check_schedule_length(cfg.get("lr_scheduler"))
     backbone = instantiate(cfg.model)
     check_backbone(backbone)
     check_resolution(backbone)

@@ -87,6 +87,7 @@ def _refuse_data_instantiation():
         (["oft.block_size=48"], "block_size 48 does not divide in_features 32 of layer 'down_blocks.0"),
         (["data=shards", "data.train_shards=/nonexistent/shards/train-*.tar"], "/nonexistent/shards/train-"),
         (["ckpt_path=/nonexistent/last.ckpt"], "ckpt_path '/nonexistent/last.ckpt' does not exist"),
+        (["trainer.max_steps=-1", "trainer.max_epochs=1"], "lr_scheduler.T_max is -1"),
     ],
 )
 def test_user_errors_fail_before_weights_load(config_factory, monkeypatch, overrides, message):
@@ -204,3 +205,20 @@ def test_checkpoints_keep_the_last_k_plus_last(config_factory, tmp_path):
     assert weights == ["last.safetensors", "step_000008.safetensors", "step_000010.safetensors"]
     assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 10
     assert config_factory().callbacks.checkpoint.save_top_k == 3  # the default: a few
+
+
+def test_the_demo_lr_decays_to_zero_over_the_run(config_factory):
+    from hydra.utils import instantiate
+
+    cfg = config_factory("trainer.max_steps=20")
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=cfg.optim.lr)
+    scheduler = instantiate(cfg.lr_scheduler)(optimizer)
+    lrs = []
+    for _ in range(20):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[0] == pytest.approx(cfg.optim.lr) and optimizer.param_groups[0]["lr"] == pytest.approx(
+        0, abs=1e-12
+    )
+    assert all(a > b for a, b in zip(lrs, lrs[1:], strict=False))

@@ -22,6 +22,18 @@ OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
 
 
+def check_schedule_length(lr_scheduler: Any) -> None:
+    """A scheduler config whose length is a number of steps (``T_max``, ``total_iters``) must have one: the
+    demo ties it to ``trainer.max_steps``, which an epoch-based run leaves null or -1."""
+    for key in ("T_max", "total_iters"):
+        value = lr_scheduler.get(key, 1) if lr_scheduler is not None else 1
+        if value is None or (isinstance(value, int) and value < 1):
+            raise ConfigError(
+                f"lr_scheduler.{key} is {value} (it follows trainer.max_steps): set trainer.max_steps, "
+                f"lr_scheduler.{key}=<steps>, or lr_scheduler=null for a constant lr"
+            )
+
+
 class OFTControlModule(pl.LightningModule):
     """Trains a control encoder and OFT rotations of a frozen text-to-image UNet.
 
