@@ -34,9 +34,10 @@ def _instantiate_all(group: DictConfig | None) -> list:
 def preflight(cfg: DictConfig) -> pl.LightningDataModule:
     """Fail fast, before any weights load, on what users commonly get wrong; return the ready datamodule.
 
-    Checks, in order of cost: the lr schedule's length, backbone weights reachable, the resolution against the VAE's factor, OFT
-    targets and block sizes against the backbone's real UNet layout (built on the meta device), a resumed
-    checkpoint's backbone, OFT layout and task, and that the shard specs match shards.
+    Checks, in order of cost: the lr schedule's length, backbone weights reachable, the resolution
+    against the VAE's factor, OFT targets and block sizes against the backbone's real UNet layout (built
+    on the meta device), a resumed checkpoint's backbone, OFT layout and task, and that the shard specs
+    match shards.
     """
     check_schedule_length(cfg.get("lr_scheduler"))
     backbone = instantiate(cfg.model)
