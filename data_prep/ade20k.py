@@ -22,7 +22,6 @@ images/annotations and size mismatches are skipped and counted by reason.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -33,7 +32,7 @@ import numpy as np
 
 from data_prep.captions import captions_digest, captions_for, load_captions
 from data_prep.images import load_labels, load_rgb
-from data_prep.shards import SourceItem, add_writer_args, write_dataset
+from data_prep.shards import SourceItem, add_writer_args, print_summary, write_dataset
 from src.data import palette, schema
 from src.data.transforms import resize_center_crop
 from src.errors import ConfigError, MissingInputError, run_cli
@@ -183,7 +182,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         options=SegOptions(resolution=args.resolution),
         overwrite=args.overwrite,
     )
-    print(json.dumps({k: summary[k] for k in ("written", "splits", "skipped", "seconds")}, indent=1))
+    print_summary(summary)
     return summary
 
 

@@ -25,7 +25,6 @@ naming the file and what is wrong.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
@@ -37,7 +36,7 @@ import numpy as np
 
 from data_prep.captions import inside, read_json
 from data_prep.images import load_rgb
-from data_prep.shards import SourceItem, add_writer_args, write_dataset
+from data_prep.shards import SourceItem, add_writer_args, print_summary, write_dataset
 from src.data import schema
 from src.data.annotators import CANNY_HIGH, CANNY_LOW, canny_edges
 from src.data.transforms import resize_center_crop
@@ -232,7 +231,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         options=options,
         overwrite=args.overwrite,
     )
-    print(json.dumps({k: summary[k] for k in ("written", "splits", "skipped", "seconds")}, indent=1))
+    print_summary(summary)
     return summary
 
 

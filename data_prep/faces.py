@@ -19,7 +19,6 @@ holds the points in pixels of the stored image: ``{"faces": [[[x, y], ...478], .
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -31,7 +30,7 @@ import numpy as np
 
 from data_prep.captions import captions_digest, captions_for, load_captions
 from data_prep.images import load_rgb
-from data_prep.shards import SourceItem, add_writer_args, write_dataset
+from data_prep.shards import SourceItem, add_writer_args, print_summary, write_dataset
 from src.data import schema
 from src.data.annotators import detect_faces
 from src.data.transforms import resize_center_crop, resize_shorter
@@ -214,7 +213,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         options=options,
         overwrite=args.overwrite,
     )
-    print(json.dumps({k: summary[k] for k in ("written", "splits", "skipped", "seconds")}, indent=1))
+    print_summary(summary)
     return summary
 
 

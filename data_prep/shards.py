@@ -371,6 +371,11 @@ def _summarize(out: Path, plans: Sequence[ShardPlan], pre_skipped: Counter, extr
     }
 
 
+def print_summary(summary: dict[str, Any]) -> None:
+    """What a converter's command line prints when it is done: the summary's headline counts as JSON."""
+    print(json.dumps({k: summary[k] for k in ("written", "splits", "skipped", "seconds")}, indent=1))
+
+
 def write_dataset(
     items: Iterable[SourceItem],
     make_sample: MakeSample,

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+REPO = Path(__file__).resolve().parents[1]
+CONF_DIR = REPO / "conf"
 RES = 64  # the demo shards' stored resolution
 STEPS = 2  # sampling steps in tests: enough to run the scheduler loop and the guidance branches
 
@@ -33,6 +37,21 @@ def compose_config(*overrides: str, name: str = "train", output_dir: Path | None
                 cfg.out_dir = str(output_dir)
     HydraConfig.instance().set_config(cfg)
     return cfg
+
+
+# ----------------------------------------------------------------------------------------- entry points
+def run_module(module: str, *args: str, timeout: int = 300, preexec=None) -> subprocess.CompletedProcess:
+    """``python -m module args...`` from the repository root, offline and on one thread, output captured."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        preexec_fn=preexec,
+    )
 
 
 # ----------------------------------------------------------------------------------------------- shards

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import png_header_only, read_shards
+from helpers import png_header_only, read_shards, run_module
 from PIL import Image
 
 from data_prep import ade20k, coco
@@ -46,18 +46,6 @@ def _coco(root: Path, n: int = 3, extra_images: list[dict] | None = None) -> tup
     captions = root / "captions.json"
     captions.write_text(json.dumps({"images": images, "annotations": anns}))
     return root / "train2017", captions
-
-
-def _cli(module: str, *args: str, preexec=None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", module, *args],
-        cwd=REPO,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        preexec_fn=preexec,
-    )
 
 
 def _one_error_line(done: subprocess.CompletedProcess) -> str:
@@ -176,10 +164,12 @@ def test_the_converter_cli_prints_one_line_and_exits_2(tmp_path: Path):
     bad = tmp_path / "captions.json"
     bad.write_text('{"images": [}')
     line = _one_error_line(
-        _cli("data_prep.coco", "--images", str(images), "--captions", str(bad), "--out", str(tmp_path / "o"))
+        run_module(
+            "data_prep.coco", "--images", str(images), "--captions", str(bad), "--out", str(tmp_path / "o")
+        )
     )
     assert line == f"error: --captions {bad} is not valid JSON: Expecting value at line 1, column 13"
-    debug = _cli(
+    debug = run_module(
         "data_prep.coco",
         "--images",
         str(images),
@@ -220,7 +210,9 @@ def test_a_read_only_output_folder_is_one_line(tmp_path: Path):
     images, captions = _coco(tmp_path / "coco")
     with _read_only(tmp_path / "ro") as out:
         line = _one_error_line(
-            _cli("data_prep.coco", "--images", str(images), "--captions", str(captions), "--out", str(out))
+            run_module(
+                "data_prep.coco", "--images", str(images), "--captions", str(captions), "--out", str(out)
+            )
         )
         assert f"cannot write to output folder {out}" in line and "read-only or full" in line
         assert not any(out.iterdir())
@@ -243,7 +235,7 @@ def test_a_full_output_folder_is_one_line_and_leaves_no_partial_shard(tmp_path: 
     out = tmp_path / "full"
     args = ["--images", str(images), "--captions", str(captions), "--out", str(out), "--val-fraction", "0"]
     line = _one_error_line(
-        _cli("data_prep.coco", *args, "--resolution", "64", preexec=_limit_file_size(40_000))
+        run_module("data_prep.coco", *args, "--resolution", "64", preexec=_limit_file_size(40_000))
     )
     assert f"cannot write {out}/.train-000000.tar.tmp: File too large" in line and "read-only or full" in line
     assert not list(out.glob("*.tmp")) and not list(out.glob("*.tar")) and not (out / LOCK_NAME).exists()

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import STEPS, compose_config, good_members, write_shard
+from helpers import STEPS, compose_config, good_members, run_module, write_shard
 from PIL import Image
 
 from src.errors import (
@@ -43,17 +43,6 @@ from src.train import build_run, train
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-
-
-def _entry(module: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", module, *args],
-        cwd=ROOT,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 def _one_error_line(done: subprocess.CompletedProcess) -> str:
@@ -99,9 +88,9 @@ def test_resolution_not_a_multiple_of_the_vae_factor_fails_before_the_model_load
 
 def test_train_reports_a_user_error_in_one_line_and_debug_shows_the_traceback(tmp_path: Path):
     args = ("model.resolution=100", f"hydra.run.dir={tmp_path / 'run'}")
-    line = _one_error_line(_entry("src.train", *args))
+    line = _one_error_line(run_module("src.train", *args))
     assert line.startswith("error: model.resolution=100 is not a multiple of the VAE's downsampling factor 8")
-    debug = _entry("src.train", *args, "--debug")
+    debug = run_module("src.train", *args, "--debug")
     assert debug.returncode == 1 and "Traceback" in debug.stderr and "ConfigError" in debug.stderr
 
 
@@ -134,7 +123,7 @@ def test_random_or_truncated_checkpoints_never_show_the_weights_only_advice(
             assert "weights_only" not in message and "\n" not in str(info.value)
     last.write_bytes(cases["random"][0])
     line = _one_error_line(
-        _entry("src.export", "--run", str(copied_run), "--out_dir", str(tmp_path / "exported"))
+        run_module("src.export", "--run", str(copied_run), "--out_dir", str(tmp_path / "exported"))
     )
     assert "is not a readable PyTorch checkpoint" in line and "weights_only" not in line
     assert not (tmp_path / "exported").exists()
@@ -150,7 +139,7 @@ def test_a_non_image_condition_file_is_one_line_before_the_model_loads(trained_r
     with pytest.raises(InputError, match=f"condition file '{text}' is not a readable image"):
         generate(cfg)
     args = (f"run={trained_run}", f"condition={text}", "prompt=x", f"hydra.run.dir={tmp_path / 'out'}")
-    line = _one_error_line(_entry("src.generate", *args))
+    line = _one_error_line(run_module("src.generate", *args))
     assert line.startswith(f"error: condition file '{text}' is not a readable image")
     assert not (tmp_path / "out" / "images").exists()
 
@@ -223,7 +212,7 @@ def test_evaluation_on_nothing_fails_and_writes_strict_json(trained_run, tmp_pat
     assert report["samples"] == 0 and report["skipped"] == {"undecodable_image": 1, "empty_member": 1}
     assert report["metrics"]["canny_f1"] is None and report["metrics"]["canny_iou"] is None
     args = (f"run={trained_run}", f"shards={shards}", f"sampling.num_inference_steps={STEPS}")
-    line = _one_error_line(_entry("src.evaluate", *args, f"hydra.run.dir={tmp_path / 'out'}"))
+    line = _one_error_line(run_module("src.evaluate", *args, f"hydra.run.dir={tmp_path / 'out'}"))
     assert line.startswith("error: nothing was evaluated: no readable sample in 1 shard(s)")
     json.loads((tmp_path / "out" / "metrics.json").read_text(), parse_constant=no_nan)
 
