@@ -49,12 +49,17 @@ class _BoundedTarInfo(tarfile.TarInfo):
         return super()._proc_member(tarfile_)
 
 
-def _member_problem(info: tarfile.TarInfo, key: str, ext: str, sample: dict, limits: schema.Limits) -> str:
-    """Why a schema member makes its sample unusable, decided from its header alone ("" if it does not)."""
+def _key_problem(key: str) -> str:
+    """Why a sample's key makes it unusable ("" if it does not); checked once, when the sample starts."""
     try:
         schema.check_key(key)
     except schema.SampleError as error:
         return f"unsafe_key: {error}"
+    return ""
+
+
+def _member_problem(info: tarfile.TarInfo, ext: str, sample: dict, limits: schema.Limits) -> str:
+    """Why a schema member makes its sample unusable, decided from its header alone ("" if it does not)."""
     if info.issym() or info.islnk():
         return f"link_member: {info.name!r} links to {info.linkname!r}"
     if not info.isreg():
@@ -116,17 +121,13 @@ class ShardReader:
                     continue
                 if sample is None or key != sample["__key__"]:
                     yield from self._finish(sample, problem, dotted)
-                    sample, problem, dotted = {"__key__": key, "__url__": url}, "", {}
+                    sample, problem, dotted = {"__key__": key, "__url__": url}, _key_problem(key), {}
                 if problem:
                     continue  # the sample is lost already: read nothing more of it
                 if member != ext:  # a dotted key: never read
-                    try:
-                        schema.check_key(key)
-                    except schema.SampleError as error:
-                        problem = f"unsafe_key: {error}"
                     dotted.setdefault(ext[: -len(member) - 1], []).append(member)
                     continue
-                problem = _member_problem(info, key, ext, sample, self.limits)
+                problem = _member_problem(info, ext, sample, self.limits)
                 if not problem:
                     handle = tar.extractfile(info)
                     sample[ext] = handle.read() if handle is not None else b""
