@@ -20,9 +20,9 @@ import torch
 from data_prep.demo import build_demo
 from src.data import schema
 from src.data.datamodule import ShardDataModule
-from src.data.health import COUNTS_KEY
-from src.data.pipeline import SampleDecoder, collate, process_seed, to_model_inputs
-from src.data.transforms import center_offsets, crop, random_offsets, resize_shorter
+from src.data.health import COUNTS_KEY, SkipCounter
+from src.data.pipeline import DecodeBatches, SampleDecoder, collate, process_seed, to_model_inputs
+from src.data.transforms import center_offsets, crop, hflip, random_offsets, resize_shorter
 
 
 # ------------------------------------------------------------------ the float reference
@@ -33,6 +33,7 @@ class ReferenceFloatDecoder:
         self.spec = schema.condition_spec(condition)
         self.resolution, self.train, self.random_flip = resolution, train, random_flip
         self.rng = np.random.default_rng(process_seed(seed, 0))
+        self.mirrored: list[bool] = []  # the flip decision of every sample so far
 
     @staticmethod
     def decode(member: str, data: bytes) -> np.ndarray:
@@ -54,7 +55,10 @@ class ReferenceFloatDecoder:
             random_offsets(*image.shape[:2], size, rng) if rng else center_offsets(*image.shape[:2], size)
         )
         image, cond = crop(image, top, left, size), crop(cond, top, left, size)
-        if rng is not None and self.random_flip and self.spec.flippable and rng.random() < 0.5:
+        self.mirrored.append(
+            rng is not None and self.random_flip and self.spec.flippable and rng.random() < 0.5
+        )
+        if self.mirrored[-1]:
             image, cond = image[:, ::-1], cond[:, ::-1]
         if cond.ndim == 2:
             cond = np.repeat(cond[:, :, None], 3, axis=2)
@@ -132,6 +136,58 @@ def test_converted_batches_equal_the_reference_float_batches(
     assert batch["key"] == [e["key"] for e in expected] and batch["caption"] == raw["caption"]
     if condition == "canny" and size[0] > 48:
         assert 0 < ((batch["condition"] > 0) & (batch["condition"] < 1)).float().mean() < 0.5  # area blends
+
+
+@pytest.mark.parametrize("condition", ["canny", "seg", "landmarks"])
+@pytest.mark.parametrize("size", [(80, 100), (40, 36)], ids=["shrink", "enlarge"])
+@pytest.mark.parametrize("partial", [True, False], ids=["partial", "drop-last"])
+def test_the_pipelines_batches_equal_the_reference_and_collate(
+    condition: str, size: tuple[int, int], partial: bool
+) -> None:
+    """``DecodeBatches`` (one copy per sample, the mirror in that copy) gives the reference float values
+    after conversion and the very batches ``collate`` stacks from per-sample outputs, layout included."""
+    samples = _samples(condition, *size, count=7)
+    fused = DecodeBatches(SampleDecoder(condition, 48, True, True, seed=5), 3, partial, SkipCounter("t"))
+    batches = list(fused(samples))
+    decoder = SampleDecoder(condition, 48, True, True, seed=5)
+    per_sample = [decoder(s) for s in samples]
+    reference = ReferenceFloatDecoder(condition, 48, train=True, random_flip=True, seed=5)
+    expected = [reference(s) for s in samples]
+    assert [len(b["key"]) for b in batches] == ([3, 3, 1] if partial else [3, 3])
+    for index, batch in enumerate(batches):
+        span = slice(3 * index, 3 * index + len(batch["key"]))
+        stacked = collate(per_sample[span])
+        converted = to_model_inputs(batch)
+        for name in ("image", "condition"):
+            assert batch[name].dtype == torch.uint8 and batch[name].stride() == stacked[name].stride()
+            assert torch.equal(batch[name], stacked[name]), name
+            assert torch.equal(converted[name], torch.stack([e[name] for e in expected[span]])), name
+        assert batch["key"] == [s["__key__"] for s in samples[span]]
+        assert batch["caption"] == [s[schema.CAPTION].decode() for s in samples[span]]
+    # the mirror is drawn (never for landmark renderings, whose sides are coloured)
+    assert any(reference.mirrored) == (condition != "landmarks") and not all(reference.mirrored)
+
+
+def test_a_bad_sample_between_good_ones_is_counted_and_leaves_no_hole() -> None:
+    samples = _samples("canny", 48, 48, count=5)
+    samples.insert(2, {**samples[0], "__key__": "bad", schema.IMAGE: b""})
+    skips = SkipCounter("t")
+    batches = list(DecodeBatches(SampleDecoder("canny", 48, False, False, 0), 2, True, skips)(samples))
+    assert [b["key"] for b in batches] == [["k0", "k1"], ["k2", "k3"], ["k4"]]
+    assert skips.counts == {"empty_member": 1}
+    good = collate([SampleDecoder("canny", 48, False, False, 0)(s) for s in samples if s["__key__"] != "bad"])
+    assert torch.equal(torch.cat([b["image"] for b in batches]), good["image"])
+
+
+@pytest.mark.parametrize("shape", [(9, 7), (9, 7, 1), (9, 7, 3)])
+def test_hflip_into_a_slot_equals_opencvs_mirror(shape: tuple[int, ...]) -> None:
+    array = np.random.default_rng(0).integers(0, 256, (12, 10, *shape[2:]), np.uint8)[1:10, 2:9]
+    out = np.zeros((2, *shape), np.uint8)
+    assert hflip(array, out=out[1]) is out[1] or np.shares_memory(hflip(array, out=out[1]), out)
+    np.testing.assert_array_equal(out[1], array[:, ::-1])
+    assert not out[0].any()
+    with pytest.raises(ValueError, match="expected a contiguous"):
+        hflip(array, out=np.zeros((9, 8, *shape[2:]), np.uint8))
 
 
 def test_flips_happen_and_stay_paired() -> None:

@@ -139,11 +139,9 @@ class SkipCounter:
         if count <= 3 or count % 1000 == 0:
             log.warning("%s: %s (%s, %d so far): %s", self.name, what, reason, count, detail)
 
-    def tally(self, samples: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        """Pipeline stage after decoding: a decoded sample ends a run of consecutive skips."""
-        for sample in samples:
-            self._consecutive = 0
-            yield sample
+    def sample_decoded(self) -> None:
+        """A decoded sample ends a run of consecutive skips (called by the batching stage)."""
+        self._consecutive = 0
 
     def take(self) -> dict[str, int]:
         """The events since the previous call (``decoded``, ``skipped/...``, ``noted/...``), then reset."""

@@ -199,22 +199,100 @@ class SampleDecoder:
             raise schema.SampleError("size_mismatch", f"{sample['__key__']}: {image.shape} vs {cond.shape}")
         return image, cond, caption
 
-    def transform(self, image: np.ndarray, cond: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Paired resize + crop + flip (identical geometry for both arrays)."""
+    def crops(self, sample: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, str, bool]:
+        """Decoded, resized and cropped ``image`` and ``condition`` (HWC views, the condition with its
+        channel axis), the caption, and whether the pair is to be mirrored: all but the one copy that
+        :class:`DecodeBatches` makes into a batch (and ``__call__`` into a sample, when mirrored)."""
+        image, cond, caption = self._members(sample)
+        image, cond, mirror = self._geometry(image, cond)
+        return image, cond if cond.ndim == 3 else cond[..., None], caption, mirror
+
+    def _geometry(self, image: np.ndarray, cond: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
+        """Paired resize + crop (views when no resize is needed) and the flip decision."""
         size = self.resolution
         image, cond = resize_shorter(image, size), resize_shorter(cond, size, self.spec.interpolation)
         height, width = image.shape[:2]
         rng = self._generator() if self.train else None
         top, left = random_offsets(height, width, size, rng) if rng else center_offsets(height, width, size)
-        image, cond = crop(image, top, left, size), crop(cond, top, left, size)
-        if rng is not None and self.random_flip and self.spec.flippable and rng.random() < 0.5:
-            image, cond = hflip(image), hflip(cond)
-        return image, cond
+        mirror = rng is not None and self.random_flip and self.spec.flippable and rng.random() < 0.5
+        return crop(image, top, left, size), crop(cond, top, left, size), mirror
+
+    def transform(self, image: np.ndarray, cond: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Paired resize + crop + flip (identical geometry for both arrays)."""
+        image, cond, mirror = self._geometry(image, cond)
+        return (hflip(image), hflip(cond)) if mirror else (image, cond)
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
         image, cond, caption = self._members(sample)
         image, cond = self.transform(image, cond)
         return {"image": _chw(image), "condition": _chw(cond), "caption": caption, "key": sample["__key__"]}
+
+
+class DecodeBatches:
+    """Pipeline stage: raw samples -> uint8 batches, the same as ``collate([decoder(s) for s in ...])``
+    bit for bit, with every sample's pixels copied once, straight into its slot of the batch (the
+    mirror, when drawn, is done by that copy), instead of a flip copy and then a stacking copy.
+
+    Samples that fail to decode are counted by ``skips`` (its handler policy, as ``wds.map``); with
+    ``partial`` an incomplete last batch is handed on, otherwise dropped. Like ``wds.batched``, a full
+    batch is handed on once the next sample has decoded (and been copied into the next batch) or the
+    stream has ended, so the skips before that sample, and those at the end of a pass, travel with it.
+    """
+
+    def __init__(self, decoder: SampleDecoder, batch_size: int, partial: bool, skips: SkipCounter) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size}: must be at least 1")
+        self.decoder, self.batch_size, self.partial, self.skips = decoder, batch_size, partial, skips
+
+    def __call__(self, samples: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        image = cond = None
+        captions: list[str] = []
+        keys: list[str] = []
+        full: dict[str, Any] | None = None
+        for sample in samples:
+            try:
+                pixels, cond_pixels, caption, mirror = self.decoder.crops(sample)
+            except Exception as error:
+                self.skips(error)  # a skip reason: counted; anything else is raised
+                continue
+            self.skips.sample_decoded()
+            if image is None or cond is None:
+                image = np.empty((self.batch_size, *pixels.shape), np.uint8)
+                cond = np.empty((self.batch_size, *cond_pixels.shape), np.uint8)
+            _copy_into(image[len(keys)], pixels, mirror)
+            _copy_into(cond[len(keys)], cond_pixels, mirror)
+            del pixels, cond_pixels  # the decoded arrays go before the held batch is handed on
+            captions.append(caption)
+            keys.append(sample["__key__"])
+            if full is not None:
+                yield full
+                full = None
+            if len(keys) == self.batch_size:
+                full = _batch(image, cond, captions, keys)
+                image = cond = None
+                captions, keys = [], []
+        if full is not None:
+            yield full
+        if keys and self.partial and image is not None and cond is not None:
+            yield _batch(image[: len(keys)].copy(), cond[: len(keys)].copy(), captions, keys)
+
+
+def _copy_into(slot: np.ndarray, pixels: np.ndarray, mirror: bool) -> None:
+    """Write ``pixels`` (mirrored left-right if ``mirror``) into the batch ``slot``."""
+    if mirror:
+        hflip(pixels, out=slot)
+    else:
+        slot[...] = pixels
+
+
+def _batch(image: np.ndarray, cond: np.ndarray, captions: list[str], keys: list[str]) -> dict[str, Any]:
+    """A batch dict of ``[B, H, W, C]`` uint8 arrays (as :func:`collate` lays it out)."""
+    return {
+        "image": torch.from_numpy(image).permute(0, 3, 1, 2),
+        "condition": torch.from_numpy(cond).permute(0, 3, 1, 2),
+        "caption": captions,
+        "key": keys,
+    }
 
 
 def _chw(array: np.ndarray) -> torch.Tensor:
@@ -233,7 +311,8 @@ def _stack_chw(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack decoded samples into a batch dict (uint8 tensors stacked, strings as lists).
+    """Stack decoded samples (``SampleDecoder`` outputs) into a batch dict (uint8 tensors stacked,
+    strings as lists); the pipelines make the same batches with :class:`DecodeBatches`.
 
     ``image`` uint8 ``[B, 3, H, W]``, ``condition`` uint8 ``[B, C, H, W]``, both stored channels-last.
     Only the four sample fields are batched; the pipeline's last stage (``SkipCounter.attach``) then
@@ -323,9 +402,7 @@ def train_pipeline(
         *source,
         ShardReader(skips, decoder.limits),
         BufferShuffle(max(1, shuffle_buffer), seed),
-        wds.map(decoder, handler=skips),
-        skips.tally,
-        wds.batched(batch_size, collation_fn=collate, partial=False),
+        DecodeBatches(decoder, batch_size, partial=False, skips=skips),
         skips.attach,
     )
 
@@ -340,8 +417,6 @@ def eval_pipeline(
         split.shards,
         ShardReader(skips, decoder.limits),
         split.samples,
-        wds.map(decoder, handler=skips),
-        skips.tally,
-        wds.batched(batch_size, collation_fn=collate, partial=True),
+        DecodeBatches(decoder, batch_size, partial=True, skips=skips),
         skips.attach,
     )

@@ -37,10 +37,20 @@ def crop(array: np.ndarray, top: int, left: int, size: int) -> np.ndarray:
     return array[top : top + size, left : left + size]
 
 
-def hflip(array: np.ndarray) -> np.ndarray:
-    """Left-right mirror as a new contiguous array (``cv2.flip``; copying a ``[:, ::-1]`` view of an
-    interleaved RGB image is several times slower)."""
-    return cv2.flip(array, 1)
+def hflip(array: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Left-right mirror as a new contiguous array, or written into ``out`` (a C-contiguous uint8 array
+    of ``array``'s shape). ``cv2.flip``: copying a ``[:, ::-1]`` view of an interleaved RGB image is
+    several times slower."""
+    if out is None:
+        return cv2.flip(array, 1)
+    if out.shape != array.shape or out.dtype != array.dtype or not out.flags.c_contiguous:
+        raise ValueError(
+            f"out has shape {out.shape} {out.dtype}; expected a contiguous {array.shape} {array.dtype}"
+        )
+    written = cv2.flip(array, 1, dst=out)
+    if written is not out and not np.shares_memory(written, out):  # cv2 allocated instead: copy it in
+        out[...] = written.reshape(out.shape)
+    return out
 
 
 def center_offsets(height: int, width: int, size: int) -> tuple[int, int]:
