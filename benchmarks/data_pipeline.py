@@ -416,7 +416,7 @@ def reading(rates: dict[str, list[float]]) -> str:
         "float32 bytes. The float conversion to the model's inputs (`to_model_inputs`: image in [-1, 1], "
         "condition in [0, 1] with canny repeated to 3 channels, the same float32 values as before, bit for "
         "bit) runs after the transfer, on the accelerator, in `ShardDataModule.on_after_batch_transfer`; "
-        f"done on the CPU in the worker's process it would cost what the second row shows ({with_float:.0%} of "
+        f"done on the CPU in the worker's process it would cost what the last row shows ({with_float:.0%} of "
         "raw OpenCV), mostly the first touch of fresh memory: 25 MB of float32 per batch of 4 plus the int32 "
         "lookup indices, which the CPU allocator may hand back to the OS after every batch, so its cost swings "
         "from run to run; on a GPU the caching allocator keeps that memory and the lookup is one small kernel. "

@@ -183,7 +183,7 @@ def test_a_bad_sample_between_good_ones_is_counted_and_leaves_no_hole() -> None:
 def test_hflip_into_a_slot_equals_opencvs_mirror(shape: tuple[int, ...]) -> None:
     array = np.random.default_rng(0).integers(0, 256, (12, 10, *shape[2:]), np.uint8)[1:10, 2:9]
     out = np.zeros((2, *shape), np.uint8)
-    assert hflip(array, out=out[1]) is out[1] or np.shares_memory(hflip(array, out=out[1]), out)
+    assert np.shares_memory(hflip(array, out=out[1]), out)
     np.testing.assert_array_equal(out[1], array[:, ::-1])
     assert not out[0].any()
     with pytest.raises(ValueError, match="expected a contiguous"):

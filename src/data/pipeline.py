@@ -200,31 +200,23 @@ class SampleDecoder:
         return image, cond, caption
 
     def crops(self, sample: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, str, bool]:
-        """Decoded, resized and cropped ``image`` and ``condition`` (HWC views, the condition with its
-        channel axis), the caption, and whether the pair is to be mirrored: all but the one copy that
-        :class:`DecodeBatches` makes into a batch (and ``__call__`` into a sample, when mirrored)."""
+        """Decoded, resized and cropped ``image`` and ``condition`` (HWC views when no resize is needed,
+        the condition with its channel axis), the caption, and whether the pair is to be mirrored: all
+        but the one copy that :class:`DecodeBatches` makes into a batch (``__call__`` into a sample)."""
         image, cond, caption = self._members(sample)
-        image, cond, mirror = self._geometry(image, cond)
-        return image, cond if cond.ndim == 3 else cond[..., None], caption, mirror
-
-    def _geometry(self, image: np.ndarray, cond: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
-        """Paired resize + crop (views when no resize is needed) and the flip decision."""
         size = self.resolution
         image, cond = resize_shorter(image, size), resize_shorter(cond, size, self.spec.interpolation)
         height, width = image.shape[:2]
         rng = self._generator() if self.train else None
         top, left = random_offsets(height, width, size, rng) if rng else center_offsets(height, width, size)
         mirror = rng is not None and self.random_flip and self.spec.flippable and rng.random() < 0.5
-        return crop(image, top, left, size), crop(cond, top, left, size), mirror
-
-    def transform(self, image: np.ndarray, cond: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Paired resize + crop + flip (identical geometry for both arrays)."""
-        image, cond, mirror = self._geometry(image, cond)
-        return (hflip(image), hflip(cond)) if mirror else (image, cond)
+        image, cond = crop(image, top, left, size), crop(cond, top, left, size)
+        return image, cond if cond.ndim == 3 else cond[..., None], caption, mirror
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
-        image, cond, caption = self._members(sample)
-        image, cond = self.transform(image, cond)
+        image, cond, caption, mirror = self.crops(sample)
+        if mirror:
+            image, cond = hflip(image), hflip(cond)
         return {"image": _chw(image), "condition": _chw(cond), "caption": caption, "key": sample["__key__"]}
 
 

@@ -47,9 +47,7 @@ def hflip(array: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         raise ValueError(
             f"out has shape {out.shape} {out.dtype}; expected a contiguous {array.shape} {array.dtype}"
         )
-    written = cv2.flip(array, 1, dst=out)
-    if written is not out and not np.shares_memory(written, out):  # cv2 allocated instead: copy it in
-        out[...] = written.reshape(out.shape)
+    cv2.flip(array, 1, dst=out)
     return out
 
 
