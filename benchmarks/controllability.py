@@ -9,7 +9,7 @@ same steps on the same held-out validation conditions with the same sampler (the
 ``OFTControlModule.generate``: a stock diffusers pipeline, DDIM, classifier-free guidance with the control
 in both branches). Scores are the project's validation metric (``src.callbacks.controllability``): canny
 F1 of the generated images against their own targets and against the other samples' targets (the chance
-level), and the toy judge's caption fidelity (``src.metrics.toy``: colour, shape and object accuracy).
+level), and the toy judge's caption fidelity (``src.toy.judge``: colour, shape and object accuracy).
 
 The methods, each with a three-value learning-rate sweep:
 
@@ -92,13 +92,13 @@ from src.callbacks.controllability import ControllabilityMetric
 from src.callbacks.energy import rotated_rows
 from src.data.datamodule import ShardDataModule
 from src.data.pipeline import to_model_inputs
-from src.metrics import toy
 from src.models.backbone import BackboneSpec, load_backbone
 from src.models.control import control_injection
 from src.models.module import OFTControlModule
 from src.models.sampling import SamplingOptions
 from src.oft import OFTConfig, hyperspherical_energy, merge_oft, oft_layers, project_coft_
 from src.oft.peft_compat import union_pattern
+from src.toy import judge as toy
 
 ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- controllability:start -->", "<!-- controllability:end -->"

@@ -3,7 +3,7 @@
 Nothing is downloaded: photos and textures are read from scikit-image's package folder
 (``data_prep.assets``), the rest is drawn procedurally. Per task, under ``ROOT``:
 
-- ``canny``: COCO 2017 layout of toy-world scenes (``data_prep.toy_world``: coloured shapes whose
+- ``canny``: COCO 2017 layout of toy-world scenes (``src.toy.world``, written by ``data_prep.toy_world``: coloured shapes whose
   captions name them, the world the default toy backbone was pretrained on)::
 
       ROOT/coco/train2017/000000000001.png ...            (1088 scenes, 64 x 64)

@@ -1,10 +1,12 @@
-"""Pretrain the toy backbone: ``python -m src.pretrain [--out assets/toy-sd] [--work-dir outputs/pretrain]``.
+"""Pretrain the toy backbone: ``python -m src.pretrain --out DIR [--work-dir outputs/pretrain] [--force]``.
 
-Trains the VAE, then the UNet and text encoder on the toy world (``src.models.pretrain``), seeded, with
-progress bars; an interrupted run resumes from ``--work-dir``. Writes a diffusers folder with SD1.5's
+Trains the VAE, then the UNet and text encoder on the toy world (``src.toy.pretrain``), seeded, with
+progress bars; an interrupted run resumes from ``--work-dir``, which is stamped with the recipe: a resume
+under another recipe is refused, naming the fields that differ. ``--out`` is required and an existing
+folder is replaced only with ``--force`` (the shipped ``assets/toy-sd`` included). Writes a diffusers folder with SD1.5's
 layout (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``, all
 weights in safetensors) and ``manifest.json``: the full recipe, seed, steps, wall time, the commit it was
-trained at, the sha256 of every file and the quality figures (``src.metrics.toy``).
+trained at, the sha256 of every file and the quality figures (``src.toy.judge``).
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from pathlib import Path
 import torch
 
 from src.errors import run_cli
-from src.models.pretrain import ToyRecipe, pretrain, recipe_dict
+from src.locks import FolderLock
+from src.toy.pretrain import ToyRecipe, check_out, pretrain, recipe_dict, stamp_work_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -60,10 +63,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     defaults = ToyRecipe()
+    parser.add_argument("--out", default=None, help="the diffusers folder to write (required)")
+    parser.add_argument("--force", action="store_true", help="replace --out if it exists")
     parser.add_argument(
-        "--out", default=str(ROOT / "assets" / "toy-sd"), help="the diffusers folder to write"
+        "--work-dir", default="outputs/pretrain", help="resumable training state, stamped with the recipe"
     )
-    parser.add_argument("--work-dir", default="outputs/pretrain", help="resumable training state")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--vae-steps", type=int, default=defaults.vae.steps)
     parser.add_argument("--unet-steps", type=int, default=defaults.unet.steps)
@@ -77,7 +81,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Entry point; returns the manifest."""
+    """Entry point; returns the manifest. Every refusal (--out, --work-dir) comes before any training."""
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     recipe = ToyRecipe(seed=args.seed)
@@ -91,13 +95,15 @@ def main(argv: list[str] | None = None) -> dict:
             train_text_encoder=not args.freeze_text_encoder,
         ),
     )
+    out, work_dir = check_out(args.out, args.force), Path(args.work_dir)
+    stamp_work_dir(work_dir, recipe)
     began, commit = time.time(), _commit()
-    pipe, figures = pretrain(recipe, Path(args.work_dir))
-    out = Path(args.out)
+    with FolderLock(work_dir, "pretraining the toy backbone"):
+        pipe, figures = pretrain(recipe, work_dir)
     staging = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(staging, ignore_errors=True)
     pipe.save_pretrained(staging, safe_serialization=True)
-    from src.metrics.toy import backbone_fidelity
+    from src.toy.judge import backbone_fidelity
 
     figures |= backbone_fidelity(staging, count=args.eval_captions, seed=recipe.seed + 3)
     manifest = {

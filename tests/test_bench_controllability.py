@@ -17,7 +17,7 @@ from torch import nn
 
 from benchmarks import controllability as bench
 from src.models.control import ControlEncoder
-from src.models.pretrain import build_toy_pipeline
+from src.toy.backbone import build_toy_pipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # one torch thread, as the benchmark is recorded
 

@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_prep import demo, demo_photos, toy_world
+from data_prep import demo, demo_photos
 from src.data import schema
+from src.toy.world import parse_caption
 
 
 @pytest.fixture
@@ -44,7 +45,7 @@ def test_build_demo_offline_and_idempotent(tmp_path: Path, no_network: None) -> 
     captions = json.loads((tmp_path / "coco" / "annotations" / "captions_train2017.json").read_text())
     assert len(captions["images"]) == len(captions["annotations"]) == demo.TOY_TRAIN + demo.TOY_VAL
     for ann in captions["annotations"]:  # every caption follows the toy grammar
-        assert 1 <= len(toy_world.parse_caption(ann["caption"])) <= 2
+        assert 1 <= len(parse_caption(ann["caption"])) <= 2
     before = _states(tmp_path / "coco") | _states(out)
     start = time.monotonic()
     assert demo.build_demo("canny", tmp_path) == out

@@ -89,7 +89,7 @@ def test_nothing_runs_in_the_sanity_check_or_without_a_metric():
 
 
 def _toy_batch(count: int = 6) -> dict:
-    from data_prep.toy_world import render, scene_at
+    from src.toy.world import render, scene_at
 
     scenes = [scene_at(3, i) for i in range(count)]
     images = torch.stack([torch.from_numpy(render(s, 64)[0]).permute(2, 0, 1).float() / 255 for s in scenes])

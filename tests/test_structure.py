@@ -36,3 +36,25 @@ def test_entry_point_imports_no_other_entry_point_and_stays_thin(name):
     others = {f"src.{other}" for other in ENTRY_POINTS if other != name}
     assert not _imported_modules(path) & others, f"src/{name}.py imports another entry point"
     assert len(path.read_text().splitlines()) <= MAX_LINES, f"src/{name}.py is longer than {MAX_LINES} lines"
+
+
+def test_src_never_imports_data_prep():
+    """The dependency runs one way: the converters (data_prep) use the library (src), never the reverse;
+    the toy world lives in src/toy, so nothing under src needs data_prep."""
+    offenders = [
+        str(path.relative_to(SRC.parent))
+        for path in sorted(SRC.rglob("*.py"))
+        if any(name == "data_prep" or name.startswith("data_prep.") for name in _imported_modules(path))
+    ]
+    assert not offenders, f"modules under src import data_prep: {offenders}"
+    mentions = [str(p.relative_to(SRC.parent)) for p in SRC.rglob("*.py") if "data_prep" in p.read_text()]
+    assert not mentions, f"src names data_prep (also in strings, e.g. dynamic imports): {mentions}"
+
+
+def test_the_toy_world_has_one_home():
+    """World, judge, backbone configs and pretraining are the modules of src/toy, and nowhere else."""
+    toy = {p.stem for p in (SRC / "toy").glob("*.py")}
+    assert {"world", "judge", "backbone", "pretrain"} <= toy
+    for stray in ("metrics/toy.py", "models/pretrain.py"):
+        assert not (SRC / stray).exists(), f"src/{stray} should live in src/toy"
+    assert "TOY_" not in (SRC / "models" / "tiny.py").read_text()

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
 from src import PROJECT_ROOT
-from src.metrics import toy
+from src.toy import judge as toy
 
 TOY = PROJECT_ROOT / "assets" / "toy-sd"
 LAYOUT = {"model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler"}
@@ -53,41 +54,76 @@ def test_stock_pipeline_draws_the_captions_colour_and_shape_above_chance():
     assert own["shape_acc"] >= 0.4 and own["shape_acc"] > chance["shape_acc"]
 
 
-def test_pretraining_writes_the_layout_and_resumes(tmp_path: Path):
+def _digests(folder: Path) -> dict[str, str]:
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in folder.rglob("*")
+        if p.is_file()
+    }
+
+
+def test_pretraining_writes_the_layout_resumes_and_refuses_another_recipe(tmp_path: Path):
+    from src.errors import ConfigError
     from src.pretrain import main
 
     out, work = tmp_path / "toy", tmp_path / "work"
-    args = [
-        "--out",
-        str(out),
-        "--work-dir",
-        str(work),
-        "--vae-steps",
-        "2",
-        "--unet-steps",
-        "2",
-        "--pool-size",
-        "64",
-        "--eval-captions",
-        "2",
-    ]
+    tiny = ["--vae-steps", "2", "--unet-steps", "2", "--pool-size", "64", "--eval-captions", "2"]
+    args = ["--out", str(out), "--work-dir", str(work), *tiny]
     manifest = main(args)
     assert {p.name for p in out.iterdir()} >= LAYOUT
     assert manifest["steps"] == {"vae": 2, "unet": 2} and manifest["recipe"]["seed"] == 0
     assert set(manifest["sha256"]) == {
         p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() and p.name != "manifest.json"
     }
-    state = torch.load(work / "unet.pt", weights_only=True)
-    assert state["step"] == 2
+    assert json.loads((work / "recipe.json").read_text()) == manifest["recipe"]
     first_vae = torch.load(work / "vae.pt", weights_only=True)["modules"]["vae"]
-    main(
-        [*args[:-6], "--unet-steps", "3", "--pool-size", "64", "--eval-captions", "2"]
-    )  # resume: one more UNet step
-    assert torch.load(work / "unet.pt", weights_only=True)["step"] == 3
+
+    with pytest.raises(ConfigError, match=r"--out .*toy is a model folder.*--force"):
+        main(args)
+    again = main([*args, "--force"])  # the same recipe resumes: both stages are done, nothing is retrained
+    assert torch.load(work / "unet.pt", weights_only=True)["step"] == 2
     again_vae = torch.load(work / "vae.pt", weights_only=True)["modules"]["vae"]
-    assert all(
-        torch.equal(first_vae[k], again_vae[k]) for k in first_vae
-    )  # the finished VAE stage is not rerun
+    assert all(torch.equal(first_vae[k], again_vae[k]) for k in first_vae)
+    assert again["sha256"] == manifest["sha256"]  # and writes the same bytes
+
+    before = _digests(work)
+    for changed, field in (
+        (["--unet-steps", "3"], r"unet\.steps 2 -> 3"),
+        (["--freeze-text-encoder"], r"unet\.train_text_encoder True -> False"),
+    ):
+        with pytest.raises(ConfigError, match=rf"--work-dir .* another recipe \({field}\)"):
+            main([*args, "--force", *changed])
+    assert _digests(work) == before
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ([], r"--out is required: name a new folder"),
+        (
+            ["--out", "assets/toy-sd"],
+            r"--out assets/toy-sd is a model folder: name a new folder, or pass --force",
+        ),
+    ],
+)
+def test_pretrain_never_touches_the_shipped_backbone_without_force(tmp_path: Path, extra, message):
+    from tests.helpers import run_module
+
+    before = _digests(TOY)
+    result = run_module("src.pretrain", "--work-dir", str(tmp_path / "work"), *extra, timeout=120)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and re.search(message, lines[0]), result.stderr
+    assert _digests(TOY) == before and not (tmp_path / "work").exists()
+
+
+def test_a_work_dir_with_state_but_no_recipe_stamp_is_refused(tmp_path: Path):
+    from src.errors import ConfigError
+    from src.toy.pretrain import ToyRecipe, stamp_work_dir
+
+    (tmp_path / "unet.pt").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"holds training state \(unet\.pt\) without a recipe\.json"):
+        stamp_work_dir(tmp_path, ToyRecipe())
 
 
 @pytest.mark.parametrize("words", [("a", "red"), ()])

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from data_prep.toy_world import COLOURS, SHAPE_CLASS, SHAPES, parse_caption, render, scene_at
-from src.metrics import toy
+from src.toy import judge as toy
+from src.toy.world import COLOURS, SHAPE_CLASS, SHAPES, parse_caption, render, scene_at
 
 
 def test_scenes_are_a_pure_function_of_seed_and_index():
@@ -87,8 +87,8 @@ def test_shape_miou_is_one_for_the_truth_and_low_against_other_label_maps():
 
 
 def test_the_tokenizer_knows_every_toy_word_whole():
-    from src.models.pretrain import toy_words
     from src.models.tiny import build_tokenizer
+    from src.toy.backbone import toy_words
 
     tokenizer = build_tokenizer(toy_words(), 16)
     for word in toy_words():

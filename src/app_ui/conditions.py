@@ -3,7 +3,7 @@
 A condition image is used as it is (resized and centre-cropped exactly as `python -m src.generate` reads a
 condition file, `src.data.inputs.condition_from_rgb`), or first annotated the way the converters annotate
 a source image: for canny, a photo becomes its edge map (`src.data.annotators.canny_edges` on the image
-resized to the run's resolution, as `data_prep.coco` does); for segmentation, every colour is snapped to the
+resized to the run's resolution, as the COCO converter does); for segmentation, every colour is snapped to the
 nearest ADE20K palette colour (`src.data.palette`), so anti-aliased strokes become class colours.
 """
 

@@ -54,8 +54,8 @@ def toy_metrics(
 ) -> dict[str, float]:
     """The toy judge's caption fidelity and (segmentation) shape mIoU with its chance level; {} if the
     captions are not toy-world captions."""
-    from data_prep.toy_world import parse_caption
-    from src.metrics import toy
+    from src.toy import judge as toy
+    from src.toy.world import parse_caption
 
     try:
         for caption in captions:

@@ -70,7 +70,7 @@ class ShardDataModule(pl.LightningDataModule):
         epoch_samples: samples per epoch over all ranks; with it every rank yields exactly
             ``max(1, epoch_samples // (world_size * batch_size))`` batches per epoch.
         seed: base seed of shard resampling, shuffling and augmentation.
-        prepare: called once in ``prepare_data()`` (e.g. ``partial(data_prep.demo.build_demo, "canny")``).
+        prepare: called once in ``prepare_data()`` (e.g. the demo builder that ``conf/data/demo.yaml`` names).
         random_flip: horizontal flip of target and condition together during training (ignored for
             ``landmarks``, whose left/right colours a mirror would swap).
         root: folder that relative local shard specs are resolved against (absolute specs and

@@ -76,8 +76,8 @@ def resolve_shards(
     if missing:
         raise InputError(
             f"{what}={spec!r}: no shard found for {missing[:3]}{' ...' if len(missing) > 3 else ''}. "
-            f"Build shards with `python -m data_prep.coco --images ... --captions ... --out DIR` "
-            f"(or `python -m data_prep.demo --root DIR`) and set {what} to DIR/train-*.tar (or a list)."
+            f"Build shards with a converter (README, 'Prepare your data': COCO, ADE20K, faces or the demo) "
+            f"into DIR and set {what} to DIR/train-*.tar (or a list)."
         )
     return urls
 

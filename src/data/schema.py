@@ -1,6 +1,6 @@
 """The shard schema: one sample is the tar members sharing a key (docs/design.md, "Shard schema").
 
-Writers (``data_prep``) and the reader (``src.data.datamodule``) both go through this module, so the
+Writers (the converters) and the reader (``src.data.datamodule``) both go through this module, so the
 member names, their encodings and the condition-to-member mapping live in exactly one place.
 
 | member            | kind          | content                                              |

@@ -51,22 +51,6 @@ TINY_TEXT = dict(
     max_position_embeddings=77,
     projection_dim=32,
 )
-#: The toy backbone (pretrained by `python -m src.pretrain`, shipped in `assets/toy-sd/`): a three-level
-#: UNet with cross-attention at 8x8 and 4x4 latents, a factor-8 VAE and a 2-layer text encoder whose
-#: tokenizer knows the toy world's words whole.
-TOY_UNET = dict(
-    TINY_UNET,
-    block_out_channels=(32, 64, 64),
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=64,
-    attention_head_dim=8,
-)
-TOY_VAE = dict(TINY_VAE, block_out_channels=(16, 32, 64, 64))
-TOY_TEXT = dict(
-    TINY_TEXT, hidden_size=64, intermediate_size=128, max_position_embeddings=16, projection_dim=64
-)
-
 TINY_SCHEDULER = dict(
     num_train_timesteps=1000,
     beta_start=0.00085,

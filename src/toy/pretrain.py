@@ -1,6 +1,6 @@
 """Pretraining of the toy backbone: a tiny Stable-Diffusion-format model of the toy world.
 
-Two stages, each a plain loop over freshly drawn scenes (``data_prep.toy_world``; batch ``b`` of step
+Two stages, each a plain loop over freshly drawn scenes (``src.toy.world``; batch ``b`` of step
 ``s`` is scenes ``s*b .. s*b + b - 1``, so a resumed stage sees exactly the data it would have seen):
 
 1. **VAE** (``AutoencoderKL``, factor 8): L1 + MSE reconstruction plus a small KL term. Afterwards the
@@ -17,6 +17,7 @@ from it. The result is a diffusers folder with SD1.5's layout plus ``manifest.js
 from __future__ import annotations
 
 import copy
+import json
 import math
 import time
 from collections.abc import Callable
@@ -29,8 +30,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from data_prep.toy_world import render, scene_at
+from src.errors import ConfigError
 from src.fileio import atomic_path
+from src.toy.backbone import build_toy_pipeline
+from src.toy.world import render, scene_at
 
 
 @dataclass
@@ -292,22 +295,6 @@ def recipe_dict(recipe: ToyRecipe) -> dict:
     return asdict(recipe)
 
 
-def toy_words() -> tuple[str, ...]:
-    """Every word of the caption grammar (each becomes one token)."""
-    from data_prep.toy_world import COLOURS, SHAPES
-
-    return ("a", "and", *COLOURS, *SHAPES)
-
-
-def build_toy_pipeline(seed: int):
-    """The toy backbone's architecture with fresh weights (seeded), before pretraining."""
-    from src.models.tiny import TOY_TEXT, TOY_UNET, TOY_VAE, build_tiny_pipeline
-
-    return build_tiny_pipeline(
-        seed, TOY_UNET, TOY_VAE, TOY_TEXT, toy_words(), scheduler_class="DDIMScheduler"
-    )
-
-
 def pretrain(recipe: ToyRecipe, work_dir: Path):
     """Both stages, resumed from ``work_dir`` where possible; returns the pipeline (EMA weights) and figures."""
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -320,6 +307,9 @@ def pretrain(recipe: ToyRecipe, work_dir: Path):
         getattr(pipe, key).load_state_dict(shadow.state_dict())
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
         module.eval().requires_grad_(False)
+    # A fast tokenizer saves the padding/truncation its last call set; make that the training's setting
+    # whether or not this process ran the UNet stage, so a resumed run writes the same tokenizer.json.
+    encode_prompts(pipe.tokenizer, pipe.text_encoder, [""])
     figures = {
         "vae_psnr_db": round(vae_psnr(pipe.vae, recipe), 2),
         "vae_scaling_factor": pipe.vae.config.scaling_factor,
@@ -327,3 +317,78 @@ def pretrain(recipe: ToyRecipe, work_dir: Path):
         "unet_seconds": round(unet_stage.seconds, 1),
     }
     return pipe, figures
+
+
+# ------------------------------------------------------------------------------------- guards
+RECIPE_STAMP = "recipe.json"
+
+
+def flatten(data: dict, prefix: str = "") -> dict[str, object]:
+    """``{"unet": {"steps": 5}}`` -> ``{"unet.steps": 5}``."""
+    flat: dict[str, object] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat |= flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def recipe_differences(stamped: dict, wanted: dict) -> list[str]:
+    """``field stamped -> wanted`` for every field where two recipes differ."""
+    old, new = flatten(stamped), flatten(wanted)
+    return [
+        f"{k} {old.get(k, '(absent)')} -> {new.get(k, '(absent)')}"
+        for k in sorted(old.keys() | new.keys())
+        if old.get(k) != new.get(k)
+    ]
+
+
+def stamp_work_dir(work_dir: Path, recipe: ToyRecipe) -> None:
+    """Tie ``work_dir`` to ``recipe``: write the stamp on first use; refuse a resume under another recipe.
+
+    A work dir's saved stages are only a resume of the recipe that wrote them: continuing them under
+    another step count or another text-encoder setting would mix two recipes in one model (or fail on a
+    mismatched optimizer state), while the manifest would claim the new recipe.
+    """
+    wanted = recipe_dict(recipe)
+    stamp = work_dir / RECIPE_STAMP
+    if stamp.is_file():
+        try:
+            stamped = json.loads(stamp.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            raise ConfigError(
+                f"--work-dir {work_dir}: unreadable {RECIPE_STAMP} ({error}); pass a new --work-dir"
+            ) from error
+        differences = recipe_differences(stamped, wanted)
+        if differences:
+            raise ConfigError(
+                f"--work-dir {work_dir} holds a pretraining of another recipe ({'; '.join(differences)}): "
+                "pass a new --work-dir, or the same options as before to resume it"
+            )
+        return
+    saved = sorted(p.name for p in work_dir.glob("*.pt")) if work_dir.is_dir() else []
+    if saved:
+        raise ConfigError(
+            f"--work-dir {work_dir} holds training state ({', '.join(saved)}) without a {RECIPE_STAMP}, so "
+            "its recipe is unknown: pass a new --work-dir"
+        )
+    work_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(stamp) as tmp:
+        Path(tmp).write_text(json.dumps(wanted, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def check_out(out: str | None, force: bool) -> Path:
+    """The folder the model will be written to; refused before any training if that would destroy something."""
+    if not out:
+        raise ConfigError(
+            "--out is required: name a new folder for the pretrained backbone (e.g. --out outputs/toy-sd); "
+            "the shipped assets/toy-sd is replaced only with --out assets/toy-sd --force"
+        )
+    path = Path(out).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--out {path} is a file: name a folder")
+    if path.is_dir() and any(path.iterdir()) and not force:
+        what = "a model folder" if (path / "model_index.json").is_file() else "a non-empty folder"
+        raise ConfigError(f"--out {path} is {what}: name a new folder, or pass --force to replace it")
+    return path

@@ -23,7 +23,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from data_prep.toy_world import COLOURS, SHAPE_CLASS, SHAPES, parse_caption
+from src.toy.world import COLOURS, SHAPE_CLASS, SHAPES, parse_caption
 
 #: OpenCV hue (0..180) of each toy colour.
 HUES: dict[str, float] = {
