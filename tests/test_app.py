@@ -8,11 +8,14 @@ headless chromium.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import time
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -309,6 +312,39 @@ def test_generate_api_gives_the_image_of_python_m_src_generate(served, trained_r
         assert np.array_equal(served_pixels, generated), np.abs(served_pixels.astype(int) - generated).max()
 
 
+def png_header(width: int, height: int) -> bytes:
+    """A PNG signature and IHDR chunk declaring `width` x `height` (RGB, 8 bit), and nothing else."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + struct.pack(">I", len(ihdr))
+        + b"IHDR"
+        + ihdr
+        + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    )
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (
+            b"not an image",
+            r"The uploaded file 'bad\.png' is not an image this app can read: upload a PNG or JPEG",
+        ),
+        (b"", r"The uploaded file 'bad\.png' is empty: upload a PNG or JPEG"),
+        (png_header(60000, 60000), r"declares 60000x60000 px, over this app's limit of 4096 px a side"),
+    ],
+    ids=["not-an-image", "empty", "header-only-pixel-bomb"],
+)
+def test_check_upload_names_what_is_wrong_from_the_header_alone(tmp_path, content, message):
+    from src.app_ui.uploads import check_upload
+
+    with pytest.raises(ValueError, match=message):
+        check_upload(content, "bad.png")
+    ok = png_header(64, 64)
+    check_upload(ok, "ok.png")  # a header within the limit passes (its pixels are never read here)
+
+
 def test_generate_api_reports_bad_input_as_a_message(served, tmp_path):
     from gradio_client import Client, handle_file
 
@@ -316,19 +352,43 @@ def test_generate_api_reports_bad_input_as_a_message(served, tmp_path):
     with pytest.raises(Exception, match="The prompt is empty"):
         client.predict(handle_file(str(edge_png(tmp_path))), " ", api_name="/generate")
     bad = tmp_path / "bad.png"
-    bad.write_bytes(b"not an image")
-    with pytest.raises(Exception):  # noqa: B017 (gradio reports an unreadable upload in its own words)
-        client.predict(handle_file(str(bad)), PROMPT, api_name="/generate")
+    for content, message in (
+        (b"not an image", "is not an image this app can read: upload a PNG or JPEG"),
+        (b"", "is empty: upload a PNG or JPEG"),
+        (png_header(60000, 60000), "declares 60000x60000 px, over this app's limit of 4096 px a side"),
+    ):
+        bad.write_bytes(content)
+        with pytest.raises(Exception, match=re.escape(message)):
+            client.predict(handle_file(str(bad)), PROMPT, api_name="/generate")
+    gallery, _, _ = client.predict(handle_file(str(edge_png(tmp_path))), PROMPT, api_name="/generate")
+    assert len(gallery) == 1  # the server is still up and serving
+    assert "Traceback" not in served.log.read_text(), served.log.read_text()[-3000:]
 
 
-@pytest.mark.skipif(
-    chromium_paths() is None,
-    reason="no system chromium + chromedriver (.ci/run installs them with "
-    "apt-get install chromium chromium-driver)",
-)
+def require_chromium() -> tuple[str, str]:
+    """The system chromium and chromedriver; without them the browser test is skipped on a developer's
+    machine but fails under CI=true, so CI can never pass without the browser test having run."""
+    paths = chromium_paths()
+    if paths is not None:
+        return paths
+    reason = "no system chromium + chromedriver (.ci/run installs them with apt-get install chromium chromium-driver)"
+    if os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}:
+        pytest.fail(f"CI=true but {reason}: the browser test must run in CI", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.mark.parametrize("ci, outcome", [("true", pytest.fail.Exception), ("", pytest.skip.Exception)])
+def test_a_missing_browser_fails_under_ci_and_skips_elsewhere(monkeypatch, ci, outcome):
+    monkeypatch.setattr(sys.modules[__name__], "chromium_paths", lambda: None)
+    monkeypatch.setenv("CI", ci)
+    with pytest.raises(outcome, match="no system chromium \\+ chromedriver"):
+        require_chromium()
+
+
 def test_page_renders_its_inputs_and_generates_in_headless_chromium(served):
     from selenium.webdriver.common.by import By
 
+    require_chromium()
     page = open_page(served.url)
     try:
         wait_for(page, "#prompt textarea")

@@ -25,6 +25,7 @@ import numpy as np
 
 from src.app_ui.conditions import ANNOTATION, MODES, palette_classes, prepare_condition, to_uint8
 from src.app_ui.examples import Example
+from src.app_ui.uploads import guard_uploads
 from src.models.inference import ControlledModel, generate_images
 from src.models.sampling import SCHEDULERS, SamplingOptions
 
@@ -180,13 +181,16 @@ def build_app(
             with gr.Column():
                 with gr.Tabs():
                     with gr.Tab("Upload"):
-                        condition = gr.Image(
-                            label="Condition image",
-                            type="numpy",
-                            image_mode="RGB",
-                            sources=["upload", "clipboard"],
-                            format="png",
-                            elem_id="condition",
+                        condition = guard_uploads(
+                            gr.Image(
+                                label="Condition image",
+                                type="numpy",
+                                image_mode="RGB",
+                                sources=["upload", "clipboard"],
+                                format="png",
+                                elem_id="condition",
+                            ),
+                            gr,
                         )
                     with gr.Tab("Draw"):
                         sketch = gr.Sketchpad(
