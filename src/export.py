@@ -2,8 +2,8 @@
 
     python -m src.export --run outputs/canny/runs/<date> --out_dir exports/canny [--formats peft]
 
-writes one folder per format under `--out_dir` (default: all three; the formats are described in
-`src.models.exported`):
+writes one folder per format under `--out_dir` (default: every format the run's backbone can host; the
+formats are described in `src.models.exported` and `src.formats`):
 
 - `diffusers/`: a `StableDiffusionPipeline` folder with the rotations merged into the UNet (`W R`) and the
   control encoder in `control_encoder/`: `python -m src.generate run=exports/canny/diffusers ...` or
@@ -11,6 +11,12 @@ writes one folder per format under `--out_dir` (default: all three; the formats 
 - `peft/`: the UNet rotations as a peft OFT adapter for the base UNet: `PeftModel.from_pretrained(
   UNet2DConditionModel.from_pretrained(base, subfolder="unet"), "exports/canny/peft")`.
 - `control_encoder/`: the control encoder alone, `model.safetensors` plus `config.json`.
+- `single_file/`: `model.safetensors` in the original SD (LDM) layout, rotations merged: a checkpoint for
+  AUTOMATIC1111, Forge and ComfyUI; `config/` lets diffusers' `from_single_file` load it offline.
+- `lora/`: `lora.safetensors`, the rotations as full weight differences (`lora_unet_<layer>.diff`) for the
+  LoRA / LyCORIS loaders of those tools, applied to the base checkpoint.
+- `controlnet_xs/`: the control encoder as a stock diffusers `ControlNetXSAdapter`, for
+  `StableDiffusionControlNetXSPipeline` over `diffusers/` (backbones with layers_per_block 2 only).
 
 The options are named as the keys of `python -m src.generate` and `python -m src.evaluate`: `--run`,
 `--checkpoint`, `--model_path`, `--out_dir`.
@@ -21,11 +27,11 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from src.errors import ConfigError, OutputError, run_cli
-from src.models.exported import FORMATS, WRITERS
+from src.models.exported import FORMATS, WRITERS, unsupported
 from src.models.run import load_run
 
 
@@ -52,15 +58,26 @@ def prepare_out_dir(out_dir: Path, formats: Sequence[str], overwrite: bool) -> d
 def export(
     run: str | os.PathLike,
     out_dir: str | os.PathLike,
-    formats: Sequence[str] = FORMATS,
+    formats: Sequence[str] | None = None,
     checkpoint: str | None = None,
     model_path: str | None = None,
     overwrite: bool = False,
+    report: Callable[[str], None] = print,
 ) -> dict[str, Path]:
-    """Export `run` (a run directory or checkpoint) to `out_dir/<format>` for each format; returns the folders."""
-    targets = prepare_out_dir(Path(out_dir).expanduser(), list(formats), overwrite)
+    """Export `run` (a run directory or checkpoint) to `out_dir/<format>` for each format; returns the folders.
+
+    `formats=None` writes every format the backbone can host and `report`s the others with the reason; a
+    format asked for by name that the backbone cannot host stops the export (one line) before any is written.
+    """
+    targets = prepare_out_dir(Path(out_dir).expanduser(), list(formats or FORMATS), overwrite)
     trained = load_run(run, checkpoint, model_path)
-    return {name: WRITERS[name](trained, path) for name, path in targets.items()}
+    reasons = {name: why for name in targets if (why := unsupported(trained, name))}
+    if formats and reasons:
+        name, why = next(iter(reasons.items()))
+        raise ConfigError(f"--formats {name}: {why}")
+    for name, why in reasons.items():
+        report(f"{name}: skipped: {why}")
+    return {name: WRITERS[name](trained, path) for name, path in targets.items() if name not in reasons}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,7 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="a training run directory (config.yaml, checkpoints/) or one of its .ckpt files",
     )
     parser.add_argument("--out_dir", required=True, help="folder that receives one subfolder per format")
-    parser.add_argument("--formats", nargs="+", default=list(FORMATS), choices=FORMATS, help="what to export")
+    parser.add_argument(
+        "--formats",
+        nargs="+",
+        default=None,
+        choices=FORMATS,
+        help="what to export (default: all the backbone hosts)",
+    )
     parser.add_argument(
         "--checkpoint", default=None, help="a checkpoint other than <run>/checkpoints/last.ckpt"
     )

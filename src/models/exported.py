@@ -7,6 +7,13 @@
   for the base UNet (the mapping is `src.oft.peft_compat`).
 - `control_encoder/`: the control encoder alone, `model.safetensors` plus `config.json` (its constructor
   arguments, condition and resolution); `load_control_encoder` reads it.
+- `single_file/`: one checkpoint in the original SD (LDM) layout, rotations merged, for AUTOMATIC1111, Forge
+  and ComfyUI (`src.formats.single_file`).
+- `lora/`: the rotations as full weight differences for LoRA / LyCORIS loaders (`src.formats.lora_diff`).
+- `controlnet_xs/`: the control encoder as a stock diffusers `ControlNetXSAdapter`
+  (`src.formats.controlnet_xs`).
+
+Without a list of formats, `src.export` writes every format the run's backbone can host (`unsupported`).
 """
 
 from __future__ import annotations
@@ -16,14 +23,17 @@ import os
 from pathlib import Path
 from typing import Any
 
-from src.errors import InputError, MissingInputError
+from src.errors import ConfigError, InputError, MissingInputError
+from src.formats.controlnet_xs import check_controlnet_xs, export_controlnet_xs
+from src.formats.lora_diff import export_lora
+from src.formats.single_file import check_single_file, export_single_file
 from src.models.control import ControlEncoder
 from src.models.run import TrainedRun
 from src.models.sampling import build_pipeline, make_scheduler
 from src.oft import merge_oft, unmerge_oft
 from src.oft.peft_compat import peft_adapter
 
-FORMATS = ("diffusers", "peft", "control_encoder")
+FORMATS = ("diffusers", "peft", "control_encoder", "single_file", "lora", "controlnet_xs")
 ENCODER_DIR, ENCODER_WEIGHTS, ENCODER_CONFIG = "control_encoder", "model.safetensors", "config.json"
 ENCODER_FORMAT = "oft-control-encoder"
 EXPORT_INFO = "oft_control.json"
@@ -143,4 +153,24 @@ def export_peft(run: TrainedRun, folder: str | os.PathLike) -> Path:
     return folder
 
 
-WRITERS = {"diffusers": export_diffusers, "peft": export_peft, "control_encoder": export_control_encoder}
+def unsupported(run: TrainedRun, name: str) -> str | None:
+    """Why the run's backbone cannot host format `name` (the `ConfigError` line), or None if it can."""
+    checks = {
+        "single_file": lambda: check_single_file(run.module),
+        "controlnet_xs": lambda: check_controlnet_xs(run.module.unet, getattr(run.module, "encoder", None)),
+    }
+    try:
+        checks.get(name, lambda: None)()
+    except ConfigError as error:
+        return str(error)
+    return None
+
+
+WRITERS = {
+    "diffusers": export_diffusers,
+    "peft": export_peft,
+    "control_encoder": export_control_encoder,
+    "single_file": export_single_file,
+    "lora": export_lora,
+    "controlnet_xs": export_controlnet_xs,
+}

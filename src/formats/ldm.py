@@ -1,0 +1,195 @@
+"""Diffusers state dicts in the original Stable Diffusion (LDM / CompVis) key layout.
+
+AUTOMATIC1111, Forge and ComfyUI load a checkpoint as one file whose keys are those of the original
+`ldm` code: the UNet under `model.diffusion_model.` (`input_blocks.N`, `middle_block.N`,
+`output_blocks.N`, `time_embed`, `out`), the VAE under `first_stage_model.` (`encoder.down.i.block.j`,
+`decoder.up.i` numbered from the lowest resolution, 1x1-convolution attention) and the CLIP text encoder
+under `cond_stage_model.transformer.text_model.`. The block numbering follows from the UNet config:
+with `L = layers_per_block`, down block `i` sub-layer `j` is `input_blocks.{1 + i (L + 1) + j}` and its
+downsampler `input_blocks.{(i + 1)(L + 1)}`; up block `i` sub-layer `j` is `output_blocks.{i (L + 1) + j}`,
+its upsampler the last sub-module of `output_blocks.{i (L + 1) + L}`.
+
+Only the SD1-class layouts are written: the block types SD1.x uses, an integer `layers_per_block`, no
+class or added embeddings, a CLIP text encoder (SD2's OpenCLIP text-encoder layout is not written). Any
+other layout is refused with one line (`ConfigError`) naming what does not fit.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from torch import Tensor
+
+from src.errors import ConfigError
+
+UNET_PREFIX, VAE_PREFIX = "model.diffusion_model.", "first_stage_model."
+TEXT_PREFIX = "cond_stage_model.transformer.text_model."
+UNET_DOWN = ("CrossAttnDownBlock2D", "DownBlock2D")
+UNET_UP = ("CrossAttnUpBlock2D", "UpBlock2D")
+UNET_MID = ("UNetMidBlock2DCrossAttn",)
+VAE_DOWN, VAE_UP = ("DownEncoderBlock2D",), ("UpDecoderBlock2D",)
+#: SD2's OpenCLIP ViT-H text encoder: its LDM layout (`cond_stage_model.model.`) is not written here
+OPEN_CLIP_WIDTH = 1024
+
+UNET_FIXED = {
+    "time_embedding.linear_1": "time_embed.0",
+    "time_embedding.linear_2": "time_embed.2",
+    "conv_in": "input_blocks.0.0",
+    "conv_norm_out": "out.0",
+    "conv_out": "out.2",
+}
+UNET_RESNET = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "time_emb_proj": "emb_layers.1",
+    "conv_shortcut": "skip_connection",
+}
+VAE_FIXED = {"conv_norm_out": "norm_out"}
+VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+
+
+def _refuse(part: str, what: str, fix: str = "") -> ConfigError:
+    return ConfigError(
+        f"the backbone's {part} has no original Stable Diffusion (LDM) layout: {what}; single_file writes "
+        f"SD1-class backbones only{fix or ', export the diffusers/ folder instead'}"
+    )
+
+
+# ------------------------------------------------------------------------------------------------ checks
+def check_unet(config: Mapping[str, Any]) -> None:
+    """Refuse a UNet config the LDM layout cannot hold (one line naming the value)."""
+    for key, allowed in (("down_block_types", UNET_DOWN), ("up_block_types", UNET_UP)):
+        odd = sorted(set(config[key]) - set(allowed))
+        if odd:
+            raise _refuse("UNet", f"{key} {odd} (LDM has {', '.join(allowed)})")
+    if config.get("mid_block_type", UNET_MID[0]) not in UNET_MID:
+        raise _refuse("UNet", f"mid_block_type {config['mid_block_type']!r}")
+    if not isinstance(config["layers_per_block"], int):
+        raise _refuse("UNet", f"layers_per_block {config['layers_per_block']} differs between blocks")
+    for key in ("class_embed_type", "addition_embed_type", "encoder_hid_dim_type", "time_cond_proj_dim"):
+        if config.get(key) is not None:
+            raise _refuse("UNet", f"{key} {config[key]!r} (SD1 has none)")
+
+
+def check_vae(config: Mapping[str, Any]) -> None:
+    for key, allowed in (("down_block_types", VAE_DOWN), ("up_block_types", VAE_UP)):
+        odd = sorted(set(config[key]) - set(allowed))
+        if odd:
+            raise _refuse("VAE", f"{key} {odd}")
+    if not config.get("mid_block_add_attention", True):
+        raise _refuse("VAE", "mid_block_add_attention false (LDM's VAE has a middle attention)")
+
+
+def check_text_encoder(model) -> None:
+    name, width = type(model).__name__, model.config.hidden_size
+    if name != "CLIPTextModel":
+        raise _refuse("text encoder", f"{name} (LDM SD1 checkpoints hold a CLIPTextModel)")
+    if width == OPEN_CLIP_WIDTH:
+        raise _refuse(
+            "text encoder",
+            f"hidden_size {width} is SD2's OpenCLIP ViT-H, whose LDM layout (cond_stage_model.model.) "
+            "is not written",
+        )
+
+
+# ------------------------------------------------------------------------------------------------ UNet
+def _resnet(rest: str) -> str:
+    head, _, tail = rest.partition(".")
+    return f"{UNET_RESNET.get(head, head)}.{tail}"
+
+
+def unet_key(name: str, config: Mapping[str, Any]) -> str:
+    """The LDM name (without prefix) of the diffusers UNet parameter `name`."""
+    step = config["layers_per_block"] + 1
+    head, _, tail = name.rpartition(".")
+    if head in UNET_FIXED:
+        return f"{UNET_FIXED[head]}.{tail}"
+    if m := re.fullmatch(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", name):
+        i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
+        index = 1 + i * step + j
+        return (
+            f"input_blocks.{index}.0.{_resnet(rest)}"
+            if kind == "resnets"
+            else f"input_blocks.{index}.1.{rest}"
+        )
+    if m := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", name):
+        return f"input_blocks.{(int(m[1]) + 1) * step}.0.op.{m[2]}"
+    if m := re.fullmatch(r"mid_block\.(resnets|attentions)\.(\d+)\.(.+)", name):
+        kind, j, rest = m[1], int(m[2]), m[3]
+        return f"middle_block.{2 * j}.{_resnet(rest)}" if kind == "resnets" else f"middle_block.1.{rest}"
+    if m := re.fullmatch(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", name):
+        i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
+        index = i * step + j
+        return (
+            f"output_blocks.{index}.0.{_resnet(rest)}"
+            if kind == "resnets"
+            else f"output_blocks.{index}.1.{rest}"
+        )
+    if m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", name):
+        i = int(m[1])
+        slot = 2 if config["up_block_types"][i].startswith("CrossAttn") else 1
+        return f"output_blocks.{i * step + step - 1}.{slot}.conv.{m[2]}"
+    raise _refuse("UNet", f"parameter {name!r} has no LDM name")
+
+
+# ------------------------------------------------------------------------------------------------ VAE
+def vae_key(name: str, n_blocks: int) -> str:
+    """The LDM name (without prefix) of the diffusers VAE parameter `name`."""
+    name = name.replace("conv_shortcut", "nin_shortcut")
+    head, _, tail = name.rpartition(".")
+    part, _, rest = head.partition(".")  # part: encoder / decoder / quant_conv / post_quant_conv
+    if m := re.fullmatch(r"(down|up)_blocks\.(\d+)\.(resnets|downsamplers|upsamplers)\.(\d+)(.*)", rest):
+        side, i, kind, j, sub = m[1], int(m[2]), m[3], m[4], m[5]
+        level = (
+            i if side == "down" else n_blocks - 1 - i
+        )  # LDM numbers the decoder from the lowest resolution
+        what = f"block.{j}" if kind == "resnets" else ("downsample" if side == "down" else "upsample")
+        return f"{part}.{side}.{level}.{what}{sub}.{tail}"
+    if m := re.fullmatch(r"mid_block\.resnets\.(\d+)(.*)", rest):
+        return f"{part}.mid.block_{int(m[1]) + 1}{m[2]}.{tail}"
+    if m := re.fullmatch(r"mid_block\.attentions\.0\.(.+)", rest):
+        return f"{part}.mid.attn_1.{VAE_ATTENTION.get(m[1], m[1])}.{tail}"
+    if rest in VAE_FIXED or rest in ("conv_in", "conv_out", ""):
+        return f"{part}.{VAE_FIXED.get(rest, rest)}.{tail}".replace("..", ".")
+    raise _refuse("VAE", f"parameter {name!r} has no LDM name")
+
+
+def _vae_tensor(ldm_name: str, tensor: Tensor) -> Tensor:
+    """LDM's VAE attention projections are 1x1 convolutions: `[C, C]` -> `[C, C, 1, 1]`."""
+    if ".mid.attn_1." in ldm_name and ldm_name.endswith(".weight") and tensor.dim() == 2:
+        return tensor[:, :, None, None]
+    return tensor
+
+
+# ------------------------------------------------------------------------------------------------ all
+def _convert(
+    state: Mapping[str, Tensor], prefix: str, key: Callable[[str], str], shape=lambda _n, t: t
+) -> dict[str, Tensor]:
+    out: dict[str, Tensor] = {}
+    for name, tensor in state.items():
+        ldm = prefix + key(name)
+        if ldm in out:
+            raise _refuse(prefix.rstrip("."), f"two parameters map to {ldm!r}")
+        out[ldm] = shape(ldm, tensor).detach()
+    return out
+
+
+def ldm_state_dict(unet, vae, text_encoder) -> dict[str, Tensor]:
+    """UNet, VAE and text encoder (diffusers / transformers modules) as one LDM-layout state dict."""
+    check_unet(unet.config)
+    check_vae(vae.config)
+    check_text_encoder(text_encoder)
+    n_vae = len(vae.config.down_block_types)
+    text = {
+        k if k.startswith("text_model.") else f"text_model.{k}": v
+        for k, v in text_encoder.state_dict().items()
+    }
+    return {
+        **_convert(unet.state_dict(), UNET_PREFIX, lambda n: unet_key(n, unet.config)),
+        **_convert(vae.state_dict(), VAE_PREFIX, lambda n: vae_key(n, n_vae), _vae_tensor),
+        **_convert(text, TEXT_PREFIX[: -len("text_model.")], lambda n: n),
+    }

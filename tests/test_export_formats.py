@@ -1,0 +1,208 @@
+"""Export formats for the tools people generate with: the single-file LDM checkpoint reloads in diffusers'
+`from_single_file` tensor for tensor and generates what the run generates; the LoRA-loader file, applied
+by LyCORIS (an independent loader from PyPI), gives our merged weights; the ControlNet-XS adapter drives
+stock diffusers' `StableDiffusionControlNetXSPipeline` to `src.generate`'s images. Backbones: the toy one
+(`assets/toy-sd`, the default run) and a random-weight SD1.5-architecture folder (the SD1.5 configs with
+narrow widths: the same blocks, layers and LDM key set as SD1.5)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import STEPS, demo_inputs, make_trained_run
+
+from src.export import export
+from src.formats.single_file import load_single_file
+from src.models.exported import load_control_encoder
+from src.models.inference import ControlledModel, generate_images, load_controlled
+from src.models.run import load_run
+from src.models.sampling import SamplingOptions
+from src.oft import merge_oft
+
+SD15 = Path(__file__).resolve().parents[1] / "src/models/sd15"
+NARROW_UNET = dict(
+    block_out_channels=[32, 64, 64, 64],
+    cross_attention_dim=32,
+    attention_head_dim=4,
+    norm_num_groups=8,
+    sample_size=8,
+)
+NARROW_VAE = dict(block_out_channels=[8, 16, 16, 16], norm_num_groups=8, sample_size=64)
+NARROW_TEXT = dict(
+    hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2, projection_dim=32
+)
+COMPONENTS = ("unet", "vae", "text_encoder")
+
+
+def sd15_configs(narrow: bool = True) -> tuple[dict, dict, dict]:
+    """UNet, VAE and text-encoder configs of SD1.5 (`src/models/sd15/`), narrowed to test size if `narrow`."""
+    unet, vae, text = (json.loads((SD15 / f"{n}_config.json").read_text()) for n in COMPONENTS)
+    text.pop("vocab_size")  # the locally built tokenizer sets it
+    if narrow:
+        unet, vae, text = {**unet, **NARROW_UNET}, {**vae, **NARROW_VAE}, {**text, **NARROW_TEXT}
+    return unet, vae, text
+
+
+def write_sd15_folder(path: Path) -> Path:
+    """A random-weight diffusers folder with SD1.5's architecture at narrow widths."""
+    from src.models.tiny import build_tiny_pipeline
+
+    unet, vae, text = sd15_configs()
+    build_tiny_pipeline(seed=3, unet=unet, vae=vae, text=text).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def runs(trained_run, tmp_path_factory):
+    """The default run (toy backbone) and a run on the SD1.5-architecture folder."""
+    folder = write_sd15_folder(tmp_path_factory.mktemp("sd15") / "backbone")
+    sd15 = make_trained_run(
+        tmp_path_factory.mktemp("sd15run") / "run",
+        "model=sd15",
+        f"model.path={folder}",
+        "model.resolution=64",
+        "model.local_files_only=true",
+    )
+    return {"toy": trained_run, "sd15": sd15}
+
+
+@pytest.fixture(scope="module")
+def exported(runs, tmp_path_factory):
+    return {
+        name: export(run, tmp_path_factory.mktemp(f"export-{name}"), report=lambda _: None)
+        for name, run in runs.items()
+    }
+
+
+def _conditions(n: int = 2):
+    inputs = demo_inputs(n)
+    return torch.stack([i.condition for i in inputs]), [i.caption for i in inputs]
+
+
+# ------------------------------------------------------------------------------------------- single file
+@pytest.mark.parametrize("backbone", ["toy", "sd15"])
+def test_single_file_reloads_every_tensor_of_the_diffusers_folder(exported, backbone):
+    from diffusers import StableDiffusionPipeline
+    from safetensors import safe_open
+
+    folders = exported[backbone]
+    with safe_open(folders["single_file"] / "model.safetensors", "pt") as f:
+        keys = set(f.keys())
+    assert any(k.startswith("model.diffusion_model.input_blocks.1.1.transformer_blocks") for k in keys)
+    assert any(k.startswith("first_stage_model.decoder.up.") for k in keys)
+    assert "cond_stage_model.transformer.text_model.embeddings.position_embedding.weight" in keys
+    reloaded = load_single_file(folders["single_file"])
+    reference = StableDiffusionPipeline.from_pretrained(folders["diffusers"])
+    for part in COMPONENTS:
+        ours, theirs = getattr(reloaded, part).state_dict(), getattr(reference, part).state_dict()
+        assert set(ours) == set(theirs), part
+        worst = max((ours[k] - theirs[k]).abs().max().item() for k in theirs)
+        assert worst <= 1e-6, (part, worst)
+    assert len(keys) == sum(len(getattr(reference, p).state_dict()) for p in COMPONENTS)
+
+
+def test_single_file_generates_what_the_run_generates(runs, exported):
+    conditions, prompts = _conditions()
+    options = SamplingOptions(num_inference_steps=STEPS)
+    from_run = generate_images(load_controlled(runs["toy"]), conditions, prompts, options)
+    encoder, config = load_control_encoder(exported["toy"]["control_encoder"])
+    pipe = load_single_file(exported["toy"]["single_file"])
+    pipe.set_progress_bar_config(disable=True)
+    model = ControlledModel(pipe, encoder, config["condition"], config["resolution"], pipe.scheduler.config)
+    from_file = generate_images(model, conditions, prompts, options)
+    assert (from_file - from_run).abs().max() <= 1e-4
+
+
+def test_full_size_sd15_layout_round_trips_through_diffusers_converters():
+    """At SD1.5's real sizes (meta tensors: names and shapes only), our LDM names are the ones diffusers'
+    own LDM converters map back to every diffusers parameter, and diffusers recognises the file as SD v1."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_clip_checkpoint,
+        convert_ldm_unet_checkpoint,
+        convert_ldm_vae_checkpoint,
+        infer_diffusers_model_type,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from src.formats.ldm import ldm_state_dict
+
+    unet_cfg, vae_cfg, text_cfg = sd15_configs(narrow=False)
+    with torch.device("meta"):
+        unet, vae = UNet2DConditionModel(**unet_cfg), AutoencoderKL(**vae_cfg)
+        text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, **text_cfg))
+    ldm = ldm_state_dict(unet, vae, text)
+    assert infer_diffusers_model_type(ldm) == "v1"
+    assert tuple(ldm["first_stage_model.encoder.mid.attn_1.q.weight"].shape) == (512, 512, 1, 1)
+    back = {
+        "unet": convert_ldm_unet_checkpoint(ldm, unet.config),
+        "vae": convert_ldm_vae_checkpoint(ldm, vae.config),
+        "text_encoder": {
+            k.removeprefix("text_model."): v for k, v in convert_ldm_clip_checkpoint(ldm).items()
+        },
+    }
+    for name, module in zip(COMPONENTS, (unet, vae, text), strict=True):
+        want = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+        assert {k: tuple(v.shape) for k, v in back[name].items()} == want, name
+
+
+def test_single_file_refuses_a_layout_without_ldm_names(runs, tmp_path):
+    from src.errors import ConfigError
+    from src.formats.ldm import check_unet
+
+    with pytest.raises(ConfigError, match=r"down_block_types \['SimpleCrossAttnDownBlock2D'\].*diffusers/"):
+        check_unet({**sd15_configs()[0], "down_block_types": ["SimpleCrossAttnDownBlock2D"] * 4})
+    with pytest.raises(ConfigError, match="layers_per_block"):
+        check_unet({**sd15_configs()[0], "layers_per_block": [1, 2, 2, 2]})
+
+
+# ------------------------------------------------------------------------------------------- LoRA loaders
+@pytest.fixture
+def lycoris_sd_targets():
+    """LyCORIS 4.1.3's default kohya targets list `TimestepEmbedding` and `time_embedding.linear_1` both, which
+    on a diffusers UNet builds the same default module twice (an assertion) before the file's modules are
+    loaded; its classic SD targets (LyCORIS's own preset mechanism) avoid that. Restored afterwards."""
+    from lycoris.kohya import LycorisNetworkKohya as Net
+
+    saved = Net.UNET_TARGET_REPLACE_MODULE, Net.UNET_TARGET_REPLACE_NAME
+    Net.apply_preset(
+        {
+            "unet_target_module": ["Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D"],
+            "unet_target_name": ["conv_in", "conv_out", "time_embedding.linear_1", "time_embedding.linear_2"],
+        }
+    )
+    yield
+    Net.UNET_TARGET_REPLACE_MODULE, Net.UNET_TARGET_REPLACE_NAME = saved
+
+
+@pytest.mark.usefixtures("lycoris_sd_targets")
+@pytest.mark.parametrize("backbone", ["toy", "sd15"])
+def test_lycoris_applies_the_lora_file_to_our_merged_weights(runs, exported, backbone):
+    """LyCORIS (kohya-style loader, `lycoris.kohya`) merges the file into the base UNet: every rotated layer
+    equals our `W R` (<= 1e-5 relative), every other tensor is untouched."""
+    from lycoris.kohya import create_network_from_weights
+    from safetensors.torch import load_file
+
+    from src.models.backbone import load_backbone
+
+    run = load_run(runs[backbone])
+    base = load_backbone(run.module.backbone_spec).unet
+    untouched = {k: v.clone() for k, v in base.state_dict().items()}
+    path = exported[backbone]["lora"] / "lora.safetensors"
+    weights = load_file(path)
+    network, _ = create_network_from_weights(1.0, str(path), None, None, base, weights_sd=weights)
+    assert len(network.unet_loras) == len(weights) == len(run.module.adapted_layers)
+    network.merge_to(None, base, weights, torch.float32, "cpu")
+    merge_oft(run.module.unet)
+    ours = run.module.unet.state_dict()
+    changed = {f"{layer}.weight" for layer in run.module.adapted_layers}
+    for key, value in base.state_dict().items():
+        if key in changed:
+            scale = ours[key].abs().max()
+            assert (value - ours[key]).abs().max() <= 1e-5 * scale, key
+            assert (value - untouched[key]).abs().max() > 1e-4 * scale, key  # the rotation is there
+        else:
+            assert torch.equal(value, untouched[key]), key
