@@ -206,3 +206,88 @@ def test_lycoris_applies_the_lora_file_to_our_merged_weights(runs, exported, bac
             assert (value - untouched[key]).abs().max() > 1e-4 * scale, key  # the rotation is there
         else:
             assert torch.equal(value, untouched[key]), key
+
+
+# ------------------------------------------------------------------------------------------- ControlNet-XS
+def _xs_pipeline(folders, match_eps: bool):
+    """Stock diffusers only: the exported adapter over the exported diffusers/ folder."""
+    from diffusers import ControlNetXSAdapter, StableDiffusionControlNetXSPipeline
+
+    from src.formats.controlnet_xs import match_resnet_eps
+
+    adapter = ControlNetXSAdapter.from_pretrained(folders["controlnet_xs"])
+    pipe = StableDiffusionControlNetXSPipeline.from_pretrained(folders["diffusers"], controlnet=adapter)
+    pipe.set_progress_bar_config(disable=True)
+    if match_eps:
+        match_resnet_eps(pipe.unet, pipe.unet.config.get("norm_eps", 1e-5))
+    return pipe
+
+
+def _xs_images(pipe, conditions, prompts, options: SamplingOptions) -> torch.Tensor:
+    """What `generate_images` asks of its pipeline, asked of the ControlNet-XS pipeline (one sample)."""
+    generators = [torch.Generator().manual_seed(options.seed) for _ in prompts]
+    return pipe(
+        prompt=prompts,
+        image=conditions,
+        height=conditions.shape[-2],
+        width=conditions.shape[-1],
+        num_inference_steps=options.steps,
+        guidance_scale=options.guidance_scale,
+        controlnet_conditioning_scale=options.strength,
+        generator=generators,
+        output_type="pt",
+    ).images.clamp(0, 1)
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.6])
+def test_stock_controlnet_xs_pipeline_reproduces_src_generate(runs, exported, strength):
+    """`StableDiffusionControlNetXSPipeline` + the exported adapter: the images of `src.generate` within 2/255
+    (the whole difference is diffusers' GroupNorm eps in the XS base ResNets: with it matched, <= 1e-5)."""
+    conditions, prompts = _conditions()
+    options = SamplingOptions(num_inference_steps=STEPS, strength=strength)
+    ours = generate_images(load_controlled(runs["sd15"]), conditions, prompts, options)[:, 0]
+    untrained = SamplingOptions(num_inference_steps=STEPS, strength=0.0)
+    no_control = generate_images(load_controlled(runs["sd15"]), conditions, prompts, untrained)[:, 0]
+    assert (ours - no_control).abs().max() > 0.02  # the control shows in the images
+    stock = _xs_images(_xs_pipeline(exported["sd15"], False), conditions, prompts, options)
+    matched = _xs_images(_xs_pipeline(exported["sd15"], True), conditions, prompts, options)
+    print(
+        f"strength {strength}: stock {(stock - ours).abs().max():.2e}, eps matched {(matched - ours).abs().max():.2e}"
+    )
+    assert (stock - ours).abs().max() <= 2 / 255
+    assert (matched - ours).abs().max() <= 1e-5
+
+
+def test_controlnet_xs_unet_equals_our_injection_once_eps_match(runs, exported):
+    """One UNet call: the XS UNet (adapter fused with the merged UNet) vs the merged UNet with our hook."""
+    from diffusers import ControlNetXSAdapter, UNet2DConditionModel, UNetControlNetXSModel
+
+    from src.formats.controlnet_xs import match_resnet_eps
+    from src.models.control import control_injection
+
+    folders = exported["sd15"]
+    unet = UNet2DConditionModel.from_pretrained(folders["diffusers"], subfolder="unet")
+    encoder, _ = load_control_encoder(folders["control_encoder"])
+    xs = UNetControlNetXSModel.from_unet(unet, ControlNetXSAdapter.from_pretrained(folders["controlnet_xs"]))
+    g = torch.Generator().manual_seed(0)
+    latents, text = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 7, 32, generator=g)
+    condition, t = torch.rand(2, 3, 64, 64, generator=g), torch.tensor([10, 700])
+    with torch.no_grad(), control_injection(unet, encoder, condition, 0.8):
+        ours = unet(latents, t, text).sample
+    with torch.no_grad():
+        stock = xs(latents, t, text, controlnet_cond=condition, conditioning_scale=0.8).sample
+        match_resnet_eps(xs, unet.config.norm_eps)
+        matched = xs(latents, t, text, controlnet_cond=condition, conditioning_scale=0.8).sample
+    assert 0 < (stock - ours).abs().max() <= 1e-3
+    assert torch.equal(matched, ours)
+
+
+def test_controlnet_xs_refuses_a_unet_it_cannot_host(runs, tmp_path):
+    from src.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--formats controlnet_xs: .*layers_per_block 2 only .* has 1"):
+        export(runs["toy"], tmp_path, formats=["controlnet_xs"])
+    assert not (tmp_path / "controlnet_xs").exists()
+    skipped = []
+    written = export(runs["toy"], tmp_path / "all", report=skipped.append)
+    assert "controlnet_xs" not in written and skipped[0].startswith("controlnet_xs: skipped: ")
