@@ -2,10 +2,12 @@
 
     python -m benchmarks [--quick] [--no-write] [--threads N] [--only oft_layer,train_step,...]
 
-The scripts are every public module of this package (``oft_layer``, ``train_step``, ``memory``, then
-any other in name order). Each runs in its own interpreter (``python -m benchmarks.<name>``), one after
-the other, so their thread settings and memory peaks do not mix, and rewrites its own section of the
-README between its markers. Then the header (date, machine, load, commands) is rewritten between the header markers.
+The scripts are the modules of this package that run as ``python -m benchmarks.<name>`` (those with a
+``__main__`` block: ``oft_layer``, ``train_step``, ``memory``, then any other in name order; helpers such as
+``readme`` are not scripts). Each runs in its own interpreter, one after the other, so their thread
+settings and memory peaks do not mix, and rewrites its own section of the README between its markers,
+stamped with its date, command and machine; the header's index of sections is regenerated from those
+stamps (``benchmarks.readme``).
 ``--quick``, ``--no-write`` and ``--threads`` are passed to every script; a script that does not exist
 yet is skipped with a message.
 """
@@ -13,20 +15,13 @@ yet is skipped with a message.
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib.util
-import os
 import pkgutil
-import platform
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from benchmarks.readme import README, write_section
-
 EXPECTED = ("oft_layer", "train_step", "memory")  # run first, in this order; a missing one is reported
-HEADER_START, HEADER_END = "<!-- header:start -->", "<!-- header:end -->"
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -39,30 +34,23 @@ def script_command(name: str, args: argparse.Namespace) -> list[str]:
     return command
 
 
+def is_script(name: str) -> bool:
+    """A module of this package that runs as ``python -m benchmarks.<name>`` (it has a ``__main__`` block)."""
+    return '__name__ == "__main__"' in (Path(__file__).parent / f"{name}.py").read_text()
+
+
 def scripts() -> list[str]:
-    """Every public module of this package (each is a script with the shared flags), expected ones first."""
+    """Every benchmark script of this package (each takes the shared flags), expected ones first."""
     found = sorted(
-        m.name for m in pkgutil.iter_modules([str(Path(__file__).parent)]) if not m.name.startswith("_")
+        m.name
+        for m in pkgutil.iter_modules([str(Path(__file__).parent)])
+        if not m.name.startswith("_") and is_script(m.name)
     )
     return [*EXPECTED, *(name for name in found if name not in EXPECTED)]
 
 
 def available(name: str) -> bool:
     return importlib.util.find_spec(f"benchmarks.{name}") is not None
-
-
-def header(entry: str, commands: list[str], seconds: float, load: tuple[float, float]) -> str:
-    """The machine and the commands of the last run of the entry point."""
-    import torch
-
-    shown = "\n".join(f"    {c}" for c in commands)
-    return (
-        f"Last regenerated {datetime.date.today().isoformat()} by `{entry}`, which ran, one after the "
-        f"other, in {seconds / 60:.0f} minutes:\n\n{shown}\n\n"
-        f"Machine: {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), no GPU, "
-        f"Python {platform.python_version()}, torch {torch.__version__}; shared with other jobs "
-        f"(1-minute load average {load[0]:.1f} at the start, {load[1]:.1f} at the end)."
-    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,12 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch threads for every script")
     parser.add_argument("--only", default="", help="comma-separated subset of " + ",".join(scripts()))
     args = parser.parse_args(argv)
-    entry = " ".join(["python -m benchmarks", *(sys.argv[1:] if argv is None else argv)])
     names = [n for n in args.only.split(",") if n] or scripts()
     unknown = sorted(set(names) - set(scripts()))
     if unknown:
         parser.error(f"unknown benchmark(s) {unknown}; choose from {scripts()}")
-    start, load_start, commands, failed = time.perf_counter(), os.getloadavg()[0], [], []
+    failed = []
     for name in names:
         if not available(name):
             print(f"benchmarks.{name} does not exist yet: skipped", flush=True)
@@ -86,14 +73,6 @@ def main(argv: list[str] | None = None) -> int:
         print("$ " + " ".join(command[1:]), flush=True)
         if subprocess.run(command, cwd=ROOT).returncode:
             failed.append(name)
-        commands.append(" ".join(["python", *command[1:]]))
-    if not (args.quick or args.no_write or failed):
-        write_section(
-            header(entry, commands, time.perf_counter() - start, (load_start, os.getloadavg()[0])),
-            README,
-            HEADER_START,
-            HEADER_END,
-        )
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0

@@ -65,7 +65,6 @@ import math
 import multiprocessing
 import multiprocessing.connection
 import os
-import platform
 import resource
 import statistics
 import sys
@@ -87,7 +86,9 @@ from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
 from benchmarks import readme
+from benchmarks.readme import machine
 from benchmarks.train_step import MAX_GRAD_NORM, oft_preset
+from data_prep.demo import TOY_TRAIN
 from src.callbacks.controllability import ControllabilityMetric
 from src.callbacks.energy import rotated_rows
 from src.data.datamodule import ShardDataModule
@@ -108,7 +109,8 @@ DEFAULT_MODEL = ROOT / "assets" / "toy-sd"
 DEFAULT_DATA = (
     Path(os.environ.get("OFT_CONTROL_CACHE", "~/.cache/oft-control")).expanduser() / "data" / "demo"
 )
-#: one learning-rate grid for every method (a pilot put full finetuning's best at 1e-3 too, not lower)
+#: one learning-rate grid for every method (the recorded run chose its lowest value for 8 of 9 methods, so
+#: this grid does not bracket every method's optimum)
 LRS = (3e-4, 1e-3, 3e-3)
 
 
@@ -128,6 +130,7 @@ class Schedule:
     timestep_sampling: str = "cubic"  # the module's `sample_timesteps` mode: `cubic` or `uniform`
     selection_draws: int = 4  # fixed (latent, noise, timestep) draws per selection condition
     selection_f1: bool = True  # also score canny F1 on the selection conditions (shown, chooses nothing)
+    caption_dropout: float = 0.5  # the module's probability of training on "" instead of the caption
 
     def __post_init__(self) -> None:
         if not 0 < self.sweep_steps <= self.steps:
@@ -377,6 +380,7 @@ def build_run(method: Method, spec: BackboneSpec, schedule: Schedule) -> tuple[O
         optimizer=torch.optim.AdamW,
         sampling=sampling,
         timestep_sampling=schedule.timestep_sampling,
+        caption_dropout=schedule.caption_dropout,
     )
     if not method.rotations:
         merge_oft(module.unet)  # identity rotations -> plain layers with W I = W exactly
@@ -759,8 +763,8 @@ def run_child(
 
 
 # ------------------------------------------------------------------------------------------ estimate
-#: Median seconds per optimizer step with one torch thread, by method, at batch 8: the 250-step full run
-#: of 2026-12-01 (the table in benchmarks/README.md), at a 1-minute load average of 3.1 on 2 cores.
+#: Median seconds per optimizer step with one torch thread, by method, at batch 8, as measured by the
+#: 250-step run of 2026-12-01 (before the recorded 1000-step table), at a 1-minute load average of 3.1.
 STEP_SECONDS_AT_8: dict[str, float] = {
     "oft_paper": 0.292,
     "oft_fast": 0.435,
@@ -1180,10 +1184,11 @@ def render(result: dict, command: str) -> str:
     sampling = {"cubic": "`cubic`, t = (1 - u^3) T", "uniform": "`uniform`"}[s["timestep_sampling"]]
     header = (
         f"Measured {result['date']} with `{command}` in {result['seconds'] / 60:.1f} minutes on "
-        f"{os.cpu_count()} CPU cores ({platform.machine()}, torch {torch.__version__}; {result['jobs']} runs at "
+        f"{machine()} (torch {torch.__version__}; {result['jobs']} runs at "
         f"a time, {result['threads']} torch thread each; 1-minute load average {result['load'][0]:.1f} at the "
-        f"start, {result['load'][1]:.1f} at the end). Backbone `{model}`; toy-world canny demo shards (1024 "
-        f"training scenes, batch {s['batch_size']}, {s['steps']} steps, caption dropout 0.5, training "
+        f"start, {result['load'][1]:.1f} at the end). Backbone `{model}`; toy-world canny demo shards ({TOY_TRAIN} "
+        f"training scenes, batch {s['batch_size']}, {s['steps']} steps, caption dropout "
+        f"{s.get('caption_dropout', 0.5):g}, training "
         f"timesteps {sampling}: the module's `sample_timesteps`); {s['eval_images']} held-out validation "
         f"conditions, DDIM {s['sampler_steps']} steps, guidance {s['guidance_scale']:g}, seed {s['seed']}. "
         f"Learning rates: every value of the method's grid trains {s['sweep_steps']} steps; the lowest "

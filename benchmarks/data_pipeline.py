@@ -38,7 +38,6 @@ import datetime
 import io
 import json
 import os
-import platform
 import shutil
 import statistics
 import tarfile
@@ -56,7 +55,7 @@ import webdataset as wds
 from PIL import Image
 
 from benchmarks import readme
-from benchmarks.readme import write_section
+from benchmarks.readme import machine, write_section
 from data_prep import ade20k, coco, faces
 from data_prep.assets import skimage_photo
 from data_prep.demo_faces import FACE_CENTER, FACE_SIZE
@@ -484,8 +483,8 @@ def main(argv: list[str] | None = None) -> str:
             f"made once by `data_prep.coco --resolution {RES}` from a COCO layout of {sizes.coco} crops of "
             "scikit-image's photos upscaled beyond 512 px. Converters: one worker into fresh folders, on "
             f"{sizes.ade20k} procedural ADE20K scenes and {sizes.faces} crops of `astronaut.png` of the same sizes.",
-            f"Measured {datetime.date.today().isoformat()} with `{command}` on {os.cpu_count()} CPU cores "
-            f"({platform.machine()}, torch {torch.__version__}, torch threads {torch.get_num_threads()}, "
+            f"Measured {datetime.date.today().isoformat()} with `{command}` on {machine()} "
+            f"(torch {torch.__version__}, torch threads {torch.get_num_threads()}, "
             f"OpenCV {cv2.__version__}, Pillow {PIL.__version__}, webdataset {wds.__version__}), load average "
             f"(1/5/15 min) {load} after; {len(urls)} shard(s) of {SHARD_SIZE} samples at {RES} px, "
             f"{repeats} interleaved rounds after {warmup} warm-up round.",

@@ -30,7 +30,6 @@ import dataclasses
 import datetime
 import gc
 import json
-import platform
 import statistics
 import sys
 import time
@@ -332,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.cuda.get_device_name(plan.device) if plan.device.type == "cuda" else "CPU (dry run)"
     body = (
         f"Measured {datetime.date.today().isoformat()} with `{command}` on {device} (torch {torch.__version__}, "
-        f"{platform.machine()}), {plan.steps} timed steps after {plan.warmup} warm-up steps (one more under "
+        f"{readme.cpu_model()}), {plan.steps} timed steps after {plan.warmup} warm-up steps (one more under "
         f"compile), bf16 autocast, {time.perf_counter() - started:.0f} s in all.\n\n{table(results, skipped)}"
     )
     print(body)

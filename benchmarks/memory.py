@@ -31,7 +31,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-README = Path(__file__).with_name("README.md")
+from benchmarks.readme import README, machine, write_section
+
 START, END = "<!-- memory:start -->", "<!-- memory:end -->"
 SD15 = Path(__file__).resolve().parents[1] / "src" / "models" / "sd15"
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -264,25 +265,15 @@ def table(results: list[dict], text: dict) -> str:
     return "\n".join(lines)
 
 
-def machine(threads: int) -> str:
+def where(threads: int) -> str:
     import torch
 
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     return (
-        f"{platform.processor() or platform.machine()}, nproc {os.cpu_count()}, OMP_NUM_THREADS={threads}"
-        f", Python {platform.python_version()}, torch {torch.__version__}; load average at the "
-        f"end {load} (the machine is shared: times are inflated, memory is not)"
+        f"{machine()}, OMP_NUM_THREADS={threads}, Python {platform.python_version()}, torch "
+        f"{torch.__version__}; load average at the end {load} (the machine is shared: times are inflated, "
+        "memory is not)"
     )
-
-
-def write_section(body: str, path: Path = README) -> None:
-    """Replace the text between this benchmark's markers (append the markers if the file lacks them)."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if START not in text or END not in text:
-        text = text.rstrip("\n") + f"\n\n{START}\n{END}\n"
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    path.write_text(f"{head}{START}\n{body}\n{END}{tail}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -313,11 +304,11 @@ def main(argv: list[str] | None = None) -> None:
     command = "python -m benchmarks.memory" + (f" --repeats {args.repeats}" if args.repeats != 2 else "")
     body = (
         f"{table(results, text)}\n\nMeasured {datetime.date.today().isoformat()} with `{command}` on "
-        f"{machine(args.threads)}."
+        f"{where(args.threads)}."
     )
     print(body)
     if not (args.quick or args.no_write):
-        write_section(body)
+        write_section(body, README, START, END)
 
 
 if __name__ == "__main__":

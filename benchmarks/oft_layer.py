@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -26,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from benchmarks import readme
-from benchmarks.readme import write_section
+from benchmarks.readme import machine, write_section
 from src.oft import OFTConfig, OFTConv2d, OFTLinear
 
 README = readme.README
@@ -156,8 +154,8 @@ def main(argv: list[str] | None = None) -> str:
     command += f" --threads {args.threads}" if args.threads else ""
     section = "\n\n".join(
         [
-            f"Measured {datetime.date.today().isoformat()} with `{command}` on {os.cpu_count()} CPU cores "
-            f"({platform.machine()}, torch {torch.__version__}, torch threads: {torch.get_num_threads()}), "
+            f"Measured {datetime.date.today().isoformat()} with `{command}` on {machine()} "
+            f"(torch {torch.__version__}, torch threads: {torch.get_num_threads()}), "
             f"{repeats} interleaved rounds after {warmup} warm-up rounds, block size {BLOCK}.",
             table(f"Linear {d}->{d}, {tokens} tokens", linear_rows),
             table(f"Conv2d 3x3, 320->320 channels, 1x320x{hw}x{hw}", conv_rows),

@@ -37,7 +37,6 @@ import gc
 import json
 import multiprocessing
 import os
-import platform
 import resource
 import statistics
 import sys
@@ -62,6 +61,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from benchmarks import readme
+from benchmarks.readme import machine
 from src.callbacks.energy import HypersphericalEnergyDrift, energy_drift
 from src.models.control import ControlEncoder, control_injection
 from src.models.tiny import build_tiny_pipeline
@@ -614,8 +614,8 @@ def overhead_lines(
 
 def render(results: list[dict], command: str) -> str:
     header = (
-        f"Measured {datetime.date.today().isoformat()} with `{command}` on {os.cpu_count()} CPU cores "
-        f"({platform.machine()}, torch {torch.__version__}, torch threads: {torch.get_num_threads()})."
+        f"Measured {datetime.date.today().isoformat()} with `{command}` on {machine()} "
+        f"(torch {torch.__version__}, torch threads: {torch.get_num_threads()})."
     )
     return "\n\n".join([header, *(table(r) for r in results)])
 

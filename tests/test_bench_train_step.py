@@ -4,6 +4,7 @@ what they claim, that one step leaves the frozen backbone alone, the README rewr
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -144,14 +145,29 @@ def test_write_section_round_trips_between_markers(tmp_path):
     assert readme.read_text() == first  # rewriting is a pure function of the body
     bare = tmp_path / "bare.md"
     bare.write_text("# Benchmarks\n")
-    bench.write_section("body", bare, "<!-- header:start -->", "<!-- header:end -->")
-    assert bare.read_text() == "# Benchmarks\n\n<!-- header:start -->\nbody\n<!-- header:end -->\n"
+    bench.write_section("body", bare, "<!-- x:start -->", "<!-- x:end -->")
+    assert bare.read_text() == "# Benchmarks\n\n<!-- x:start -->\nbody\n<!-- x:end -->\n"
+
+
+def test_the_header_index_is_regenerated_from_each_sections_stamp(tmp_path):
+    from benchmarks import readme as pages
+
+    page = tmp_path / "README.md"
+    page.write_text(f"# Benchmarks\n\n{pages.HEADER_START}\nstale text\n{pages.HEADER_END}\n")
+    stamp = "Measured 2026-01-02 with `python -m benchmarks.x --threads 1` on 2 CPU cores (AMD EPYC 7B13), no GPU."
+    pages.write_section(f"table\n\n{stamp}", page, "<!-- x:start -->", "<!-- x:end -->")
+    pages.write_section("nothing measured yet", page, "<!-- y:start -->", "<!-- y:end -->")
+    header = page.read_text().split(pages.HEADER_START)[1].split(pages.HEADER_END)[0]
+    assert "stale text" not in header
+    assert "| x | 2026-01-02 | `python -m benchmarks.x --threads 1` | 2 CPU cores, AMD EPYC 7B13 |" in header
+    assert "| y | not yet |" in header
+    assert pages.machine().startswith(f"{os.cpu_count()} CPU cores (") and "(R)" not in pages.machine()
 
 
 def test_benchmarks_entry_passes_flags_and_skips_missing_scripts(monkeypatch, capsys):
     names = bench_all.scripts()
     assert names[:3] == ["oft_layer", "train_step", "memory"] and len(names) == len(set(names))
-    assert "__main__" not in names and "__init__" not in names
+    assert "__main__" not in names and "__init__" not in names and "readme" not in names  # a helper
     args = bench_all.argparse.Namespace(quick=True, no_write=True, threads=1)
     assert bench_all.script_command("train_step", args)[1:] == [
         "-m",
