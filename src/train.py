@@ -19,7 +19,6 @@ from src.models.backbone import check_backbone, check_resolution, unet_skeleton
 from src.models.checkpoint import check_checkpoint
 from src.models.module import check_schedule_length
 from src.models.run import own_run_directory, write_run_config
-from src.oft import inject_oft
 
 log = logging.getLogger(__name__)
 
@@ -35,18 +34,19 @@ def preflight(cfg: DictConfig) -> pl.LightningDataModule:
     """Fail fast, before any weights load, on what users commonly get wrong; return the ready datamodule.
 
     Checks, in order of cost: the lr schedule's length, backbone weights reachable, the resolution
-    against the VAE's factor, OFT targets and block sizes against the backbone's real UNet layout (built
-    on the meta device), a resumed checkpoint's backbone, OFT layout and task, and that the shard specs
-    match shards.
+    against the VAE's factor, the method against the backbone's real UNet layout (built on the meta
+    device; OFT targets and block sizes, LoRA targets), a resumed checkpoint's backbone, method, OFT layout
+    and task, and that the shard specs match shards.
     """
     check_schedule_length(cfg.get("lr_scheduler"))
     backbone = instantiate(cfg.model)
     check_backbone(backbone)
     check_resolution(backbone)
     oft = instantiate(cfg.oft, _convert_="all")
-    inject_oft(unet_skeleton(backbone), oft)
+    method = instantiate(cfg.method)
+    method.check(unet_skeleton(backbone), oft)
     if cfg.get("ckpt_path"):
-        check_checkpoint(cfg.ckpt_path, backbone, oft, cfg.task.condition)
+        check_checkpoint(cfg.ckpt_path, backbone, oft, cfg.task.condition, method)
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
@@ -67,7 +67,12 @@ def build_run(cfg: DictConfig) -> Run:
     datamodule = preflight(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     module = instantiate(cfg.module, condition=cfg.task.condition)
-    log.info("trainable: %s (adapted %d UNet layers)", module.parameter_summary(), len(module.adapted_layers))
+    log.info(
+        "method %s, trainable: %s (adapted %d UNet layers)",
+        module.method.name,
+        module.parameter_summary(),
+        len(module.adapted_layers),
+    )
     callbacks = _instantiate_all(cfg.get("callbacks"))
     loggers = _instantiate_all(cfg.get("logger"))
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)

@@ -107,6 +107,8 @@ class HypersphericalEnergyDrift(pl.Callback):
         return step != self.last_logged_step and (step == 1 or step % self.every_n_steps == 0)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: object) -> None:
+        if not self.reference:  # a method without rotations (method=lora, controlnet, ...): nothing to watch
+            return
         if not self.due(trainer.global_step):  # once per optimizer step under gradient accumulation too
             return
         self.last_logged_step = trainer.global_step

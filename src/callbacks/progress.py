@@ -30,8 +30,8 @@ class ProgressBar(RichProgressBar):
 class FrozenModulesInEvalMode(pl.Callback):
     """Says once, in our words, that the frozen backbone trains in eval mode on purpose.
 
-    The VAE, text encoder and UNet are frozen and kept in eval mode (no dropout); only the control encoder
-    and the rotations train. Lightning warns about "N module(s) in eval mode" at every fit; that warning is
+    The VAE, text encoder and UNet are frozen and kept in eval mode (no dropout); only the method's parts
+    train (the control encoder and the rotations by default). Lightning warns about "N module(s) in eval mode" at every fit; that warning is
     silenced, and replaced by one info line, plus a warning naming any module that holds
     trainable parameters and is still in eval mode (which would be a real mistake).
     """
@@ -57,9 +57,11 @@ class FrozenModulesInEvalMode(pl.Callback):
                 stacklevel=1,
             )
         tops = sorted({name.split(".", 1)[0] for name in frozen if name})
+        method = getattr(getattr(pl_module, "method", None), "name", None) or "the module's"
         log.info(
-            "%d frozen backbone modules (%s) stay in eval mode on purpose; only the control encoder and the "
-            "OFT rotations train",
+            "%d frozen backbone modules (%s) stay in eval mode on purpose; only what method %s trains "
+            "(its parameter groups) is trained",
             len(frozen),
             ", ".join(tops),
+            method,
         )

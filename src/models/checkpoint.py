@@ -2,7 +2,9 @@
 
 A checkpoint of `python -m src.train` holds the trained tensors only (control encoder and rotations) in
 `state_dict`, Lightning's loop and optimizer state, and under `checkpoint["oft_control"]` its identity:
-the backbone's name, the layout of the rotations and the task's condition (`checkpoint_identity`).
+the backbone's name, the method (`method/` group: its name and the settings that decide its tensors), the
+layout of the rotations (methods that rotate) and the task's condition (`checkpoint_identity`). A
+checkpoint written before methods existed is an `oft_control` one.
 Resuming, rebuilding a run and the module's own loading hook all compare identities with
 `check_identity`, which names every field that differs; a checkpoint written before the condition was
 part of the identity loads with a warning that its task cannot be checked. Files are written to a
@@ -18,7 +20,7 @@ import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from pytorch_lightning.plugins.io import TorchCheckpointIO
@@ -28,6 +30,9 @@ from src.fileio import atomic_path
 from src.models.backbone import BackboneSpec
 from src.oft import OFTConfig
 
+if TYPE_CHECKING:
+    from src.models.methods import Method
+
 log = logging.getLogger(__name__)
 
 CHECKPOINT_META = "oft_control"
@@ -35,32 +40,42 @@ CHECKPOINT_META = "oft_control"
 UNCHECKED_OFT_FIELDS = ("eps", "coft")
 #: the identity field naming the task's condition (`task.condition`: canny, seg, landmarks)
 CONDITION = "condition"
+#: the identity field naming the method, and the method of identities that name none (written before methods)
+METHOD, DEFAULT_METHOD = "method", "oft_control"
 
 
 class CheckpointMismatchError(CheckpointError):
-    """A checkpoint was trained with another backbone, OFT layout or task than the one configured."""
+    """A checkpoint was trained with another backbone, method, OFT layout or task than the one configured."""
 
 
 def checkpoint_identity(
-    backbone: BackboneSpec, oft: OFTConfig, condition: str | None = None
+    backbone: BackboneSpec, oft: OFTConfig, condition: str | None = None, method: Method | None = None
 ) -> dict[str, Any]:
-    """What a checkpoint must match to be loaded: the backbone's name, the layout of the rotations and
-    (when known) the task's condition, i.e. the member its control encoder was trained to read."""
-    layout = {k: v for k, v in dataclasses.asdict(oft).items() if k not in UNCHECKED_OFT_FIELDS}
-    identity: dict[str, Any] = {"backbone": backbone.name, "oft": layout}
+    """What a checkpoint must match to be loaded: the backbone's name, the method (`None`: OFT-Control), the
+    layout of the rotations (for methods with rotations) and (when known) the task's condition, i.e. the
+    member its control was trained to read."""
+    identity: dict[str, Any] = {"backbone": backbone.name}
+    if method is None or method.rotations:
+        identity["oft"] = {k: v for k, v in dataclasses.asdict(oft).items() if k not in UNCHECKED_OFT_FIELDS}
+    identity[METHOD] = {"name": DEFAULT_METHOD} if method is None else method.identity(oft)
     if condition is not None:
         identity[CONDITION] = str(condition)
     return identity
 
 
 def _fields(identity: Any) -> dict[str, Any]:
-    """`{"backbone": ..., "oft.<field>": ..., "condition": ...}` of an identity (empty for a non-identity)."""
+    """`{"backbone": ..., "method.<field>": ..., "oft.<field>": ..., "condition": ...}` of an identity (empty
+    for a non-identity); an identity without a method is OFT-Control's (written before methods existed)."""
     if not isinstance(identity, Mapping):
         return {}
     oft = identity.get("oft")
     layout = {f"oft.{k}": v for k, v in oft.items()} if isinstance(oft, Mapping) else {"oft": oft}
+    method = identity.get(METHOD) or {"name": DEFAULT_METHOD}
+    methods = (
+        {f"method.{k}": v for k, v in method.items()} if isinstance(method, Mapping) else {METHOD: method}
+    )
     task = {CONDITION: identity[CONDITION]} if identity.get(CONDITION) is not None else {}
-    return {"backbone": identity.get("backbone"), **layout, **task}
+    return {"backbone": identity.get("backbone"), **methods, **layout, **task}
 
 
 def check_identity(
@@ -87,16 +102,23 @@ def check_identity(
         want.pop(CONDITION)
     if CONDITION not in want:  # a configuration that does not know its task checks no task
         have.pop(CONDITION, None)
+    names = sorted(
+        set(have) | set(want), key=lambda n: (n != CONDITION, n != "backbone", n != "method.name", n)
+    )
+    other_method = have.get("method.name") != want.get("method.name")
+    if other_method:  # the settings of two different methods are not worth comparing
+        names = [n for n in names if n == "method.name" or not n.startswith(("method.", "oft"))]
     differences = [
         f"trained on {name} {have.get(name)!r} but {configured} says {want.get(name)!r}"
-        for name in sorted(set(have) | set(want), key=lambda n: (n != CONDITION, n != "backbone", n))
+        for name in names
         if have.get(name) != want.get(name)
     ]
     if differences:
         task = " (and the same task)" if have.get(CONDITION) != want.get(CONDITION) else ""
+        method = f" and method={have.get('method.name')}" if other_method else ""
         raise CheckpointMismatchError(
             f"{what} does not match {configured} ({'; '.join(differences)}): resume with the same model "
-            f"and oft settings{task}, or pass a checkpoint of a run with this configuration"
+            f"and oft settings{method}{task}, or pass a checkpoint of a run with this configuration"
         )
 
 
@@ -123,10 +145,14 @@ def load_checkpoint_file(path: str | os.PathLike, mmap: bool = False) -> Any:
 
 
 def check_checkpoint(
-    path: str | os.PathLike, backbone: BackboneSpec, oft: OFTConfig, condition: str | None = None
+    path: str | os.PathLike,
+    backbone: BackboneSpec,
+    oft: OFTConfig,
+    condition: str | None = None,
+    method: Method | None = None,
 ) -> None:
     """Fail before any weights load if `path` is missing, unreadable, or was trained with another
-    backbone, OFT layout or task."""
+    backbone, method, OFT layout or task."""
     if not Path(path).is_file():
         raise MissingInputError(f"ckpt_path '{path}' does not exist: point it at <run>/checkpoints/last.ckpt")
     checkpoint = load_checkpoint_file(path, mmap=True)
@@ -136,7 +162,7 @@ def check_checkpoint(
             f"ckpt_path '{path}' is not an OFT-Control checkpoint (no '{CHECKPOINT_META}' identity): "
             "pass a .ckpt written by `python -m src.train`"
         )
-    check_identity(saved, checkpoint_identity(backbone, oft, condition), path, "this run's config")
+    check_identity(saved, checkpoint_identity(backbone, oft, condition, method), path, "this run's config")
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 
 import torch
 from torch import nn
@@ -100,3 +100,15 @@ def control_injection(
         yield
     finally:
         handle.remove()
+
+
+def inject_control(
+    unet: nn.Module, control: nn.Module, condition: torch.Tensor, strength: float = 1.0
+) -> AbstractContextManager:
+    """The control of `condition` on `unet` for every call in the block: `control.inject(...)` for a method
+    (`src.models.methods`: ControlNet residuals, T2I-Adapter features, the encoder at `conv_in`), or
+    `control_injection` for a bare control encoder."""
+    inject = getattr(control, "inject", None)
+    if inject is not None:
+        return inject(unet, condition, strength)
+    return control_injection(unet, control, condition, strength)

@@ -26,10 +26,14 @@ from src.models.sampling import SamplingOptions, build_pipeline, make_scheduler,
 
 @dataclass
 class ControlledModel:
-    """What sampling needs: a stock pipeline over the adapted UNet, the control encoder and its task."""
+    """What sampling needs: a stock pipeline over the adapted UNet, the control and its task.
+
+    `encoder` is the control: the control encoder of an exported folder, or the method of a run
+    (`src.models.methods.Method`: ControlNet, T2I-Adapter, the encoder at `conv_in`, ...).
+    """
 
     pipe: Any
-    encoder: nn.Module
+    encoder: nn.Module | Any
     condition: str
     resolution: int
     scheduler_config: Any
@@ -54,7 +58,7 @@ def load_controlled(
     pipe = build_pipeline(
         m.unet, m.vae, m.text_encoder, m.tokenizer, make_scheduler("ddim", m.noise_scheduler.config)
     )
-    return ControlledModel(pipe, m.encoder, run.condition, run.resolution, m.noise_scheduler.config)
+    return ControlledModel(pipe, m.method, run.condition, run.resolution, m.noise_scheduler.config)
 
 
 def describe_source(source: str | os.PathLike, checkpoint: str | None = None) -> tuple[str, int]:

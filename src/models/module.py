@@ -1,4 +1,5 @@
-"""The Lightning module: a frozen SD backbone, OFT rotations in its UNet and a trainable control encoder."""
+"""The Lightning module: a frozen SD backbone and what a method trains on it (by default OFT rotations in its
+UNet and a control encoder; `src.models.methods` for the others)."""
 
 from __future__ import annotations
 
@@ -13,10 +14,10 @@ from torch import nn
 from src.errors import CheckpointError, ConfigError
 from src.models.backbone import BackboneSpec, load_backbone
 from src.models.checkpoint import CHECKPOINT_META, check_identity, checkpoint_identity
-from src.models.control import ControlEncoder, control_injection
 from src.models.memory import MemoryOptions, apply_memory_options
+from src.models.methods import Method, OFTControl
 from src.models.sampling import SamplingOptions, build_pipeline, make_scheduler, sample_controlled
-from src.oft import OFTConfig, inject_oft, oft_parameter_count, project_coft_
+from src.oft import OFTConfig
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
@@ -35,23 +36,27 @@ def check_schedule_length(lr_scheduler: Any) -> None:
 
 
 class OFTControlModule(pl.LightningModule):
-    """Trains a control encoder and OFT rotations of a frozen text-to-image UNet.
+    """Trains a method's parts on a frozen text-to-image UNet: by default a control encoder and OFT rotations.
 
     Args:
         backbone: where the frozen SD components come from.
-        oft: which UNet layers get orthogonal rotations, and how.
-        optimizer: a factory (Hydra `_partial_`) called with the trainable parameters only.
+        oft: which UNet layers get orthogonal rotations, and how (LoRA adapts the same layers).
+        optimizer: a factory (Hydra `_partial_`) called with the trainable parameters only, as the named
+            parameter groups of the method (`encoder` and `adapter`, the latter with `method.adapter_lr`).
         lr_scheduler: an optional factory called with the optimizer; stepped every training step.
-        encoder_channels: stage widths of the control encoder.
+        encoder_channels: stage widths of the control encoder (methods that use it).
         caption_dropout: probability of replacing a caption by "" (ControlNet uses 0.5).
         timestep_sampling: `uniform` (the paper's) or `cubic` (T2I-Adapter's bias to noisy steps).
         sampling: how validation samples are drawn (the `sampling/` config group).
         max_consecutive_nonfinite: stop the run after this many non-finite losses in a row (each one
             skips its optimizer step and is counted in `train/nonfinite_steps`).
         memory: memory/speed switches for the frozen UNet (gradient checkpointing, channels-last,
-            torch.compile); all off by default.
+            torch.compile); all off by default. Channels-last also applies to the method's own networks,
+            and gradient checkpointing to those that support diffusers' switch (ControlNet's copy).
         condition: the task's condition (`task.condition`), recorded in the checkpoint identity so a
             checkpoint is never loaded for another task; `src.train` and `src.models.run` pass it.
+        method: what is trained and how the control enters the UNet (the `method/` config group;
+            default OFT-Control), recorded in the checkpoint identity.
     """
 
     def __init__(
@@ -67,6 +72,7 @@ class OFTControlModule(pl.LightningModule):
         memory: MemoryOptions | None = None,
         timestep_sampling: str = "uniform",
         condition: str | None = None,
+        method: Method | None = None,
     ) -> None:
         super().__init__()
         self.condition = condition
@@ -83,28 +89,32 @@ class OFTControlModule(pl.LightningModule):
         self.unet, self.vae, self.text_encoder = parts.unet, parts.vae, parts.text_encoder
         self.tokenizer, self.noise_scheduler = parts.tokenizer, parts.noise_scheduler
         self.vae_scale_factor = parts.vae_scale_factor
-        self.adapted_layers = inject_oft(self.unet, oft)
-        self.encoder = ControlEncoder(
-            self.unet.conv_in.out_channels, parts.vae_scale_factor, encoder_channels
-        )
+        self.encoder_channels = list(encoder_channels)
+        self.method = method or OFTControl()
+        self.adapted_layers = self.method.build(self)  # registers the method's parts as submodules
         self.memory = memory or MemoryOptions()
-        apply_memory_options(self.memory, self.unet, [self.vae, self.encoder])
+        parts_of_method = list(self.method.parts.values())
+        apply_memory_options(self.memory, self.unet, [self.vae, *parts_of_method])
+        for part in parts_of_method:  # ControlNet's copy supports diffusers' checkpointing too
+            if self.memory.gradient_checkpointing and getattr(
+                part, "_supports_gradient_checkpointing", False
+            ):
+                part.enable_gradient_checkpointing()
         self.max_consecutive_nonfinite = max_consecutive_nonfinite
         self.nonfinite_steps, self.consecutive_nonfinite = 0, 0
         self.strict_loading = False  # checkpoints hold only the trained tensors; see on_load_checkpoint
 
     # ----------------------------------------------------------------------------------- parameters
     def trainable_names(self) -> list[str]:
-        """Qualified names of the trained tensors: the control encoder and the OFT rotations."""
+        """Qualified names of the trained tensors (e.g. the control encoder and the OFT rotations)."""
         return [name for name, p in self.named_parameters() if p.requires_grad]
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
     def parameter_summary(self) -> dict[str, int]:
-        """Degrees of freedom of the rotations and parameters of the encoder."""
-        encoder = sum(p.numel() for p in self.encoder.parameters())
-        return {"oft_dof": oft_parameter_count(self.unet), "encoder_params": encoder}
+        """Trained parameters by group (`encoder_params`, `adapter_params`; `oft_dof` for the rotations)."""
+        return self.method.parameter_summary()
 
     def train(self, mode: bool = True) -> OFTControlModule:
         """Keep the frozen VAE and text encoder in eval mode whatever Lightning asks of the module."""
@@ -142,15 +152,16 @@ class OFTControlModule(pl.LightningModule):
         timesteps: torch.Tensor | None = None,
         captions: Sequence[str] | None = None,
     ) -> torch.Tensor:
-        """MSE between the UNet's prediction and the scheduler's target (epsilon or v), uniform timesteps."""
+        """MSE between the UNet's prediction, with the method's control, and the scheduler's target (epsilon or
+        v), at `timesteps` or ones drawn by `sample_timesteps` (the rule `timestep_sampling` names)."""
         latents = self.encode_images(batch["image"])
         noise = torch.randn_like(latents) if noise is None else noise
         if timesteps is None:
             timesteps = self.sample_timesteps(latents.shape[0], latents.device)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         text = self.encode_prompts(batch["caption"] if captions is None else captions)
-        with control_injection(self.unet, self.encoder, batch["condition"].to(latents.dtype)):
-            prediction = self.unet(noisy, timesteps, text).sample
+        with self.method.inject(self.unet, batch["condition"].to(latents.dtype)):
+            prediction = self.unet(noisy, timesteps, encoder_hidden_states=text).sample
         return F.mse_loss(prediction.float(), self.diffusion_target(latents, noise, timesteps).float())
 
     def sample_timesteps(self, count: int, device: torch.device) -> torch.Tensor:
@@ -207,17 +218,23 @@ class OFTControlModule(pl.LightningModule):
         return loss
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(self.trainable_parameters())
+        groups = self.method.param_groups()
+        grouped = [p for group in groups for p in group["params"]]
+        if {id(p) for p in grouped} != {id(p) for p in self.trainable_parameters()} or len(grouped) != len(
+            {id(p) for p in grouped}
+        ):
+            raise RuntimeError(f"method {self.method.name}'s parameter groups are not the trained parameters")
+        optimizer = self.optimizer_factory(groups)
         if self.lr_scheduler_factory is None:
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
-        """After each optimizer step, COFT projects every rotation block back inside its radius."""
+        """After each optimizer step the method's own step runs (OFT: COFT projects every rotation block back
+        inside its radius)."""
         super().optimizer_step(*args, **kwargs)
-        if self.oft_config.coft:
-            project_coft_(self.unet)
+        self.method.after_optimizer_step()
 
     # ----------------------------------------------------------------------------------- sampling
     def pipeline(self):
@@ -254,16 +271,17 @@ class OFTControlModule(pl.LightningModule):
         was_training = self.training
         self.eval()
         try:
-            return sample_controlled(self.pipeline(), self.encoder, condition, prompts, **options)
+            return sample_controlled(self.pipeline(), self.method, condition, prompts, **options)
         finally:
             self.train(was_training)
 
     # ----------------------------------------------------------------------------------- checkpoints
     def checkpoint_identity(self) -> dict[str, Any]:
-        return checkpoint_identity(self.backbone_spec, self.oft_config, self.condition)
+        return checkpoint_identity(self.backbone_spec, self.oft_config, self.condition, self.method)
 
     def trained_state_dict(self) -> dict[str, torch.Tensor]:
-        """The trained tensors only (control encoder and rotations); refuses non-finite values."""
+        """The trained tensors only (the method's: e.g. control encoder and rotations); refuses non-finite
+        values."""
         trained = set(self.trainable_names())
         state = {k: v for k, v in self.state_dict().items() if k in trained}
         broken = [k for k, v in state.items() if not torch.isfinite(v).all()]
@@ -277,7 +295,8 @@ class OFTControlModule(pl.LightningModule):
         checkpoint[CHECKPOINT_META] = self.checkpoint_identity()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse checkpoints from another backbone, OFT layout or task, and ones missing trained tensors."""
+        """Refuse checkpoints from another backbone, method, OFT layout or task, and ones missing trained
+        tensors."""
         check_identity(checkpoint.get(CHECKPOINT_META), self.checkpoint_identity(), "", "this run's config")
         missing = sorted(set(self.trainable_names()) - set(checkpoint["state_dict"]))
         unexpected = sorted(set(checkpoint["state_dict"]) - set(self.trainable_names()))

@@ -2,8 +2,8 @@
 
 A run directory, as `python -m src.train` leaves it, holds `config.yaml` (the resolved config) and
 `checkpoints/*.ckpt` (the trained tensors only, plus the run's identity under `checkpoint["oft_control"]`).
-Rebuilding follows training exactly: the module is instantiated from `config.yaml` (backbone, OFT layout,
-control encoder), then the checkpoint's tensors are loaded (`torch.load(weights_only=True)`) after its
+Rebuilding follows training exactly: the module is instantiated from `config.yaml` (backbone, method, OFT
+layout, control encoder), then the checkpoint's tensors are loaded (`torch.load(weights_only=True)`) after its
 identity has been checked. Cheap checks (files, identity, backbone reachability) run before any weights load.
 """
 
@@ -171,7 +171,8 @@ def load_run(
     state = read_checkpoint(files.checkpoint)
     backbone = instantiate(cfg.model)
     condition = str(cfg.task.condition)
-    expected = checkpoint_identity(backbone, instantiate(cfg.oft, _convert_="all"), condition)
+    method = instantiate(cfg.module.method) if cfg.module.get("method") else None  # none: oft_control
+    expected = checkpoint_identity(backbone, instantiate(cfg.oft, _convert_="all"), condition, method)
     check_identity(state[CHECKPOINT_META], expected, files.checkpoint, "the run's config.yaml")
     check_backbone(backbone)
     module: OFTControlModule = instantiate(cfg.module, condition=condition)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from src.errors import ConfigError
-from src.models.control import control_injection
+from src.models.control import inject_control
 
 SCHEDULERS = ("ddim", "unipc", "euler", "ddpm")
 DEFAULT_STEPS = {"ddim": 50, "unipc": 20}  # the paper samples with DDIM 50; UniPC is as good in 20
@@ -106,6 +106,9 @@ def sample_controlled(
 ) -> torch.Tensor:
     """Generate one image per prompt under `condition` ([B, 3, H, W] in [0, 1]); returns [B, 3, H, W] in [0, 1].
 
+    `encoder` is the control: a control encoder, or a trained run's method (`src.models.methods`), whatever
+    `src.models.control.inject_control` installs.
+
     The paper samples with DDIM, 50 steps, guidance 9. The control is added in both branches of
     classifier-free guidance. `on_step(i)` is called after denoising step `i` (0-based), e.g. for a
     progress bar.
@@ -114,7 +117,7 @@ def sample_controlled(
         raise ConfigError(f"{len(prompts)} prompts for {condition.shape[0]} condition images")
     height, width = condition.shape[-2:]
     condition = condition.to(pipe.unet.device, pipe.unet.dtype)
-    with control_injection(pipe.unet, encoder, condition, strength):
+    with inject_control(pipe.unet, encoder, condition, strength):
         images = pipe(
             prompt=list(prompts),
             negative_prompt=negative_prompt,

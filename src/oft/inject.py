@@ -44,6 +44,17 @@ def _nothing_matched(config: OFTConfig, names: list[str]) -> ConfigError:
     )
 
 
+def target_layers(model: nn.Module, config: OFTConfig) -> list[str]:
+    """Qualified names of the ``nn.Linear``/``nn.Conv2d`` layers of ``model`` that ``config`` targets (the
+    layers :func:`inject_oft` would adapt; other adapters, e.g. LoRA, use them to adapt the same layers).
+    Raises a ``ConfigError`` with example names when none matches."""
+    candidates = [name for name, _ in _candidates(model)]
+    targets = [name for name in candidates if _is_target(name, config)]
+    if not targets:
+        raise _nothing_matched(config, candidates)
+    return targets
+
+
 def inject_oft(model: nn.Module, config: OFTConfig) -> list[str]:
     """Replace every matching ``nn.Linear``/``nn.Conv2d`` of ``model`` by its OFT layer, in place.
 
