@@ -145,6 +145,7 @@ def trained(tmp_path_factory, offline_cache):
             out = tmp_path_factory.mktemp(method) / "run"
             metrics = train(compose_config(*SHORT, f"method={method}", output_dir=out))
             assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+            assert "val/canny_f1" in metrics  # the same controllability callback validated it
             runs[method] = out
         return runs[method]
 
@@ -253,6 +254,26 @@ def test_checkpoints_from_before_methods_are_oft_control_ones(config_factory):
         check_identity(old, checkpoint_identity(backbone, oft, "canny", lora), "old.ckpt", "the config")
 
 
+def test_a_run_from_before_methods_loads_as_oft_control(tmp_path, offline_cache):
+    """A run directory whose config.yaml has no `method` and whose checkpoint identity names none (written
+    before methods existed) is rebuilt as an `oft_control` run."""
+    from omegaconf import OmegaConf, open_dict
+
+    from src.models.run import load_run
+
+    out = make_trained_run(tmp_path / "run", "model=tiny")
+    config = OmegaConf.load(out / "config.yaml")
+    with open_dict(config):
+        del config["method"], config.module["method"]
+    OmegaConf.save(config, out / "config.yaml")
+    checkpoint = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
+    del checkpoint[CHECKPOINT_META]["method"]
+    torch.save(checkpoint, out / "checkpoints" / "last.ckpt")
+    run = load_run(out)
+    assert run.module.method.name == "oft_control"
+    assert all(torch.equal(run.module.state_dict()[k], v) for k, v in checkpoint["state_dict"].items())
+
+
 # ------------------------------------------------------------------------------------- ecosystem formats
 @pytest.fixture(scope="module")
 def perturbed(tmp_path_factory, offline_cache):
@@ -341,6 +362,41 @@ def test_encoder_methods_save_the_control_encoder(perturbed, tmp_path, method):
     written = save_ecosystem(perturbed(method), tmp_path)
     expected = {"control_encoder"} | ({"peft"} if method == "oft_control" else set())
     assert set(written) == expected and all(path.is_dir() for path in written.values())
+
+
+@pytest.mark.parametrize("method", ["controlnet", "t2i_adapter", "lora"])
+def test_a_run_samples_through_its_method_and_strength_scales_its_control(perturbed, method):
+    """What `src.generate`, `src.evaluate` and the app sample with (`load_controlled` + `generate_images`):
+    the run's method is the control, so strength 0 is the adapted UNet alone (for ControlNet and T2I-Adapter
+    the base model's own pipeline, bit for bit) and strength 1 changes the images."""
+    from src.models.inference import generate_images, load_controlled
+    from src.models.sampling import SamplingOptions, build_pipeline, make_scheduler
+
+    run = perturbed(method)
+    model = load_controlled(run.files.run_dir)
+    assert model.encoder is not None and model.encoder.name == method
+    condition = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    images = {
+        strength: generate_images(
+            model, condition, ["a red circle"], SamplingOptions(num_inference_steps=STEPS, strength=strength)
+        )[:, 0]
+        for strength in (0.0, 1.0)
+    }
+    assert (images[1.0] - images[0.0]).abs().max() > 1e-3
+    if method != "lora":
+        base = load_backbone(run.module.backbone_spec)
+        ddim = make_scheduler("ddim", base.noise_scheduler.config)
+        stock = build_pipeline(base.unet, base.vae, base.text_encoder, base.tokenizer, ddim)
+        reference = stock(
+            prompt=["a red circle"],
+            height=64,
+            width=64,
+            num_inference_steps=STEPS,
+            guidance_scale=9.0,
+            generator=torch.Generator().manual_seed(0),
+            output_type="pt",
+        ).images
+        assert torch.equal(images[0.0], reference.float().clamp(0, 1))
 
 
 # ------------------------------------------------------------------------------------- sweep
