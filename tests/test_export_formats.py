@@ -7,12 +7,10 @@ narrow widths: the same blocks, layers and LDM key set as SD1.5)."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
-from helpers import STEPS, demo_inputs, make_trained_run
+from export_helpers import COMPONENTS, make_sd15_run, sd15_configs
+from helpers import STEPS, demo_inputs
 
 from src.export import export
 from src.formats.single_file import load_single_file
@@ -22,50 +20,11 @@ from src.models.run import load_run
 from src.models.sampling import SamplingOptions
 from src.oft import merge_oft
 
-SD15 = Path(__file__).resolve().parents[1] / "src/models/sd15"
-NARROW_UNET = dict(
-    block_out_channels=[32, 64, 64, 64],
-    cross_attention_dim=32,
-    attention_head_dim=4,
-    norm_num_groups=8,
-    sample_size=8,
-)
-NARROW_VAE = dict(block_out_channels=[8, 16, 16, 16], norm_num_groups=8, sample_size=64)
-NARROW_TEXT = dict(
-    hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2, projection_dim=32
-)
-COMPONENTS = ("unet", "vae", "text_encoder")
-
-
-def sd15_configs(narrow: bool = True) -> tuple[dict, dict, dict]:
-    """UNet, VAE and text-encoder configs of SD1.5 (`src/models/sd15/`), narrowed to test size if `narrow`."""
-    unet, vae, text = (json.loads((SD15 / f"{n}_config.json").read_text()) for n in COMPONENTS)
-    text.pop("vocab_size")  # the locally built tokenizer sets it
-    if narrow:
-        unet, vae, text = {**unet, **NARROW_UNET}, {**vae, **NARROW_VAE}, {**text, **NARROW_TEXT}
-    return unet, vae, text
-
-
-def write_sd15_folder(path: Path) -> Path:
-    """A random-weight diffusers folder with SD1.5's architecture at narrow widths."""
-    from src.models.tiny import build_tiny_pipeline
-
-    unet, vae, text = sd15_configs()
-    build_tiny_pipeline(seed=3, unet=unet, vae=vae, text=text).save_pretrained(path, safe_serialization=True)
-    return path
-
 
 @pytest.fixture(scope="module")
 def runs(trained_run, tmp_path_factory):
     """The default run (toy backbone) and a run on the SD1.5-architecture folder."""
-    folder = write_sd15_folder(tmp_path_factory.mktemp("sd15") / "backbone")
-    sd15 = make_trained_run(
-        tmp_path_factory.mktemp("sd15run") / "run",
-        "model=sd15",
-        f"model.path={folder}",
-        "model.resolution=64",
-        "model.local_files_only=true",
-    )
+    _, sd15 = make_sd15_run(tmp_path_factory.mktemp("sd15"))
     return {"toy": trained_run, "sd15": sd15}
 
 
@@ -241,21 +200,23 @@ def _xs_images(pipe, conditions, prompts, options: SamplingOptions) -> torch.Ten
 
 @pytest.mark.parametrize("strength", [1.0, 0.6])
 def test_stock_controlnet_xs_pipeline_reproduces_src_generate(runs, exported, strength):
-    """`StableDiffusionControlNetXSPipeline` + the exported adapter: the images of `src.generate` within 2/255
-    (the whole difference is diffusers' GroupNorm eps in the XS base ResNets: with it matched, <= 1e-5)."""
+    """`StableDiffusionControlNetXSPipeline` + the exported adapter give `src.generate`'s images (<= 1e-4) once
+    the XS base ResNets have SD's GroupNorm eps back (`match_resnet_eps`); without that, diffusers' eps 1e-6
+    is the whole difference. At these narrow widths (1-2 channels per GroupNorm group) the eps moves pixels by
+    up to ~0.1; at SD1.5's widths see the slow test below."""
     conditions, prompts = _conditions()
     options = SamplingOptions(num_inference_steps=STEPS, strength=strength)
     ours = generate_images(load_controlled(runs["sd15"]), conditions, prompts, options)[:, 0]
     untrained = SamplingOptions(num_inference_steps=STEPS, strength=0.0)
     no_control = generate_images(load_controlled(runs["sd15"]), conditions, prompts, untrained)[:, 0]
     assert (ours - no_control).abs().max() > 0.02  # the control shows in the images
-    stock = _xs_images(_xs_pipeline(exported["sd15"], False), conditions, prompts, options)
     matched = _xs_images(_xs_pipeline(exported["sd15"], True), conditions, prompts, options)
+    stock = _xs_images(_xs_pipeline(exported["sd15"], False), conditions, prompts, options)
     print(
         f"strength {strength}: stock {(stock - ours).abs().max():.2e}, eps matched {(matched - ours).abs().max():.2e}"
     )
-    assert (stock - ours).abs().max() <= 2 / 255
-    assert (matched - ours).abs().max() <= 1e-5
+    assert (matched - ours).abs().max() <= 1e-4  # as the merged folder against the run (test_export.py)
+    assert (stock - ours).abs().max() > 1e-3  # the eps is what separates stock diffusers from the exact route
 
 
 def test_controlnet_xs_unet_equals_our_injection_once_eps_match(runs, exported):
@@ -278,8 +239,50 @@ def test_controlnet_xs_unet_equals_our_injection_once_eps_match(runs, exported):
         stock = xs(latents, t, text, controlnet_cond=condition, conditioning_scale=0.8).sample
         match_resnet_eps(xs, unet.config.norm_eps)
         matched = xs(latents, t, text, controlnet_cond=condition, conditioning_scale=0.8).sample
-    assert 0 < (stock - ours).abs().max() <= 1e-3
+    assert not torch.equal(stock, ours)
     assert torch.equal(matched, ours)
+
+
+@pytest.mark.slow
+def test_stock_controlnet_xs_at_sd15_size_within_two_levels(tmp_path):
+    """Full-size SD1.5 components (random weights, 128 px, 2 DDIM steps, guidance 9): stock diffusers'
+    ControlNet-XS pipeline with the adapter vs our sampler over the same pipeline, max pixel difference
+    <= 2/255 without any eps fix (and <= 1e-5 with it)."""
+    from diffusers import ControlNetXSAdapter, DDIMScheduler, StableDiffusionControlNetXSPipeline
+
+    from src.formats.controlnet_xs import build_adapter, match_resnet_eps
+    from src.models.control import ControlEncoder
+    from src.models.sampling import sample_controlled
+    from src.models.tiny import build_tiny_pipeline
+
+    torch.set_num_threads(max(torch.get_num_threads(), 2))
+    unet, vae, text = sd15_configs(narrow=False)
+    pipe = build_tiny_pipeline(seed=5, unet=unet, vae=vae, text=text)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    encoder = ControlEncoder(320, 8)
+    torch.nn.init.normal_(encoder.zero_out.weight, std=0.02)
+    g = torch.Generator().manual_seed(0)
+    conditions, prompts = torch.rand(1, 3, 128, 128, generator=g), ["a red circle"]
+    kwargs = dict(num_inference_steps=STEPS, guidance_scale=9.0)
+    ours = sample_controlled(
+        pipe, encoder, conditions, prompts, generator=[torch.Generator().manual_seed(0)], **kwargs
+    )
+    build_adapter(pipe.unet, encoder).save_pretrained(tmp_path / "xs")
+    adapter = ControlNetXSAdapter.from_pretrained(tmp_path / "xs")
+    xs = StableDiffusionControlNetXSPipeline(
+        pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.unet, adapter, pipe.scheduler, None, None, False
+    )
+    xs.set_progress_bar_config(disable=True)
+    options = SamplingOptions(num_inference_steps=STEPS)
+    stock = _xs_images(xs, conditions, prompts, options)
+    match_resnet_eps(xs.unet, 1e-5)
+    matched = _xs_images(xs, conditions, prompts, options)
+    print(
+        f"SD1.5 size: stock {(stock - ours).abs().max():.2e}, eps matched {(matched - ours).abs().max():.2e}"
+    )
+    assert (stock - ours).abs().max() <= 2 / 255
+    assert (matched - ours).abs().max() <= 1e-5
 
 
 def test_controlnet_xs_refuses_a_unet_it_cannot_host(runs, tmp_path):
