@@ -16,7 +16,8 @@ A method builds its trainable parts on the module (`build`, registering them as 
 `encoder`, `controlnet` or `adapter`), installs its control for the UNet calls of a block (`inject`, used
 by training and by sampling alike), splits its parameters into the `encoder` group (what reads the
 condition image: the control encoder, ControlNet's hint encoder; lr `optim.lr`) and the `adapter` group
-(everything else it trains; lr `method.adapter_lr`, default `optim.lr`), names what a checkpoint must match
+(everything else it trains; lr `method.adapter_lr`; with none set, the module gives the optimizer one group
+at `optim.lr`), names what a checkpoint must match
 (`identity`) and saves a trained run in its own ecosystem's format (`save_ecosystem`). Every method is the
 base model at step 0: the control encoder's last convolution, LoRA's `B`, ControlNet's zero convolutions
 and the OFT skew parameters start at zero, and the T2I-Adapter here starts with its input convolution and

@@ -41,8 +41,9 @@ class OFTControlModule(pl.LightningModule):
     Args:
         backbone: where the frozen SD components come from.
         oft: which UNet layers get orthogonal rotations, and how (LoRA adapts the same layers).
-        optimizer: a factory (Hydra `_partial_`) called with the trainable parameters only, as the named
-            parameter groups of the method (`encoder` and `adapter`, the latter with `method.adapter_lr`).
+        optimizer: a factory (Hydra `_partial_`) called with the trainable parameters only: as the named
+            parameter groups of the method (`encoder` and `adapter`, the latter at `method.adapter_lr`)
+            when the method has an `adapter_lr`, else as one group.
         lr_scheduler: an optional factory called with the optimizer; stepped every training step.
         encoder_channels: stage widths of the control encoder (methods that use it).
         caption_dropout: probability of replacing a caption by "" (ControlNet uses 0.5).
@@ -218,12 +219,17 @@ class OFTControlModule(pl.LightningModule):
         return loss
 
     def configure_optimizers(self) -> Any:
+        """The optimizer over the method's parameter groups (`encoder` at `optim.lr`, `adapter` at
+        `method.adapter_lr`); without an `adapter_lr`, one group of every trained parameter in the module's
+        order, so checkpoints written before methods existed resume with their optimizer state."""
         groups = self.method.param_groups()
         grouped = [p for group in groups for p in group["params"]]
         if {id(p) for p in grouped} != {id(p) for p in self.trainable_parameters()} or len(grouped) != len(
             {id(p) for p in grouped}
         ):
             raise RuntimeError(f"method {self.method.name}'s parameter groups are not the trained parameters")
+        if self.method.adapter_lr is None:
+            groups = [{"params": self.trainable_parameters()}]
         optimizer = self.optimizer_factory(groups)
         if self.lr_scheduler_factory is None:
             return optimizer
