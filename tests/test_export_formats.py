@@ -127,10 +127,10 @@ def lycoris_sd_targets():
     from lycoris.kohya import LycorisNetworkKohya as Net
 
     saved = Net.UNET_TARGET_REPLACE_MODULE, Net.UNET_TARGET_REPLACE_NAME
-    Net.apply_preset(
+    Net.apply_preset(  # as the README shows
         {
             "unet_target_module": ["Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D"],
-            "unet_target_name": ["conv_in", "conv_out", "time_embedding.linear_1", "time_embedding.linear_2"],
+            "unet_target_name": [],
         }
     )
     yield
@@ -152,7 +152,7 @@ def test_lycoris_applies_the_lora_file_to_our_merged_weights(runs, exported, bac
     untouched = {k: v.clone() for k, v in base.state_dict().items()}
     path = exported[backbone]["lora"] / "lora.safetensors"
     weights = load_file(path)
-    network, _ = create_network_from_weights(1.0, str(path), None, None, base, weights_sd=weights)
+    network, _ = create_network_from_weights(1.0, None, None, None, base, weights_sd=weights)
     assert len(network.unet_loras) == len(weights) == len(run.module.adapted_layers)
     network.merge_to(None, base, weights, torch.float32, "cpu")
     merge_oft(run.module.unet)
