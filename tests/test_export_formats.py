@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from export_helpers import COMPONENTS, make_sd15_run, sd15_configs
-from helpers import STEPS, demo_inputs
+from helpers import STEPS, demo_inputs, make_trained_run
 
 from src.export import export
 from src.formats.single_file import load_single_file
@@ -294,3 +294,12 @@ def test_controlnet_xs_refuses_a_unet_it_cannot_host(runs, tmp_path):
     skipped = []
     written = export(runs["toy"], tmp_path / "all", report=skipped.append)
     assert "controlnet_xs" not in written and skipped[0].startswith("controlnet_xs: skipped: ")
+
+
+def test_oft_formats_refuse_runs_of_other_methods(tmp_path):
+    from src.errors import ConfigError
+
+    run = make_trained_run(tmp_path / "run", "method=encoder_only")
+    with pytest.raises(ConfigError, match="--formats lora: lora exports OFT-Control runs .* 'encoder_only'"):
+        export(run, tmp_path / "out", formats=["diffusers", "lora"])
+    assert not (tmp_path / "out" / "diffusers").exists()

@@ -153,8 +153,18 @@ def export_peft(run: TrainedRun, folder: str | os.PathLike) -> Path:
     return folder
 
 
+#: formats that take the rotations and encoder of OFT-Control; other methods' formats: `save_ecosystem`
+OFT_FORMATS = ("single_file", "lora", "controlnet_xs")
+
+
 def unsupported(run: TrainedRun, name: str) -> str | None:
-    """Why the run's backbone cannot host format `name` (the `ConfigError` line), or None if it can."""
+    """Why the run (its method or backbone) cannot have format `name` (the `ConfigError` line), or None."""
+    method = getattr(getattr(run.module, "method", None), "name", "oft_control")
+    if name in OFT_FORMATS and method != "oft_control":
+        return (
+            f"{name} exports OFT-Control runs (method oft_control) and this run's method is {method!r}: "
+            "src.models.methods.save_ecosystem writes its formats"
+        )
     checks = {
         "single_file": lambda: check_single_file(run.module),
         "controlnet_xs": lambda: check_controlnet_xs(run.module.unet, getattr(run.module, "encoder", None)),
