@@ -300,6 +300,6 @@ def test_oft_formats_refuse_runs_of_other_methods(tmp_path):
     from src.errors import ConfigError
 
     run = make_trained_run(tmp_path / "run", "method=encoder_only")
-    with pytest.raises(ConfigError, match="--formats lora: lora exports OFT-Control runs .* 'encoder_only'"):
+    with pytest.raises(ConfigError, match="--formats lora: exports OFT-Control runs .* 'encoder_only'"):
         export(run, tmp_path / "out", formats=["diffusers", "lora"])
     assert not (tmp_path / "out" / "diffusers").exists()

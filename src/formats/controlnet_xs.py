@@ -43,19 +43,19 @@ def check_controlnet_xs(unet, encoder) -> None:
     config = unet.config
     if not isinstance(encoder, ControlEncoder):
         raise ConfigError(
-            f"controlnet_xs exports the control encoder of OFT-Control runs; this run's control is "
-            f"{type(encoder).__name__}: export diffusers/ instead"
+            "a ControlNet-XS adapter holds an OFT-Control encoder (src.models.control.ControlEncoder), this "
+            f"run's control is {type(encoder).__name__}: export diffusers/ instead"
         )
     if config.layers_per_block != 2:
         raise ConfigError(
-            f"controlnet_xs: diffusers' UNetControlNetXSModel supports layers_per_block 2 only (SD1.x/2.x/XL) and "
-            f"this backbone's UNet has {config.layers_per_block}; use the diffusers/ folder with "
+            f"diffusers' UNetControlNetXSModel supports layers_per_block 2 only (SD1.x/2.x/XL) and this "
+            f"backbone's UNet has {config.layers_per_block}; use the diffusers/ folder with "
             "src.models.exported.load_exported (the exact alternative) instead"
         )
     odd = sorted(set(config.down_block_types) - set(XS_BLOCKS))
     if odd or config.in_channels != 4 or config.addition_embed_type not in (None, "text_time"):
         raise ConfigError(
-            f"controlnet_xs: diffusers' ControlNet-XS supports {', '.join(XS_BLOCKS)} down blocks, a 4-channel "
+            f"diffusers' ControlNet-XS supports {', '.join(XS_BLOCKS)} down blocks, a 4-channel "
             f"conv_in and SD/SDXL embeddings; this UNet has {odd or config.down_block_types}, in_channels "
             f"{config.in_channels}: use the diffusers/ folder instead"
         )

@@ -162,7 +162,7 @@ def unsupported(run: TrainedRun, name: str) -> str | None:
     method = getattr(getattr(run.module, "method", None), "name", "oft_control")
     if name in OFT_FORMATS and method != "oft_control":
         return (
-            f"{name} exports OFT-Control runs (method oft_control) and this run's method is {method!r}: "
+            f"exports OFT-Control runs (method oft_control) and this run's method is {method!r}: "
             "src.models.methods.save_ecosystem writes its formats"
         )
     checks = {
