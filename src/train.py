@@ -11,10 +11,13 @@ from dataclasses import dataclass
 
 import hydra
 import pytorch_lightning as pl
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
+from pytorch_lightning.utilities import rank_zero_info
 
-from src.errors import take_debug_flag, user_errors
+from src.callbacks.controllability import controllability_summary
+from src.errors import ConfigError, take_debug_flag, user_errors
 from src.models.backbone import check_backbone, check_resolution, unet_skeleton
 from src.models.checkpoint import check_checkpoint
 from src.models.module import check_schedule_length
@@ -85,12 +88,25 @@ def train(cfg: DictConfig) -> dict[str, float]:
     The run directory is held exclusively for the whole run (another training there is refused), and
     temporaries left by a killed run are removed first (`src.models.run.own_run_directory`).
     """
+    set_threads(cfg.get("threads"))
     with own_run_directory(cfg.paths.output_dir, cfg.get("ckpt_path")):
         run = build_run(cfg)
         write_run_config(cfg, cfg.paths.output_dir)
         ckpt = cfg.get("ckpt_path")
         run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=ckpt, weights_only=True)
-    return {name: float(value) for name, value in run.trainer.callback_metrics.items()}
+    metrics = {name: float(value) for name, value in run.trainer.callback_metrics.items()}
+    for line in controllability_summary(metrics):
+        rank_zero_info(f"at step {run.trainer.global_step}: {line}")
+    return metrics
+
+
+def set_threads(threads: int | None) -> None:
+    """torch's intra-op threads for this process (`threads` in conf/train.yaml; null keeps torch's default)."""
+    if threads is None:
+        return
+    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
+        raise ConfigError(f"threads={threads!r}: give a positive number of torch threads, or threads=null")
+    torch.set_num_threads(threads)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")

@@ -222,3 +222,32 @@ def test_the_demo_lr_decays_to_zero_over_the_run(config_factory):
         0, abs=1e-12
     )
     assert all(a > b for a, b in zip(lrs, lrs[1:], strict=False))
+
+
+def test_threads_are_set_for_the_run_and_a_bad_value_is_one_line():
+    import torch
+
+    from src.errors import ConfigError
+    from src.train import set_threads
+
+    before = torch.get_num_threads()
+    try:
+        set_threads(1)
+        assert torch.get_num_threads() == 1
+        set_threads(None)  # torch's default is left as it is
+        assert torch.get_num_threads() == 1
+        for bad in (0, -2, "two", True):
+            with pytest.raises(ConfigError, match=r"threads=.*: give a positive number of torch threads"):
+                set_threads(bad)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_the_run_ends_by_naming_each_metric_beside_its_chance_level():
+    from src.callbacks.controllability import controllability_summary
+
+    metrics = {"val/canny_f1": 0.1, "val/canny_f1_chance": 0.04, "val/loss": 0.3, "val/seg_miou": 0.2}
+    assert controllability_summary(metrics) == ["val/canny_f1 0.1000 (chance 0.0400, 2.50x)"]
+    assert controllability_summary({"val/seg_miou": 0.3, "val/seg_miou_chance": 0.0}) == [
+        "val/seg_miou 0.3000 (chance 0.0000)"
+    ]

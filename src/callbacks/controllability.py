@@ -71,6 +71,17 @@ def toy_metrics(
     return values
 
 
+def controllability_summary(metrics: dict[str, float]) -> list[str]:
+    """`val/<metric> value (chance c, r x)` for every logged metric that has a chance level."""
+    lines = []
+    for name, value in metrics.items():
+        chance = metrics.get(f"{name}_chance")
+        if name.startswith("val/") and chance is not None:
+            ratio = f", {value / chance:.2f}x" if chance > 0 else ""
+            lines.append(f"{name} {value:.4f} (chance {chance:.4f}{ratio})")
+    return lines
+
+
 class ControllabilityMetric(pl.Callback):
     """Logs `val/<metric>` of the task's cheap controllability metric (and its chance level) at every validation.
 
