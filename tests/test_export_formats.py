@@ -63,15 +63,19 @@ def test_single_file_reloads_every_tensor_of_the_diffusers_folder(exported, back
     assert len(keys) == sum(len(getattr(reference, p).state_dict()) for p in COMPONENTS)
 
 
-def test_single_file_generates_what_the_run_generates(runs, exported):
+@pytest.mark.parametrize("backbone", ["toy", "sd15"])
+def test_single_file_generates_what_the_run_generates(runs, exported, backbone):
+    """Stock `from_single_file` pipeline + the exported control encoder, sampled as `src.generate` samples:
+    the run's images (as the merged diffusers folder, <= 1e-4: merged vs on-the-fly rotations)."""
     conditions, prompts = _conditions()
     options = SamplingOptions(num_inference_steps=STEPS)
-    from_run = generate_images(load_controlled(runs["toy"]), conditions, prompts, options)
-    encoder, config = load_control_encoder(exported["toy"]["control_encoder"])
-    pipe = load_single_file(exported["toy"]["single_file"])
+    from_run = generate_images(load_controlled(runs[backbone]), conditions, prompts, options)
+    encoder, config = load_control_encoder(exported[backbone]["control_encoder"])
+    pipe = load_single_file(exported[backbone]["single_file"])
     pipe.set_progress_bar_config(disable=True)
     model = ControlledModel(pipe, encoder, config["condition"], config["resolution"], pipe.scheduler.config)
     from_file = generate_images(model, conditions, prompts, options)
+    print(f"{backbone}: single file vs run {(from_file - from_run).abs().max():.2e}")
     assert (from_file - from_run).abs().max() <= 1e-4
 
 
@@ -108,7 +112,7 @@ def test_full_size_sd15_layout_round_trips_through_diffusers_converters():
         assert {k: tuple(v.shape) for k, v in back[name].items()} == want, name
 
 
-def test_single_file_refuses_a_layout_without_ldm_names(runs, tmp_path):
+def test_single_file_refuses_a_layout_without_ldm_names():
     from src.errors import ConfigError
     from src.formats.ldm import check_unet
 
@@ -116,6 +120,16 @@ def test_single_file_refuses_a_layout_without_ldm_names(runs, tmp_path):
         check_unet({**sd15_configs()[0], "down_block_types": ["SimpleCrossAttnDownBlock2D"] * 4})
     with pytest.raises(ConfigError, match="layers_per_block"):
         check_unet({**sd15_configs()[0], "layers_per_block": [1, 2, 2, 2]})
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from src.formats.ldm import check_text_encoder
+
+    with torch.device("meta"):  # SD2's text encoder width
+        sd2_text = CLIPTextModel(
+            CLIPTextConfig(hidden_size=1024, intermediate_size=4096, num_attention_heads=16)
+        )
+    with pytest.raises(ConfigError, match="hidden_size 1024 is SD2's OpenCLIP"):
+        check_text_encoder(sd2_text)
 
 
 # ------------------------------------------------------------------------------------------- LoRA loaders
