@@ -17,6 +17,8 @@ formats are described in `src.models.exported` and `src.formats`):
   LoRA / LyCORIS loaders of those tools, applied to the base checkpoint.
 - `controlnet_xs/`: the control encoder as a stock diffusers `ControlNetXSAdapter`, for
   `StableDiffusionControlNetXSPipeline` over `diffusers/` (backbones with layers_per_block 2 only).
+- `hint_embedding/`: the control encoder as diffusers' `ControlNetConditioningEmbedding`, whose output a stock
+  pipeline adds after `conv_in` with a forward hook (any backbone).
 
 The options are named as the keys of `python -m src.generate` and `python -m src.evaluate`: `--run`,
 `--checkpoint`, `--model_path`, `--out_dir`.

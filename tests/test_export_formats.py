@@ -317,3 +317,38 @@ def test_oft_formats_refuse_runs_of_other_methods(tmp_path):
     with pytest.raises(ConfigError, match="--formats lora: exports OFT-Control runs .* 'encoder_only'"):
         export(run, tmp_path / "out", formats=["diffusers", "lora"])
     assert not (tmp_path / "out" / "diffusers").exists()
+
+
+def test_hint_embedding_hook_in_a_stock_pipeline_reproduces_src_generate(runs, exported):
+    """The README's stock-diffusers route on the toy backbone (no ControlNet-XS there): the exported
+    `ControlNetConditioningEmbedding` added after `conv_in` by a forward hook gives the run's images."""
+    import json
+
+    from diffusers import StableDiffusionPipeline
+    from diffusers.models.controlnets.controlnet import ControlNetConditioningEmbedding
+    from safetensors.torch import load_file
+
+    folders = exported["toy"]
+    conditions, prompts = _conditions(1)
+    options = SamplingOptions(num_inference_steps=STEPS, strength=0.8)
+    ours = generate_images(load_controlled(runs["toy"]), conditions, prompts, options)[:, 0]
+    pipe = StableDiffusionPipeline.from_pretrained(folders["diffusers"])
+    pipe.set_progress_bar_config(disable=True)
+    hint = ControlNetConditioningEmbedding(
+        **json.loads((folders["hint_embedding"] / "config.json").read_text())
+    )
+    hint.load_state_dict(load_file(folders["hint_embedding"] / "model.safetensors"))
+    with torch.no_grad():
+        embedding = 0.8 * hint(conditions)
+    pipe.unet.conv_in.register_forward_hook(lambda m, i, out: out + embedding.repeat(out.shape[0], 1, 1, 1))
+    theirs = pipe(
+        prompts,
+        height=64,
+        width=64,
+        num_inference_steps=STEPS,
+        guidance_scale=options.guidance_scale,
+        generator=[torch.Generator().manual_seed(0)],
+        output_type="pt",
+    ).images.clamp(0, 1)
+    print(f"hint hook vs run {(theirs - ours).abs().max():.2e}")
+    assert (theirs - ours).abs().max() <= 1e-4

@@ -21,10 +21,15 @@ What stock diffusers cannot reproduce exactly: it builds the base UNet's ResNet 
 most; on narrow test UNets with 1-2 channels per group by up to 0.1. Setting those eps back
 (`match_resnet_eps`, a loop of stock diffusers attribute assignments) makes the UNet's output bit-identical. diffusers' UNetControlNetXSModel supports `layers_per_block` 2 only
 (SD1.x, SD2.x, SDXL) and a 4-channel `conv_in`; other backbones (the toy and tiny ones have 1) are refused.
+
+The exact alternative on any backbone, `hint_embedding/`: the encoder as diffusers' own
+`ControlNetConditioningEmbedding` (`config.json` holds its constructor arguments), whose output a stock
+pipeline adds after `conv_in` through a forward hook (README, "Export").
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -34,6 +39,7 @@ from torch import nn
 from src.errors import ConfigError
 from src.models.control import ControlEncoder
 
+HINT_WEIGHTS, HINT_CONFIG = "model.safetensors", "config.json"
 CTRL_WIDTH = 8  # the control model's widths after the first block: unused by the base, kept small
 XS_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
 
@@ -66,13 +72,62 @@ def encoder_convolutions(encoder: ControlEncoder) -> list[nn.Conv2d]:
     return [m for m in encoder.body if isinstance(m, nn.Conv2d)] + [encoder.zero_out]
 
 
+def hint_config(encoder: ControlEncoder) -> dict:
+    """Constructor arguments of diffusers' `ControlNetConditioningEmbedding` with the encoder's layers."""
+    convs = encoder_convolutions(encoder)
+    return {
+        "conditioning_embedding_channels": convs[-1].out_channels,
+        "conditioning_channels": convs[0].in_channels,
+        "block_out_channels": [convs[0].out_channels] + [c.out_channels for c in convs[2:-1:2]],
+    }
+
+
+def load_hint_weights(hint, encoder: ControlEncoder) -> None:
+    """Copy the encoder's convolutions into a `ControlNetConditioningEmbedding` (conv_in, blocks, conv_out)."""
+    with torch.no_grad():
+        for target, source in zip(
+            [hint.conv_in, *hint.blocks, hint.conv_out], encoder_convolutions(encoder), strict=True
+        ):
+            target.load_state_dict(source.state_dict())
+
+
+def hint_embedding(encoder: ControlEncoder):
+    """The encoder as diffusers' own `ControlNetConditioningEmbedding` (ControlNet's hint block: the same
+    layers), and its constructor arguments."""
+    from diffusers.models.controlnets.controlnet import ControlNetConditioningEmbedding
+
+    config = hint_config(encoder)
+    hint = ControlNetConditioningEmbedding(**config)
+    load_hint_weights(hint, encoder)
+    return hint.eval(), config
+
+
+def export_hint_embedding(run, folder: str | os.PathLike) -> Path:
+    """Write the control encoder as a `ControlNetConditioningEmbedding`: `config.json` (its constructor
+    arguments) + `model.safetensors` (its state dict), for a stock-diffusers forward hook on any backbone."""
+    from safetensors.torch import save_file
+
+    encoder = getattr(run.module, "encoder", None)
+    if not isinstance(encoder, ControlEncoder):
+        raise ConfigError(
+            f"hint_embedding holds an OFT-Control encoder; this run's control is {type(encoder).__name__}"
+        )
+    hint, config = hint_embedding(encoder)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in hint.state_dict().items()}
+    meta = {"format": "pt", "condition": run.condition, "resolution": str(run.resolution)}
+    save_file(state, folder / HINT_WEIGHTS, metadata=meta)
+    (folder / HINT_CONFIG).write_text(json.dumps(config, indent=2))
+    return folder
+
+
 def build_adapter(unet, encoder: ControlEncoder):
     """A `ControlNetXSAdapter` for `unet` whose only effect on the base is `encoder`'s embedding after conv_in."""
     from diffusers import ControlNetXSAdapter
 
     check_controlnet_xs(unet, encoder)
-    convs = encoder_convolutions(encoder)
-    widths = [convs[0].out_channels] + [c.out_channels for c in convs[2:-1:2]]
+    widths = hint_config(encoder)["block_out_channels"]
     first = unet.config.block_out_channels[0]
     n_blocks = len(unet.config.block_out_channels)
     heads = unet.config.attention_head_dim
@@ -81,7 +136,7 @@ def build_adapter(unet, encoder: ControlEncoder):
         unet,
         block_out_channels=[first] + [CTRL_WIDTH] * (n_blocks - 1),
         num_attention_heads=[first_heads] + [1] * (n_blocks - 1),
-        conditioning_channels=convs[0].in_channels,
+        conditioning_channels=encoder_convolutions(encoder)[0].in_channels,
         conditioning_embedding_out_channels=tuple(widths),
     )
     with torch.no_grad():
@@ -89,9 +144,7 @@ def build_adapter(unet, encoder: ControlEncoder):
             param.zero_()
         identity = torch.eye(first, dtype=adapter.dtype).view(first, first, 1, 1)
         adapter.control_to_base_for_conv_in.weight.copy_(identity)
-        hint = adapter.controlnet_cond_embedding
-        for target, source in zip([hint.conv_in, *hint.blocks, hint.conv_out], convs, strict=True):
-            target.load_state_dict(source.state_dict())
+    load_hint_weights(adapter.controlnet_cond_embedding, encoder)
     return adapter.eval()
 
 

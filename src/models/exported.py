@@ -1,7 +1,7 @@
 """Exported folders: writing them from a trained run, and reading them back.
 
-- `diffusers/`: a complete `StableDiffusionPipeline` folder whose UNet has the rotations merged into its
-  weights (`W R`, zero inference overhead), a DDIM scheduler (the paper's sampler), the control encoder in
+- `diffusers/`: a complete `StableDiffusionPipeline` (SDXL: `StableDiffusionXLPipeline`) folder whose UNet has
+  the rotations merged into its weights (`W R`, zero inference overhead), a DDIM scheduler (the paper's sampler), the control encoder in
   `control_encoder/` and `oft_control.json` (where it came from). `load_exported` reads it.
 - `peft/`: the UNet rotations as a peft OFT adapter (`adapter_config.json`, `adapter_model.safetensors`)
   for the base UNet (the mapping is `src.oft.peft_compat`).
@@ -10,8 +10,8 @@
 - `single_file/`: one checkpoint in the original SD (LDM) layout, rotations merged, for AUTOMATIC1111, Forge
   and ComfyUI (`src.formats.single_file`).
 - `lora/`: the rotations as full weight differences for LoRA / LyCORIS loaders (`src.formats.lora_diff`).
-- `controlnet_xs/`: the control encoder as a stock diffusers `ControlNetXSAdapter`
-  (`src.formats.controlnet_xs`).
+- `controlnet_xs/`: the control encoder as a stock diffusers `ControlNetXSAdapter`, and `hint_embedding/`: as
+  diffusers' `ControlNetConditioningEmbedding` for a forward hook (`src.formats.controlnet_xs`).
 
 Without a list of formats, `src.export` writes every format the run's backbone can host (`unsupported`).
 """
@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from src.errors import ConfigError, InputError, MissingInputError
-from src.formats.controlnet_xs import check_controlnet_xs, export_controlnet_xs
+from src.formats.controlnet_xs import check_controlnet_xs, export_controlnet_xs, export_hint_embedding
 from src.formats.lora_diff import export_lora
 from src.formats.single_file import check_single_file, export_single_file
 from src.models.control import ControlEncoder
@@ -33,7 +33,7 @@ from src.models.sampling import build_pipeline, make_scheduler
 from src.oft import merge_oft, unmerge_oft
 from src.oft.peft_compat import peft_adapter
 
-FORMATS = ("diffusers", "peft", "control_encoder", "single_file", "lora", "controlnet_xs")
+FORMATS = ("diffusers", "peft", "control_encoder", "single_file", "lora", "controlnet_xs", "hint_embedding")
 ENCODER_DIR, ENCODER_WEIGHTS, ENCODER_CONFIG = "control_encoder", "model.safetensors", "config.json"
 ENCODER_FORMAT = "oft-control-encoder"
 EXPORT_INFO = "oft_control.json"
@@ -97,7 +97,14 @@ def export_diffusers(run: TrainedRun, folder: str | os.PathLike) -> Path:
     scheduler = make_scheduler("ddim", module.noise_scheduler.config)
     removed = merge_oft(module.unet)
     try:
-        pipe = build_pipeline(module.unet, module.vae, module.text_encoder, module.tokenizer, scheduler)
+        pipe = build_pipeline(
+            module.unet,
+            module.vae,
+            module.text_encoder,
+            module.tokenizer,
+            scheduler,
+            **module.second_text_encoder(),
+        )
         pipe.save_pretrained(folder, safe_serialization=True)
     finally:
         unmerge_oft(module.unet, removed)
@@ -121,14 +128,20 @@ def is_exported(folder: str | os.PathLike) -> bool:
 
 def load_exported(folder: str | os.PathLike):
     """`(pipeline, control encoder, encoder config)` of an exported diffusers folder."""
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     if not is_exported(folder):
         raise MissingInputError(
             f"'{folder}' is not an exported OFT-Control folder (model_index.json and "
             f"{ENCODER_DIR}/): {EXPORT_HINT}"
         )
-    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    index = json.loads((Path(folder) / "model_index.json").read_text())
+    if index.get("_class_name") == StableDiffusionXLPipeline.__name__:  # an SDXL backbone's export
+        pipe = StableDiffusionXLPipeline.from_pretrained(folder, add_watermarker=False)
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            folder, safety_checker=None, requires_safety_checker=False
+        )
     pipe.set_progress_bar_config(disable=True)
     encoder, config = load_control_encoder(Path(folder) / ENCODER_DIR)
     return pipe, encoder, config
@@ -154,7 +167,7 @@ def export_peft(run: TrainedRun, folder: str | os.PathLike) -> Path:
 
 
 #: formats that take the rotations and encoder of OFT-Control; other methods' formats: `save_ecosystem`
-OFT_FORMATS = ("single_file", "lora", "controlnet_xs")
+OFT_FORMATS = ("single_file", "lora", "controlnet_xs", "hint_embedding")
 
 
 def unsupported(run: TrainedRun, name: str) -> str | None:
@@ -183,4 +196,5 @@ WRITERS = {
     "single_file": export_single_file,
     "lora": export_lora,
     "controlnet_xs": export_controlnet_xs,
+    "hint_embedding": export_hint_embedding,
 }
