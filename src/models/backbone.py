@@ -34,6 +34,9 @@ class BackboneSpec:
         revision: hub revision (branch, tag or commit), if `path` is a hub id.
         variant: weight variant such as `fp16`, if the folder has one.
         local_files_only: never contact the hub, even when `path` is a hub id that is not cached.
+        family: `sd` (SD1/SD2: one text encoder) or `sdxl` (two text encoders, pooled text embeddings and
+            size/crop time ids; `src.models.xl`); checked against the folder before anything loads.
+        vae_path: a VAE folder or hub id loaded instead of the backbone's `vae/` (e.g. SDXL's fp16-fix VAE).
     """
 
     name: str
@@ -43,6 +46,8 @@ class BackboneSpec:
     revision: str | None = None
     variant: str | None = None
     local_files_only: bool = False
+    family: str = "sd"
+    vae_path: str | None = None
 
 
 @dataclass
@@ -54,6 +59,8 @@ class Backbone:
     text_encoder: nn.Module
     tokenizer: object
     noise_scheduler: object
+    text_encoder_2: nn.Module | None = None  # SDXL's second text encoder and tokenizer
+    tokenizer_2: object | None = None
 
     @property
     def vae_scale_factor(self) -> int:
@@ -76,12 +83,23 @@ def _not_found(spec: BackboneSpec, reason: str) -> BackboneNotFoundError:
 def check_backbone(spec: BackboneSpec) -> str:
     """Resolve `spec` to a local folder or a cached/reachable hub id without loading any weights.
 
-    Builds the tiny backbone if asked to. Raises `BackboneNotFoundError` with one line naming the fix.
+    Builds the tiny backbone if asked to. Raises `BackboneNotFoundError` with one line naming the fix, and
+    `ConfigError` when the folder's pipeline is not of `spec.family` (an SD folder for `model=sdxl`).
     """
     if spec.build_tiny:
         from src.models.tiny import ensure_tiny_backbone
 
         return str(ensure_tiny_backbone(spec.path))
+    source = _resolve(spec)
+    from src.models.xl import check_family, read_index
+
+    index = read_index(source, spec.revision, spec.local_files_only or _offline())
+    check_family(getattr(spec, "family", "sd"), spec.name, spec.path, index)
+    return source
+
+
+def _resolve(spec: BackboneSpec) -> str:
+    """`spec.path` as a local folder with `model_index.json`, or a cached/reachable hub id."""
     local = Path(spec.path).expanduser()
     if local.is_dir():
         if not (local / "model_index.json").is_file():
@@ -156,20 +174,24 @@ def unet_skeleton(spec: BackboneSpec) -> nn.Module:
 
 
 def load_backbone(spec: BackboneSpec, dtype: torch.dtype = torch.float32) -> Backbone:
-    """Load the frozen UNet, VAE, text encoder, tokenizer and training noise scheduler of `spec`."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    """Load the frozen UNet, VAE, text encoder(s), tokenizer(s) and training noise scheduler of `spec`."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
+
+    from src.models.xl import load_text_2, load_vae
 
     source = check_backbone(spec)
     common = dict(revision=spec.revision, local_files_only=spec.local_files_only or _offline())
     weights = dict(common, variant=spec.variant, torch_dtype=dtype)
     backbone = Backbone(
         unet=UNet2DConditionModel.from_pretrained(source, subfolder="unet", **weights),
-        vae=AutoencoderKL.from_pretrained(source, subfolder="vae", **weights),
+        vae=load_vae(spec, source, common, weights),
         text_encoder=CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **weights),
         tokenizer=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **common),
         noise_scheduler=DDPMScheduler.from_pretrained(source, subfolder="scheduler", **common),
     )
+    if getattr(spec, "family", "sd") == "sdxl":
+        backbone.text_encoder_2, backbone.tokenizer_2 = load_text_2(source, common, weights)
     for module in (backbone.unet, backbone.vae, backbone.text_encoder):
         module.requires_grad_(False).eval()
     return backbone

@@ -55,9 +55,8 @@ def load_controlled(
         )
     run = load_run(source, checkpoint, model_path)
     m = run.module
-    pipe = build_pipeline(
-        m.unet, m.vae, m.text_encoder, m.tokenizer, make_scheduler("ddim", m.noise_scheduler.config)
-    )
+    scheduler = make_scheduler("ddim", m.noise_scheduler.config)
+    pipe = build_pipeline(m.unet, m.vae, m.text_encoder, m.tokenizer, scheduler, **m.second_text_encoder())
     return ControlledModel(pipe, m.method, run.condition, run.resolution, m.noise_scheduler.config)
 
 

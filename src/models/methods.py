@@ -378,6 +378,7 @@ class ControlNet(Method):
                 sample,
                 _argument(args, kwargs, 1, "timestep"),
                 encoder_hidden_states=_argument(args, kwargs, 2, "encoder_hidden_states"),
+                added_cond_kwargs=kwargs.get("added_cond_kwargs"),  # SDXL: pooled text and time ids
                 controlnet_cond=_broadcast_to_batch(condition, sample.shape[0]).to(net.dtype),
                 conditioning_scale=strength,
                 return_dict=False,
@@ -424,6 +425,14 @@ class T2IAdapter(Method):
 
     def settings(self) -> dict[str, Any]:
         return {"channels": self.channels, "num_res_blocks": self.num_res_blocks}
+
+    def check(self, unet_skeleton: nn.Module, oft: OFTConfig) -> None:
+        if unet_skeleton.config.get("addition_embed_type") == "text_time":
+            raise ConfigError(
+                "method=t2i_adapter builds SD1/SD2's full adapter, whose features do not fit an SDXL UNet "
+                "(diffusers' SDXL adapter is another layout): use method=controlnet or oft_control with "
+                "model=sdxl"
+            )
 
     def build(self, module: OFTControlModule) -> list[str]:
         from diffusers import T2IAdapter as Adapter

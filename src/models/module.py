@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from src.errors import CheckpointError, ConfigError
+from src.models import xl
 from src.models.backbone import BackboneSpec, load_backbone
 from src.models.checkpoint import CHECKPOINT_META, check_identity, checkpoint_identity
 from src.models.memory import MemoryOptions, apply_memory_options
@@ -89,6 +90,7 @@ class OFTControlModule(pl.LightningModule):
         parts = load_backbone(backbone)
         self.unet, self.vae, self.text_encoder = parts.unet, parts.vae, parts.text_encoder
         self.tokenizer, self.noise_scheduler = parts.tokenizer, parts.noise_scheduler
+        self.text_encoder_2, self.tokenizer_2 = parts.text_encoder_2, parts.tokenizer_2  # SDXL only
         self.vae_scale_factor = parts.vae_scale_factor
         self.encoder_channels = list(encoder_channels)
         self.method = method or OFTControl()
@@ -118,10 +120,11 @@ class OFTControlModule(pl.LightningModule):
         return self.method.parameter_summary()
 
     def train(self, mode: bool = True) -> OFTControlModule:
-        """Keep the frozen VAE and text encoder in eval mode whatever Lightning asks of the module."""
+        """Keep the frozen VAE and text encoders in eval mode whatever Lightning asks of the module."""
         super().train(mode)
-        self.vae.eval()
-        self.text_encoder.eval()
+        for frozen in (self.vae, self.text_encoder, self.text_encoder_2):
+            if frozen is not None:
+                frozen.eval()
         return self
 
     # ----------------------------------------------------------------------------------- diffusion
@@ -136,9 +139,24 @@ class OFTControlModule(pl.LightningModule):
         )
         return self.text_encoder(tokens.input_ids.to(self.device))[0]
 
+    def text_conditioning(
+        self, captions: Sequence[str], size: Sequence[int]
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """`(encoder_hidden_states, extra UNet keywords)` for captions of `size = (H, W)` pixel images: SD's text
+        embeddings alone; for SDXL both encoders' and `added_cond_kwargs` (pooled text, size/crop ids)."""
+        if self.text_encoder_2 is None:
+            return self.encode_prompts(captions), {}
+        tokenizers, encoders = (self.tokenizer, self.tokenizer_2), (self.text_encoder, self.text_encoder_2)
+        hidden, pooled = xl.encode_prompts(tokenizers, encoders, captions, self.device)
+        return hidden, {"added_cond_kwargs": xl.added_conditions(pooled, *size)}
+
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Images in [-1, 1] -> scaled VAE latents."""
+        """Images in [-1, 1] -> scaled VAE latents (an SDXL VAE that overflows in fp16 encodes in fp32)."""
+        if self.text_encoder_2 is not None and xl.needs_fp32_vae(self.vae):
+            with torch.autocast(self.device.type, enabled=False):
+                latents = self.vae.float().encode(images.float()).latent_dist.sample()
+            return latents * self.vae.config.scaling_factor
         latents = self.vae.encode(images.to(self.vae.dtype)).latent_dist.sample()
         return latents * self.vae.config.scaling_factor
 
@@ -160,9 +178,10 @@ class OFTControlModule(pl.LightningModule):
         if timesteps is None:
             timesteps = self.sample_timesteps(latents.shape[0], latents.device)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        text = self.encode_prompts(batch["caption"] if captions is None else captions)
+        size = batch["image"].shape[-2:]
+        text, extra = self.text_conditioning(batch["caption"] if captions is None else captions, size)
         with self.method.inject(self.unet, batch["condition"].to(latents.dtype)):
-            prediction = self.unet(noisy, timesteps, encoder_hidden_states=text).sample
+            prediction = self.unet(noisy, timesteps, encoder_hidden_states=text, **extra).sample
         return F.mse_loss(prediction.float(), self.diffusion_target(latents, noise, timesteps).float())
 
     def sample_timesteps(self, count: int, device: torch.device) -> torch.Tensor:
@@ -246,7 +265,15 @@ class OFTControlModule(pl.LightningModule):
     def pipeline(self):
         """A stock diffusers pipeline over this module's (adapted) components."""
         scheduler = make_scheduler(self.sampling.scheduler, self.noise_scheduler.config)
-        return build_pipeline(self.unet, self.vae, self.text_encoder, self.tokenizer, scheduler)
+        return build_pipeline(
+            self.unet, self.vae, self.text_encoder, self.tokenizer, scheduler, **self.second_text_encoder()
+        )
+
+    def second_text_encoder(self) -> dict[str, Any]:
+        """`{text_encoder_2, tokenizer_2}` of an SDXL backbone (for `build_pipeline`), else empty."""
+        if self.text_encoder_2 is None:
+            return {}
+        return {"text_encoder_2": self.text_encoder_2, "tokenizer_2": self.tokenizer_2}
 
     def validation_samples(self, batch: dict[str, Any], max_images: int) -> torch.Tensor:
         """Images generated from the first `max_images` samples of `batch`, drawn once per batch and step.

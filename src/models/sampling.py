@@ -1,4 +1,5 @@
-"""Sampling with a stock diffusers `StableDiffusionPipeline` and the control injection installed."""
+"""Sampling with a stock diffusers `StableDiffusionPipeline` (SDXL: `StableDiffusionXLPipeline`) and the control
+injection installed."""
 
 from __future__ import annotations
 
@@ -72,9 +73,23 @@ def make_scheduler(name: str, config: dict):
     return classes[name].from_config(config)
 
 
-def build_pipeline(unet: nn.Module, vae: nn.Module, text_encoder: nn.Module, tokenizer, scheduler):
-    """A `StableDiffusionPipeline` over the given (possibly OFT-adapted) components, no safety checker."""
+def build_pipeline(
+    unet: nn.Module,
+    vae: nn.Module,
+    text_encoder: nn.Module,
+    tokenizer,
+    scheduler,
+    text_encoder_2: nn.Module | None = None,
+    tokenizer_2=None,
+):
+    """A `StableDiffusionPipeline` over the given (possibly OFT-adapted) components, no safety checker; with a
+    second text encoder and tokenizer (SDXL), a `StableDiffusionXLPipeline`, no watermark."""
     from diffusers import StableDiffusionPipeline
+
+    if text_encoder_2 is not None:
+        from src.models.xl import build_xl_pipeline
+
+        return build_xl_pipeline(unet, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2, scheduler)
 
     pipe = StableDiffusionPipeline(
         unet=unet,
