@@ -8,7 +8,8 @@ diffusers can load the file offline for any backbone shape:
     StableDiffusionPipeline.from_single_file("single_file/model.safetensors", config="single_file/config",
                                              local_files_only=True)
 
-(for SD1.5 itself `config=` may be left out when online: diffusers then fetches SD1.5's configs.)
+(for SD1.5 itself `config=` may be left out when online: diffusers then fetches SD1.5's configs.) The file
+holds no VAE scaling factor: the web UIs assume SD's 0.18215, `config/` carries the backbone's.
 """
 
 from __future__ import annotations
