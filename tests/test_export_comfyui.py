@@ -38,7 +38,7 @@ def comfy():
 
     logger.handlers[:] = handlers  # cli_args calls logging.basicConfig(INFO) on import: undo it
     logger.setLevel(level)
-    args.cpu = not torch.cuda.is_available()  # ComfyUI otherwise asks the CUDA driver for a device
+    args.cpu = True  # the comparisons run on the CPU (ComfyUI would otherwise ask the CUDA driver)
     import comfy.lora
     import comfy.model_detection
     import comfy.model_patcher
@@ -74,7 +74,8 @@ def comfy_unet(comfy, state: dict):
     weights = {k[len(PREFIX) :]: v for k, v in state.items() if k.startswith(PREFIX)}
     model.diffusion_model.load_state_dict(model_config.process_unet_state_dict(weights), strict=True)
     model.diffusion_model.float().eval()
-    return comfy.model_patcher.ModelPatcher(model, load_device="cpu", offload_device="cpu")
+    cpu = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
 
 
 def _inputs():
@@ -192,3 +193,42 @@ def test_comfyui_loads_a_full_size_sd15_single_file_as_its_checkpoint(comfy, tmp
         for key, value in ours.items():
             theirs = state[key].reshape(value.shape)  # at the dtype ComfyUI keeps it in (CLIP: half)
             assert torch.equal(theirs, value.to(theirs.dtype)), prefix + key
+
+
+def test_the_node_runs_inside_comfyuis_sampler_in_both_guidance_branches(comfy, node, sd15):
+    """ComfyUI's KSampler path (`comfy.sample.sample`, Euler, 2 steps, cfg 9): the patch sees input block 0 at
+    every model call, conditional and unconditional rows alike, and changes the samples."""
+    import comfy.sample
+
+    _, folders = sd15
+    patcher = comfy_unet(
+        comfy, comfy.utils.load_torch_file(str(folders["single_file"] / "model.safetensors"))
+    )
+    encoder = node.OFTControlEncoderLoader().load(str(folders["control_encoder"]))[0]
+    seen = []
+    call = node.ControlPatch.__call__
+
+    def recording(self, h, options):
+        if options.get("block") == ("input", 0):
+            seen.append(list(options["cond_or_uncond"]))
+        return call(self, h, options)
+
+    g = torch.Generator().manual_seed(0)
+    image, text = torch.rand(1, 64, 64, 3, generator=g), torch.randn(1, 7, 32, generator=g)
+    latent, noise = torch.zeros(1, 4, 8, 8), torch.randn(1, 4, 8, 8, generator=g)
+    positive, negative = [[text, {}]], [[torch.zeros_like(text), {}]]
+
+    def sample(model):
+        with torch.inference_mode():
+            args = (model, noise, 2, 9.0, "euler", "normal", positive, negative, latent)
+            return comfy.sample.sample(*args, disable_pbar=True, seed=0)
+
+    plain = sample(patcher)
+    node.ControlPatch.__call__ = recording
+    try:
+        controlled = sample(node.OFTControlApply().apply(patcher, encoder, image, 1.0)[0])
+    finally:
+        node.ControlPatch.__call__ = call
+    assert len(seen) == 2 and all(sorted(rows) == [0, 1] for rows in seen)  # one batched call per step
+    assert (controlled - plain).abs().max() > 1e-3
+    assert torch.equal(sample(node.OFTControlApply().apply(patcher, encoder, image, 0.0)[0]), plain)
