@@ -21,6 +21,34 @@ NARROW_TEXT = dict(
 )
 
 
+#: SD2.1's public configs where they differ from SD1.5's: OpenCLIP ViT-H text encoder (23 of its 24 layers, gelu),
+#: 1024-wide cross-attention, linear transformer projections, heads per level
+SD21_UNET = dict(
+    attention_head_dim=[5, 10, 20, 20],
+    cross_attention_dim=1024,
+    use_linear_projection=True,
+    upcast_attention=True,
+)
+SD21_TEXT = dict(
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_attention_heads=16,
+    num_hidden_layers=23,
+    hidden_act="gelu",
+    projection_dim=512,
+)
+
+
+def sd21_configs(narrow: bool = True) -> tuple[dict, dict, dict]:
+    """UNet, VAE and text-encoder configs of SD2.1, narrowed to test size (keeping gelu) if `narrow`."""
+    unet, vae, text = sd15_configs(narrow=False)
+    unet, text = {**unet, **SD21_UNET}, {**text, **SD21_TEXT}
+    if narrow:
+        unet = {**unet, **NARROW_UNET, "attention_head_dim": [2, 4, 4, 4]}
+        vae, text = {**vae, **NARROW_VAE}, {**text, **NARROW_TEXT}
+    return unet, vae, text
+
+
 def sd15_configs(narrow: bool = True) -> tuple[dict, dict, dict]:
     """UNet, VAE and text-encoder configs of SD1.5, narrowed to test size if `narrow`."""
     unet, vae, text = (json.loads((SD15 / f"{n}_config.json").read_text()) for n in COMPONENTS)

@@ -4,14 +4,15 @@ AUTOMATIC1111, Forge and ComfyUI load a checkpoint as one file whose keys are th
 `ldm` code: the UNet under `model.diffusion_model.` (`input_blocks.N`, `middle_block.N`,
 `output_blocks.N`, `time_embed`, `out`), the VAE under `first_stage_model.` (`encoder.down.i.block.j`,
 `decoder.up.i` numbered from the lowest resolution, 1x1-convolution attention) and the CLIP text encoder
-under `cond_stage_model.transformer.text_model.`. The block numbering follows from the UNet config:
+under `cond_stage_model.transformer.text_model.` (SD1) or OpenCLIP's layout under `cond_stage_model.model.` (SD2,
+`src.formats.ldm_text`). The block numbering follows from the UNet config:
 with `L = layers_per_block`, down block `i` sub-layer `j` is `input_blocks.{1 + i (L + 1) + j}` and its
 downsampler `input_blocks.{(i + 1)(L + 1)}`; up block `i` sub-layer `j` is `output_blocks.{i (L + 1) + j}`,
 its upsampler the last sub-module of `output_blocks.{i (L + 1) + L}`.
 
-Only the SD1-class layouts are written: the block types SD1.x uses, an integer `layers_per_block`, no
-class or added embeddings, a CLIP text encoder (SD2's OpenCLIP text-encoder layout is not written). Any
-other layout is refused with one line (`ConfigError`) naming what does not fit.
+Only the SD1/SD2-class layouts are written: the block types SD1.x and SD2.x use, an integer
+`layers_per_block`, no class or added embeddings (SDXL's), a CLIP text encoder. Any other layout is refused
+with one line (`ConfigError`) naming what does not fit.
 """
 
 from __future__ import annotations
@@ -23,15 +24,16 @@ from typing import Any
 from torch import Tensor
 
 from src.errors import ConfigError
+from src.formats.ldm_text import check_text_encoder, text_state_dict
+
+__all__ = ["check_text_encoder", "check_unet", "check_vae", "ldm_state_dict", "unet_key", "vae_key"]
 
 UNET_PREFIX, VAE_PREFIX = "model.diffusion_model.", "first_stage_model."
-TEXT_PREFIX = "cond_stage_model.transformer.text_model."
+TEXT_PREFIX = "cond_stage_model.transformer.text_model."  # SD1's CLIP; SD2's OpenCLIP: src.formats.ldm_text
 UNET_DOWN = ("CrossAttnDownBlock2D", "DownBlock2D")
 UNET_UP = ("CrossAttnUpBlock2D", "UpBlock2D")
 UNET_MID = ("UNetMidBlock2DCrossAttn",)
 VAE_DOWN, VAE_UP = ("DownEncoderBlock2D",), ("UpDecoderBlock2D",)
-#: SD2's OpenCLIP ViT-H text encoder: its LDM layout (`cond_stage_model.model.`) is not written here
-OPEN_CLIP_WIDTH = 1024
 
 UNET_FIXED = {
     "time_embedding.linear_1": "time_embed.0",
@@ -55,7 +57,7 @@ VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "t
 def _refuse(part: str, what: str, fix: str = "") -> ConfigError:
     return ConfigError(
         f"the backbone's {part} has no original Stable Diffusion (LDM) layout: {what}; single_file writes "
-        f"SD1-class backbones only{fix or ', export the diffusers/ folder instead'}"
+        f"SD1/SD2-class backbones only{fix or ', export the diffusers/ folder instead'}"
     )
 
 
@@ -72,7 +74,7 @@ def check_unet(config: Mapping[str, Any]) -> None:
         raise _refuse("UNet", f"layers_per_block {config['layers_per_block']} differs between blocks")
     for key in ("class_embed_type", "addition_embed_type", "encoder_hid_dim_type", "time_cond_proj_dim"):
         if config.get(key) is not None:
-            raise _refuse("UNet", f"{key} {config[key]!r} (SD1 has none)")
+            raise _refuse("UNet", f"{key} {config[key]!r} (SD1 and SD2 have none)")
 
 
 def check_vae(config: Mapping[str, Any]) -> None:
@@ -82,18 +84,6 @@ def check_vae(config: Mapping[str, Any]) -> None:
             raise _refuse("VAE", f"{key} {odd}")
     if not config.get("mid_block_add_attention", True):
         raise _refuse("VAE", "mid_block_add_attention false (LDM's VAE has a middle attention)")
-
-
-def check_text_encoder(model) -> None:
-    name, width = type(model).__name__, model.config.hidden_size
-    if name != "CLIPTextModel":
-        raise _refuse("text encoder", f"{name} (LDM SD1 checkpoints hold a CLIPTextModel)")
-    if width == OPEN_CLIP_WIDTH:
-        raise _refuse(
-            "text encoder",
-            f"hidden_size {width} is SD2's OpenCLIP ViT-H, whose LDM layout (cond_stage_model.model.) "
-            "is not written",
-        )
 
 
 # ------------------------------------------------------------------------------------------------ UNet
@@ -184,12 +174,8 @@ def ldm_state_dict(unet, vae, text_encoder) -> dict[str, Tensor]:
     check_vae(vae.config)
     check_text_encoder(text_encoder)
     n_vae = len(vae.config.down_block_types)
-    text = {
-        k if k.startswith("text_model.") else f"text_model.{k}": v
-        for k, v in text_encoder.state_dict().items()
-    }
     return {
         **_convert(unet.state_dict(), UNET_PREFIX, lambda n: unet_key(n, unet.config)),
         **_convert(vae.state_dict(), VAE_PREFIX, lambda n: vae_key(n, n_vae), _vae_tensor),
-        **_convert(text, TEXT_PREFIX[: -len("text_model.")], lambda n: n),
+        **text_state_dict(text_encoder),
     }
