@@ -3,10 +3,9 @@
 AUTOMATIC1111, Forge and ComfyUI load a checkpoint as one file whose keys are those of the original
 `ldm` code: the UNet under `model.diffusion_model.` (`input_blocks.N`, `middle_block.N`,
 `output_blocks.N`, `time_embed`, `out`), the VAE under `first_stage_model.` (`encoder.down.i.block.j`,
-`decoder.up.i` numbered from the lowest resolution, 1x1-convolution attention) and the CLIP text encoder
-under `cond_stage_model.transformer.text_model.` (SD1) or OpenCLIP's layout under `cond_stage_model.model.` (SD2,
-`src.formats.ldm_text`). The block numbering follows from the UNet config:
-with `L = layers_per_block`, down block `i` sub-layer `j` is `input_blocks.{1 + i (L + 1) + j}` and its
+`decoder.up.i` numbered from the lowest resolution, 1x1-convolution attention) and the text encoder under
+`cond_stage_model.transformer.text_model.` (SD1's CLIP) or `cond_stage_model.model.` (SD2's OpenCLIP; see
+`src.formats.ldm_text`). The block numbering follows from the UNet config: with `L = layers_per_block`, down block `i` sub-layer `j` is `input_blocks.{1 + i (L + 1) + j}` and its
 downsampler `input_blocks.{(i + 1)(L + 1)}`; up block `i` sub-layer `j` is `output_blocks.{i (L + 1) + j}`,
 its upsampler the last sub-module of `output_blocks.{i (L + 1) + L}`.
 
@@ -54,10 +53,10 @@ VAE_FIXED = {"conv_norm_out": "norm_out"}
 VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 
 
-def _refuse(part: str, what: str, fix: str = "") -> ConfigError:
+def _refuse(part: str, what: str) -> ConfigError:
     return ConfigError(
         f"the backbone's {part} has no original Stable Diffusion (LDM) layout: {what}; single_file writes "
-        f"SD1/SD2-class backbones only{fix or ', export the diffusers/ folder instead'}"
+        "SD1/SD2-class backbones only, export the diffusers/ folder instead"
     )
 
 
@@ -78,6 +77,7 @@ def check_unet(config: Mapping[str, Any]) -> None:
 
 
 def check_vae(config: Mapping[str, Any]) -> None:
+    """Refuse a VAE config the LDM layout cannot hold (one line naming the value)."""
     for key, allowed in (("down_block_types", VAE_DOWN), ("up_block_types", VAE_UP)):
         odd = sorted(set(config[key]) - set(allowed))
         if odd:
@@ -134,17 +134,18 @@ def vae_key(name: str, n_blocks: int) -> str:
     part, _, rest = head.partition(".")  # part: encoder / decoder / quant_conv / post_quant_conv
     if m := re.fullmatch(r"(down|up)_blocks\.(\d+)\.(resnets|downsamplers|upsamplers)\.(\d+)(.*)", rest):
         side, i, kind, j, sub = m[1], int(m[2]), m[3], m[4], m[5]
-        level = (
-            i if side == "down" else n_blocks - 1 - i
-        )  # LDM numbers the decoder from the lowest resolution
+        # LDM numbers the decoder's levels from the lowest resolution, diffusers from the highest
+        level = i if side == "down" else n_blocks - 1 - i
         what = f"block.{j}" if kind == "resnets" else ("downsample" if side == "down" else "upsample")
         return f"{part}.{side}.{level}.{what}{sub}.{tail}"
     if m := re.fullmatch(r"mid_block\.resnets\.(\d+)(.*)", rest):
         return f"{part}.mid.block_{int(m[1]) + 1}{m[2]}.{tail}"
     if m := re.fullmatch(r"mid_block\.attentions\.0\.(.+)", rest):
         return f"{part}.mid.attn_1.{VAE_ATTENTION.get(m[1], m[1])}.{tail}"
-    if rest in VAE_FIXED or rest in ("conv_in", "conv_out", ""):
-        return f"{part}.{VAE_FIXED.get(rest, rest)}.{tail}".replace("..", ".")
+    if not rest:  # quant_conv, post_quant_conv
+        return name
+    if rest in ("conv_in", "conv_out", "conv_norm_out"):
+        return f"{part}.{VAE_FIXED.get(rest, rest)}.{tail}"
     raise _refuse("VAE", f"parameter {name!r} has no LDM name")
 
 
