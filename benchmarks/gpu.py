@@ -4,6 +4,7 @@
     python -m benchmarks.gpu [--batches 4,16] [--variants plain,grad_ckpt,compile] [--steps 5]
                              [--budget-s 420] [--no-write] [--json PATH]
     python -m benchmarks.gpu --dry-run      # CPU, a narrow SD-architecture UNet, batches 1 and 2: every path
+    python -m benchmarks.gpu --backbone sdxl  # the SDXL rows: 1024 px, batch 1 and 4 (gpu.sh runs both)
 
 Setups (as ``benchmarks/train_step.py`` builds them, on one random-weight UNet of the public SD1.5 config):
 the floor (control encoder only), OFT-Control (paper, fast), ControlNet and peft OFT (paper, fast). Each
@@ -21,6 +22,13 @@ first) and stop at ``--budget-s`` seconds after start: what did not fit is liste
 configuration pays its compilation; ``--variants compile`` alone gives them the whole budget). Without CUDA (and
 without ``--dry-run``) it prints that and exits 0, so ``python -m benchmarks`` on a CPU machine skips it.
 On CUDA it rewrites its section of benchmarks/README.md (``--no-write`` to leave it).
+
+``--backbone sdxl``: a random-weight UNet of the public SDXL-base-1.0 config (``src/models/sdxl/``, 2.6B
+parameters, fp32 weights under bf16 autocast) at 1024 px (128x128 latents), batch 1 and 4, its added
+conditions (pooled text, size/crop ids) supplied as ``benchmarks.train_step.self_conditioned`` does; setups
+floor, OFT-Control (paper, fast) and ControlNet (a 1.25B-parameter trainable copy), variants plain and
+gradient checkpointing by default; its own README section. ``--dry-run`` with it uses a narrow
+SDXL-architecture UNet (``src.models.xl.small_unet_config``).
 """
 
 from __future__ import annotations
@@ -56,6 +64,10 @@ VARIANTS = ("plain", "grad_ckpt", "compile")
 LATENT = 64  # 512 px
 TEXT_TOKENS = 77
 COMPILE_RECOMPILE_LIMIT = 32  # SD1.5's transformer blocks see 4 token counts x 3 widths, two strides
+SDXL_SETUPS = [bench.FLOOR, bench.REFERENCE, "OFT-Control (fast)", "ControlNet"]
+SDXL_VARIANTS = ("plain", "grad_ckpt")
+SDXL_LATENT = 128  # 1024 px
+SDXL_START, SDXL_END = "<!-- gpu_sdxl:start -->", "<!-- gpu_sdxl:end -->"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +85,7 @@ class Plan:
     warmup: int
     compile_backend: str
     budget_s: float
+    name: str = "SD1.5"
 
 
 def dry_unet() -> nn.Module:
@@ -83,7 +96,21 @@ def dry_unet() -> nn.Module:
     return UNet2DConditionModel(**config).requires_grad_(False)
 
 
+def sdxl_unet() -> nn.Module:
+    """The SDXL-base-1.0 UNet, random weights, frozen, supplying its added conditions for 1024 px images."""
+    return bench.self_conditioned(bench.sdxl_unet(), SDXL_LATENT * 8)
+
+
+def dry_sdxl_unet() -> nn.Module:
+    """A narrow SDXL-architecture UNet (every SDXL block type and the text_time embedding), 64 px images."""
+    from src.models.xl import small_unet_config
+
+    return bench.self_conditioned(UNet2DConditionModel(**small_unet_config()).requires_grad_(False), 64)
+
+
 def make_plan(args: argparse.Namespace) -> Plan:
+    if getattr(args, "backbone", "sd15") == "sdxl":
+        return sdxl_plan(args)
     if args.dry_run:
         return Plan(
             torch.device("cpu"),
@@ -113,6 +140,25 @@ def make_plan(args: argparse.Namespace) -> Plan:
     )
 
 
+def sdxl_plan(args: argparse.Namespace) -> Plan:
+    """The SDXL rows: 1024 px, batch 1 and 4 (dry run: the narrow UNet at 64 px, batches 1 and 2)."""
+    dry = args.dry_run
+    return Plan(
+        torch.device("cpu" if dry else "cuda"),
+        dry_sdxl_unet if dry else sdxl_unet,
+        8 if dry else SDXL_LATENT,
+        8 if dry else TEXT_TOKENS,
+        tuple(args.batches or ((1, 2) if dry else (1, 4))),
+        tuple(args.variants),
+        tuple(args.setups),
+        1 if dry else args.steps,
+        1 if dry else args.warmup,
+        "eager" if dry else args.compile_backend,
+        args.budget_s,
+        "SDXL",
+    )
+
+
 def backbone(unet: nn.Module, plan: Plan, batch: int, seed: int = 0) -> bench.Backbone:
     """Random latents, text embeddings and conditions of one batch on the plan's device."""
     generator = torch.Generator().manual_seed(seed)
@@ -124,7 +170,7 @@ def backbone(unet: nn.Module, plan: Plan, batch: int, seed: int = 0) -> bench.Ba
     latents, text = rand(batch, 4, side, side), rand(batch, plan.text_tokens, unet.config.cross_attention_dim)
     return bench.Backbone(
         name="gpu",
-        description=f"SD1.5-architecture UNet, batch {batch} at {side * 8} px",
+        description=f"{plan.name}-architecture UNet, batch {batch} at {side * 8} px",
         unet=unet,
         scheduler=bench.DDPMScheduler(**json.loads((bench.SD15 / "scheduler_config.json").read_text())),
         encode=lambda: (latents, text),
@@ -292,8 +338,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--batches", type=lambda s: [int(b) for b in s.split(",")], help="default 4,16 (dry: 1,2)"
     )
-    parser.add_argument("--variants", type=lambda s: s.split(","), default=list(VARIANTS))
-    parser.add_argument("--setups", type=lambda s: s.split(";"), default=SETUPS, help="';'-separated names")
+    parser.add_argument("--backbone", choices=["sd15", "sdxl"], default="sd15", help="sdxl: the SDXL rows")
+    parser.add_argument(
+        "--variants", type=lambda s: s.split(","), default=None, help="default all (sdxl: no compile)"
+    )
+    parser.add_argument("--setups", type=lambda s: s.split(";"), default=None, help="';'-separated names")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per configuration")
     parser.add_argument("--warmup", type=int, default=2, help="warm-up steps (one more under compile)")
     parser.add_argument("--compile-backend", default="inductor")
@@ -307,6 +356,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     args = parser.parse_args(argv)
     args.dry_run = args.dry_run or args.quick
+    sdxl = args.backbone == "sdxl"
+    args.variants = args.variants or list(SDXL_VARIANTS if sdxl else VARIANTS)
+    args.setups = args.setups or list(SDXL_SETUPS if sdxl else SETUPS)
     unknown = sorted(set(args.setups) - set(bench.SETUPS)) + sorted(set(args.variants) - set(VARIANTS))
     if unknown:
         parser.error(f"unknown setup(s)/variant(s) {unknown}; setups: {SETUPS}, variants: {list(VARIANTS)}")
@@ -338,7 +390,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps({"results": results, "skipped": skipped}, indent=1))
     if plan.device.type == "cuda" and not args.no_write:
-        readme.write_section(body, readme.README, START, END)
+        markers = (SDXL_START, SDXL_END) if plan.name == "SDXL" else (START, END)
+        readme.write_section(body, readme.README, *markers)
     return 0
 
 

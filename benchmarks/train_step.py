@@ -1,6 +1,6 @@
 """One training step of OFT-Control against ControlNet, peft OFT and peft LoRA on the same frozen UNet.
 
-    python -m benchmarks.train_step [--backbone all|tiny|sd15] [--repeats 5] [--tiny-repeats 15]
+    python -m benchmarks.train_step [--backbone all|tiny|sd15|sdxl] [--repeats 5] [--tiny-repeats 15]
                                     [--threads N] [--clock wall|cpu] [--quick] [--no-write] [--json PATH]
 
 A step is what a trainer does per batch: zero the gradients, the frozen encoders (tiny backbone only),
@@ -26,6 +26,12 @@ high-water mark of that process. Checkpoint: bytes of the trained tensors writte
 The table is rewritten in benchmarks/README.md between its markers. Under the SD1.5 table: where the OFT
 presets' time over the floor goes (rotation maths, optimizer, the rest), and the hyperspherical-energy
 monitor's cost at its defaults (``conf/callbacks/default.yaml``) as a share of a step.
+
+``--backbone sdxl`` (never part of ``all``; its own README section) times the floor and the two OFT-Control
+presets on a random-weight UNet of the public SDXL-base-1.0 config (``src/models/sdxl/``, 2.6B parameters,
+10.3 GB in fp32) at 32x32 latents, batch 1, with random pooled text and the size/crop ids of 256 px images.
+ControlNet (a trainable 1.25B-parameter copy: weights, gradients and AdamW state, about 20 GB more) does
+not fit a 24 GB machine beside the UNet; ``--setups`` adds it where it fits.
 """
 
 from __future__ import annotations
@@ -84,6 +90,9 @@ MAX_GRAD_NORM = 1.0  # diffusers' train_controlnet.py default (--max_grad_norm)
 # What `python -m src.train task=canny` trains with (conf/data/demo.yaml, conf/model/tiny.yaml).
 TINY_BATCH, TINY_PIXELS = 4, 64
 SD15_LATENT = 32  # 256 px, batch 1
+SDXL_LATENT = 32  # 256 px, batch 1
+SDXL_SETUPS = (FLOOR, REFERENCE, "OFT-Control (fast)")  # what fits a 24 GB CPU machine beside the SDXL UNet
+SDXL_START, SDXL_END = "<!-- train_step_sdxl:start -->", "<!-- train_step_sdxl:end -->"
 # Imported once by the fork server so that each memory child starts with everything loaded; the last two
 # are what `build_tiny_pipeline` imports lazily.
 PRELOAD = [
@@ -174,7 +183,65 @@ def sd15_backbone(seed: int = 0) -> Backbone:
     )
 
 
-BACKBONES: dict[str, Callable[[], Backbone]] = {"tiny": tiny_backbone, "sd15": sd15_backbone}
+def self_conditioned(unet: nn.Module, pixels: int, seed: int = 0) -> nn.Module:
+    """Make an SDXL UNet (or ControlNet) supply its own ``added_cond_kwargs`` to calls without them: random
+    pooled text (fixed per batch size) and the size/crop ids of ``pixels`` px images, so every setup calls it
+    as it calls an SD UNet. Structural copies keep the hook; ``controlnet`` puts it on its copy."""
+    from src.models.xl import added_conditions
+
+    width = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+    pooled: dict[tuple, Tensor] = {}
+
+    def hook(_module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if kwargs.get("added_cond_kwargs") is not None:
+            return args, kwargs
+        sample = args[0] if args else kwargs["sample"]
+        key = (sample.shape[0], sample.device)
+        if key not in pooled:  # the same values on every device
+            text = torch.randn(key[0], width, generator=torch.Generator().manual_seed(seed))
+            pooled[key] = text.to(sample.device)
+        conditions = added_conditions(pooled[key], pixels, pixels)
+        return args, {**kwargs, "added_cond_kwargs": conditions}
+
+    unet.register_forward_pre_hook(hook, with_kwargs=True)
+    unet.self_conditioned_pixels = pixels
+    return unet
+
+
+def sdxl_unet() -> nn.Module:
+    """A UNet of the public SDXL-base-1.0 config (`src/models/sdxl/unet_config.json`), random weights, frozen."""
+    from src.models.xl import full_size_configs
+
+    return UNet2DConditionModel(**full_size_configs()["unet"]).requires_grad_(False)
+
+
+def sdxl_backbone(seed: int = 0) -> Backbone:
+    """Random-weight SDXL UNet at 32x32 latents (256 px), batch 1; VAE and text encoders skipped."""
+    torch.manual_seed(seed)
+    pixels = SDXL_LATENT * 8
+    unet = self_conditioned(sdxl_unet(), pixels, seed)
+    generator = torch.Generator().manual_seed(seed)
+    latents = torch.randn(1, 4, SDXL_LATENT, SDXL_LATENT, generator=generator)
+    text = torch.randn(1, 77, unet.config.cross_attention_dim, generator=generator)
+    return Backbone(
+        name="sdxl",
+        unet=unet,
+        encode=lambda: (latents, text),
+        scheduler=DDPMScheduler(**json.loads((SD15 / "scheduler_config.json").read_text())),
+        description=f"random-weight UNet of the public SDXL-base-1.0 config, batch 1 at {pixels} px "
+        f"({SDXL_LATENT}x{SDXL_LATENT} latents); random latents, 77x2048 text embeddings, 1280 pooled text "
+        "channels and the size/crop ids stand in for the frozen VAE and text encoders",
+        condition=torch.rand(1, 3, pixels, pixels, generator=generator),
+        noise=torch.randn(1, 4, SDXL_LATENT, SDXL_LATENT, generator=generator),
+        timesteps=torch.randint(0, 1000, (1,), generator=generator),
+    )
+
+
+BACKBONES: dict[str, Callable[[], Backbone]] = {
+    "tiny": tiny_backbone,
+    "sd15": sd15_backbone,
+    "sdxl": sdxl_backbone,
+}
 
 
 # ------------------------------------------------------------------------------------------ setups
@@ -257,6 +324,8 @@ def oft_control(base: nn.Module, preset: str, impl: str | None = None) -> Setup:
 def controlnet(base: nn.Module) -> Setup:
     """(b) ``ControlNetModel.from_unet`` as diffusers' train_controlnet.py trains it (UNet frozen)."""
     net = ControlNetModel.from_unet(base)
+    if hasattr(base, "self_conditioned_pixels"):  # SDXL: the copy needs the pooled text and time ids too
+        self_conditioned(net, base.self_conditioned_pixels)
     net.train()
     trainable = _named("controlnet", net)
 
@@ -477,12 +546,12 @@ def _memory_child(conn, backbone_name: str, setup_name: str, threads: int) -> No
         conn.close()
 
 
-def memory_in_children(backbone_name: str, threads: int) -> dict[str, dict]:
+def memory_in_children(backbone_name: str, threads: int, names: list[str]) -> dict[str, dict]:
     """One fresh child per setup, forked from a fork server that only imported modules (never computed)."""
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(PRELOAD)
     results = {}
-    for name in SETUPS:
+    for name in names:
         receive, send = context.Pipe(duplex=False)
         child = context.Process(target=_memory_child, args=(send, backbone_name, name, threads))
         child.start()
@@ -501,11 +570,19 @@ def memory_in_children(backbone_name: str, threads: int) -> dict[str, dict]:
 
 
 # ------------------------------------------------------------------------------------------ report
-def measure(backbone_name: str, repeats: int, threads: int, clock: str = "wall") -> dict:
+def setup_names(backbone_name: str) -> list[str]:
+    """The setups measured on a backbone: all of them, or on SDXL those that fit beside its UNet."""
+    return list(SDXL_SETUPS) if backbone_name == "sdxl" else list(SETUPS)
+
+
+def measure(
+    backbone_name: str, repeats: int, threads: int, clock: str = "wall", names: list[str] | None = None
+) -> dict:
     """Memory in children first, then parameter counts and interleaved step times in this process."""
-    memory = memory_in_children(backbone_name, threads)
+    names = names or setup_names(backbone_name)
+    memory = memory_in_children(backbone_name, threads, names)
     backbone = BACKBONES[backbone_name]()
-    setups = {name: build(backbone.unet) for name, build in SETUPS.items()}
+    setups = {name: SETUPS[name](backbone.unet) for name in names}
     load_before = os.getloadavg()[0]
     times = time_interleaved(backbone, setups, repeats, clock=CLOCKS[clock])
     rows = [
@@ -532,7 +609,7 @@ def measure(backbone_name: str, repeats: int, threads: int, clock: str = "wall")
         rows=rows,
         times=times,
         load=(load_before, os.getloadavg()[0]),
-        pairs=[(a, b, median_ratio(times, a, b)) for a, b in pairs],
+        pairs=[(a, b, median_ratio(times, a, b)) for a, b in pairs if a in setups and b in setups],
         overheads=overheads(backbone, setups, CLOCKS[clock]),
         clock=clock,
     )
@@ -544,7 +621,7 @@ def measure(backbone_name: str, repeats: int, threads: int, clock: str = "wall")
 def table(result: dict) -> str:
     """Markdown table and target lines of one backbone."""
     rows = {r["name"]: r for r in result["rows"]}
-    controlnet_count = rows["ControlNet"]["trainable"]
+    controlnet_count = rows["ControlNet"]["trainable"] if "ControlNet" in rows else None
     lines = [
         f"**{result['description']}** ({result['repeats']} interleaved rounds after 1 warm-up round, "
         f"{'process CPU time' if result.get('clock') == 'cpu' else 'wall-clock time'}; "
@@ -556,7 +633,7 @@ def table(result: dict) -> str:
     ]
     for r in rows.values():
         lines.append(
-            f"| {r['name']} | {r['trainable']:,} | {controlnet_count / r['trainable']:.1f}x | {r['step_s']:.3g} | "
+            f"| {r['name']} | {r['trainable']:,} | {_per(controlnet_count, r['trainable'])} | {r['step_s']:.3g} | "
             f"{r['floor_ratio']:.2f}x | {r['ratio']:.2f}x | {(r['peak_rss'] - r['start_rss']) / 2**30:.2f} | "
             f"{(r['peak_rss'] - r['frozen_rss']) / 2**30:.2f} | {r['checkpoint_bytes'] / 1e6:.1f} |"
         )
@@ -576,10 +653,15 @@ def table(result: dict) -> str:
     for a, b, ratio in result["pairs"]:
         verdict = "met" if ratio <= 1.0 else "not met"
         lines.append(f"- step time {a} / {b}: {ratio:.3f} (median per-round ratio; target <= 1: {verdict})")
-    lines.append(
-        f"- trainable parameters ControlNet / {REFERENCE}: {controlnet_count / rows[REFERENCE]['trainable']:.1f}x"
-    )
+    if controlnet_count is not None:
+        lines.append(
+            f"- trainable parameters ControlNet / {REFERENCE}: {controlnet_count / rows[REFERENCE]['trainable']:.1f}x"
+        )
     return "\n".join([*lines, *overhead_lines(rows, result["times"], result["overheads"])])
+
+
+def _per(count: int | None, trainable: int) -> str:
+    return "-" if count is None else f"{count / trainable:.1f}x"
 
 
 def overhead_lines(
@@ -627,7 +709,10 @@ def write_section(body: str, path: Path = README, start: str = START, end: str =
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--backbone", choices=["all", *BACKBONES], default="all")
+    parser.add_argument(
+        "--backbone", choices=["all", *BACKBONES], default="all", help="all: tiny and sd15 (sdxl on its own)"
+    )
+    parser.add_argument("--setups", type=lambda v: v.split(";"), help="';'-separated setup names")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds on SD1.5 (default 5)")
     parser.add_argument("--tiny-repeats", type=int, default=15, help="timed rounds on tiny (default 15)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
@@ -643,16 +728,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    names = ["tiny"] if args.quick else list(BACKBONES) if args.backbone == "all" else [args.backbone]
-    repeats = {"tiny": 2 if args.quick else args.tiny_repeats, "sd15": args.repeats}
-    results = [measure(name, repeats[name], args.threads, args.clock) for name in names]
+    names = ["tiny"] if args.quick else ["tiny", "sd15"] if args.backbone == "all" else [args.backbone]
+    repeats = {"tiny": 2 if args.quick else args.tiny_repeats, "sd15": args.repeats, "sdxl": args.repeats}
+    unknown = sorted(set(args.setups or ()) - set(SETUPS))
+    if unknown:
+        parser.error(f"unknown setup(s) {unknown}; setups: {list(SETUPS)}")
+    results = [measure(name, repeats[name], args.threads, args.clock, args.setups) for name in names]
     command = " ".join(["python -m benchmarks.train_step", *(sys.argv[1:] if argv is None else argv)])
     section = render(results, command)
     print(section)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     if not (args.quick or args.no_write):
-        write_section(section)
+        markers = (SDXL_START, SDXL_END) if names == ["sdxl"] else (START, END)
+        write_section(section, README, *markers)
     return results
 
 
