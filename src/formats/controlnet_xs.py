@@ -55,15 +55,15 @@ def check_controlnet_xs(unet, encoder) -> None:
     if config.layers_per_block != 2:
         raise ConfigError(
             f"diffusers' UNetControlNetXSModel supports layers_per_block 2 only (SD1.x/2.x/XL) and this "
-            f"backbone's UNet has {config.layers_per_block}; use the diffusers/ folder with "
-            "src.models.exported.load_exported (the exact alternative) instead"
+            f"backbone's UNet has {config.layers_per_block}; the exact stock-diffusers alternative is --formats "
+            "hint_embedding (a forward hook after conv_in, README 'Export')"
         )
     odd = sorted(set(config.down_block_types) - set(XS_BLOCKS))
     if odd or config.in_channels != 4 or config.addition_embed_type not in (None, "text_time"):
         raise ConfigError(
             f"diffusers' ControlNet-XS supports {', '.join(XS_BLOCKS)} down blocks, a 4-channel "
             f"conv_in and SD/SDXL embeddings; this UNet has {odd or config.down_block_types}, in_channels "
-            f"{config.in_channels}: use the diffusers/ folder instead"
+            f"{config.in_channels}: use --formats hint_embedding (a forward hook after conv_in) instead"
         )
 
 
