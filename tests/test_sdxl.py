@@ -179,7 +179,7 @@ def test_vae_path_replaces_the_vae(folder, tmp_path):
     torch.manual_seed(5)
     fixed = AutoencoderKL(**TINY_VAE, scaling_factor=0.13025, force_upcast=False)
     fixed.save_pretrained(tmp_path / "vae-fix")
-    spec = instantiate(compose_config(*sdxl(folder, f"+model.vae_path={tmp_path / 'vae-fix'}")).model)
+    spec = instantiate(compose_config(*sdxl(folder, f"model.vae_path={tmp_path / 'vae-fix'}")).model)
     loaded = xl.load_vae(spec, str(folder), {}, {})
     assert not loaded.config.force_upcast
     assert torch.equal(loaded.encoder.conv_in.weight, fixed.encoder.conv_in.weight)
