@@ -61,7 +61,7 @@ def export_single_file(run, folder: str | os.PathLike) -> Path:
     from safetensors.torch import save_file
 
     folder = Path(folder)
-    state = merged_ldm_state_dict(run.module)  # refuses a non-SD1 layout before anything is written
+    state = merged_ldm_state_dict(run.module)  # refuses a non-SD1/SD2 layout before anything is written
     folder.mkdir(parents=True, exist_ok=True)
     info = {
         "condition": run.condition,
