@@ -150,49 +150,51 @@ def test_comfyui_lora_loader_applies_the_lora_file_to_the_merged_weights(comfy, 
 
 
 @pytest.mark.slow
-def test_comfyui_loads_a_full_size_sd15_single_file_as_its_checkpoint(comfy, tmp_path):
+@pytest.mark.parametrize(("family", "detected"), [("sd15", "SD15"), ("sd21", "SD20")])
+def test_comfyui_loads_a_full_size_single_file_as_its_checkpoint(comfy, tmp_path, family, detected):
     """ComfyUI's own checkpoint loader (`load_checkpoint_guess_config`, what "Load Checkpoint" calls) on a
-    full-size SD1.5 single file (random weights; CLIP with SD's 49408-token vocabulary): it detects SD1.5,
-    and every tensor of its UNet, CLIP and VAE equals the file's, so no key went unread."""
+    full-size SD1.5 / SD2.1 single file (random weights; SD's 49408-token vocabulary): it detects the family,
+    its UNet and VAE hold every tensor of the file, and its text encoder (SD2: converted back from OpenCLIP's
+    layout by ComfyUI's own code) every tensor of ours, so no key went unread."""
     import comfy.sd
+    import export_helpers
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from export_helpers import sd15_configs
     from safetensors.torch import load_file, save_file
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from src.formats.ldm import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, ldm_state_dict
+    from src.formats.ldm import UNET_PREFIX, VAE_PREFIX, ldm_state_dict
 
-    unet_cfg, vae_cfg, text_cfg = sd15_configs(narrow=False)
+    unet_cfg, vae_cfg, text_cfg = getattr(export_helpers, f"{family}_configs")(narrow=False)
     torch.manual_seed(0)
-    parts = (
-        UNet2DConditionModel(**unet_cfg),
-        AutoencoderKL(**vae_cfg),
-        CLIPTextModel(CLIPTextConfig(vocab_size=49408, **text_cfg)),
-    )
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, **text_cfg))
     path = tmp_path / "model.safetensors"
-    save_file({k: v.contiguous() for k, v in ldm_state_dict(*parts).items()}, path)
-    del parts
+    state = ldm_state_dict(UNet2DConditionModel(**unet_cfg), AutoencoderKL(**vae_cfg), text)
+    save_file({k: v.contiguous() for k, v in state.items()}, path)
+    del state
     with torch.inference_mode():  # as ComfyUI's executor runs its nodes
         model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(
             str(path), output_vae=True, output_clip=True
         )
-    assert type(model.model.model_config).__name__ == "SD15"
+    assert type(model.model.model_config).__name__ == detected
     file = load_file(path)
-    loaded = {
-        UNET_PREFIX: model.model.diffusion_model.state_dict(),
-        VAE_PREFIX: vae.first_stage_model.state_dict(),
-        TEXT_PREFIX: {
-            k.split("text_model.", 1)[1]: v
-            for k, v in clip.cond_stage_model.state_dict().items()
-            if "text_model." in k
-        },
+    held = {
+        UNET_PREFIX: (model.model.diffusion_model.state_dict(), file),
+        VAE_PREFIX: (vae.first_stage_model.state_dict(), file),
+        "": (
+            {
+                k.split("text_model.", 1)[1]: v
+                for k, v in clip.cond_stage_model.state_dict().items()
+                if "text_model." in k
+            },
+            {k.removeprefix("text_model."): v for k, v in text.state_dict().items()},
+        ),
     }
-    for prefix, state in loaded.items():
-        ours = {k[len(prefix) :]: v for k, v in file.items() if k.startswith(prefix)}
-        assert set(ours) <= set(state), sorted(set(ours) - set(state))[:5]
+    for prefix, (theirs, source) in held.items():
+        ours = {k[len(prefix) :]: v for k, v in source.items() if k.startswith(prefix)}
+        assert set(ours) <= set(theirs), sorted(set(ours) - set(theirs))[:5]
         for key, value in ours.items():
-            theirs = state[key].reshape(value.shape)  # at the dtype ComfyUI keeps it in (CLIP: half)
-            assert torch.equal(theirs, value.to(theirs.dtype)), prefix + key
+            loaded = theirs[key].reshape(value.shape)  # at the dtype ComfyUI keeps it in (CLIP: half)
+            assert torch.equal(loaded, value.to(loaded.dtype)), prefix + key
 
 
 def test_the_node_runs_inside_comfyuis_sampler_in_both_guidance_branches(comfy, node, sd15):
