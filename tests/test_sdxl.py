@@ -5,6 +5,7 @@ Everything runs on a random-weight, small SDXL-architecture folder the tests bui
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -227,6 +228,36 @@ def test_controlnet_reads_the_sdxl_added_conditions(folder):
         for conv in module.controlnet.controlnet_down_blocks:
             conv.weight.normal_(0, 0.05)
     assert (loss(1.0) - loss(0.0)).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("method", ["oft_control", "encoder_only", "lora", "full_finetune", "controlnet"])
+def test_every_sdxl_method_is_the_base_at_step_zero_and_gets_gradients(folder, method):
+    """Each method SDXL hosts: at step 0 its loss is the frozen UNet's (control off), and one backward reaches
+    its encoder (what reads the condition) once the zero layers move."""
+    torch.manual_seed(0)
+    module = instantiate(compose_config(*sdxl(folder, f"method={method}")).module, condition="canny")
+    g = torch.Generator().manual_seed(0)
+    batch = {"image": torch.rand(2, 3, RES, RES, generator=g) * 2 - 1, "caption": CAPTIONS}
+    batch["condition"] = torch.rand(2, 3, RES, RES, generator=g)
+    noise, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 900])
+
+    def loss() -> torch.Tensor:
+        torch.manual_seed(1)
+        return module.diffusion_loss(batch, noise=noise, timesteps=t)
+
+    with torch.no_grad():
+        controlled = loss()
+    with torch.no_grad(), pytest.MonkeyPatch.context() as patch:  # the same module, no control installed
+        off = lambda self, unet, condition, strength=1.0: contextlib.nullcontext()  # noqa: E731
+        patch.setattr(type(module.method), "inject", off)
+        plain = loss()
+    assert torch.equal(controlled, plain)
+    with torch.no_grad():
+        for p in module.method.adapter_parameters() + module.method.encoder_parameters():
+            if p.abs().max() == 0:
+                p.normal_(0, 0.01)  # move the zero-initialised layers
+    loss().backward()
+    assert all(p.grad is not None and p.grad.abs().max() > 0 for p in module.method.encoder_parameters())
 
 
 # ------------------------------------------------------------------------------------ train and resume
