@@ -11,11 +11,9 @@ import os
 import re
 import shutil
 import socket
-import struct
 import subprocess
 import sys
 import time
-import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,7 +22,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from helpers import RES, STEPS, compose_config, demo_inputs
+from helpers import RES, STEPS, compose_config, demo_inputs, png_header_only
 
 from src.app_ui.blocks import generate_samples
 from src.app_ui.conditions import looks_like_edge_map, prepare_condition, snap_to_palette, to_uint8
@@ -312,18 +310,6 @@ def test_generate_api_gives_the_image_of_python_m_src_generate(served, trained_r
         assert np.array_equal(served_pixels, generated), np.abs(served_pixels.astype(int) - generated).max()
 
 
-def png_header(width: int, height: int) -> bytes:
-    """A PNG signature and IHDR chunk declaring `width` x `height` (RGB, 8 bit), and nothing else."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + struct.pack(">I", len(ihdr))
-        + b"IHDR"
-        + ihdr
-        + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
-    )
-
-
 @pytest.mark.parametrize(
     "content, message",
     [
@@ -332,7 +318,7 @@ def png_header(width: int, height: int) -> bytes:
             r"The uploaded file 'bad\.png' is not an image this app can read: upload a PNG or JPEG",
         ),
         (b"", r"The uploaded file 'bad\.png' is empty: upload a PNG or JPEG"),
-        (png_header(60000, 60000), r"declares 60000x60000 px, over this app's limit of 4096 px a side"),
+        (png_header_only(60000, 60000), r"declares 60000x60000 px, over this app's limit of 4096 px a side"),
     ],
     ids=["not-an-image", "empty", "header-only-pixel-bomb"],
 )
@@ -341,7 +327,7 @@ def test_check_upload_names_what_is_wrong_from_the_header_alone(tmp_path, conten
 
     with pytest.raises(ValueError, match=message):
         check_upload(content, "bad.png")
-    ok = png_header(64, 64)
+    ok = png_header_only(64, 64)
     check_upload(ok, "ok.png")  # a header within the limit passes (its pixels are never read here)
 
 
@@ -355,7 +341,7 @@ def test_generate_api_reports_bad_input_as_a_message(served, tmp_path):
     for content, message in (
         (b"not an image", "is not an image this app can read: upload a PNG or JPEG"),
         (b"", "is empty: upload a PNG or JPEG"),
-        (png_header(60000, 60000), "declares 60000x60000 px, over this app's limit of 4096 px a side"),
+        (png_header_only(60000, 60000), "declares 60000x60000 px, over this app's limit of 4096 px a side"),
     ):
         bad.write_bytes(content)
         with pytest.raises(Exception, match=re.escape(message)):

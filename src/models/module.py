@@ -15,6 +15,7 @@ from src.errors import CheckpointError, ConfigError
 from src.models import xl
 from src.models.backbone import BackboneSpec, load_backbone
 from src.models.checkpoint import CHECKPOINT_META, check_identity, checkpoint_identity
+from src.models.latents import LatentCache, sample_latents
 from src.models.memory import MemoryOptions, apply_memory_options
 from src.models.methods import Method, OFTControl
 from src.models.sampling import SamplingOptions, build_pipeline, make_scheduler, sample_controlled
@@ -59,6 +60,8 @@ class OFTControlModule(pl.LightningModule):
             checkpoint is never loaded for another task; `src.train` and `src.models.run` pass it.
         method: what is trained and how the control enters the UNet (the `method/` config group;
             default OFT-Control), recorded in the checkpoint identity.
+        latent_cache_mb: keep the frozen VAE's posterior of each distinct training image, up to this many
+            megabytes, so a CPU run does not re-encode an image it has seen (`src.models.latents`; 0: off).
     """
 
     def __init__(
@@ -75,9 +78,11 @@ class OFTControlModule(pl.LightningModule):
         timestep_sampling: str = "uniform",
         condition: str | None = None,
         method: Method | None = None,
+        latent_cache_mb: float = 0.0,
     ) -> None:
         super().__init__()
         self.condition = condition
+        self.latent_cache = LatentCache(latent_cache_mb)
         if not 0.0 <= caption_dropout <= 1.0:
             raise ConfigError(f"caption_dropout {caption_dropout} is not a probability in [0, 1]")
         if timestep_sampling not in ("uniform", "cubic"):
@@ -157,8 +162,16 @@ class OFTControlModule(pl.LightningModule):
             with torch.autocast(self.device.type, enabled=False):
                 latents = self.vae.float().encode(images.float()).latent_dist.sample()
             return latents * self.vae.config.scaling_factor
-        latents = self.vae.encode(images.to(self.vae.dtype)).latent_dist.sample()
+        images = images.to(self.vae.dtype)
+        if self.latent_cache.applies(images):
+            latents = sample_latents(*self.latent_cache.posterior(images, self._posterior))
+        else:
+            latents = self.vae.encode(images).latent_dist.sample()
         return latents * self.vae.config.scaling_factor
+
+    def _posterior(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dist = self.vae.encode(images).latent_dist
+        return dist.mean, dist.std
 
     def drop_captions(self, captions: Sequence[str]) -> list[str]:
         keep = torch.rand(len(captions)) >= self.caption_dropout
