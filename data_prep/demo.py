@@ -31,6 +31,7 @@ import os
 import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from data_prep import ade20k, coco, faces, toy_world
@@ -45,58 +46,74 @@ TOY_TRAIN, TOY_VAL, TOY_SEED = 1024, 64, 100
 DEFAULT_ROOT = Path(os.environ.get("OFT_CONTROL_CACHE", "~/.cache/oft-control")) / "data" / "demo"
 
 
-def _ensure_layout(folder: Path, write: Callable[[Path], object]) -> bool:
+def _ensure_layout(folder: Path, write: Callable[[Path], object], version: str = str(DEMO_VERSION)) -> bool:
     """Write a source layout unless a complete one of this version is there; True if (re)written.
 
     A marker file is written last, so an interrupted build is redone from scratch.
     """
     marker = folder / ".demo-version"
-    if marker.exists() and marker.read_text(encoding="utf-8").strip() == str(DEMO_VERSION):
+    if marker.exists() and marker.read_text(encoding="utf-8").strip() == version:
         return False
     shutil.rmtree(folder, ignore_errors=True)
     write(folder)
-    marker.write_text(str(DEMO_VERSION), encoding="utf-8")
+    marker.write_text(version, encoding="utf-8")
     return True
 
 
-def _build_canny(root: Path) -> Path:
+@dataclass(frozen=True)
+class ToySize:
+    """How many toy-world scenes a demo holds (training, validation) and how many samples per shard."""
+
+    train: int = TOY_TRAIN
+    val: int = TOY_VAL
+    shard_size: int = 256
+
+    def version(self) -> str:
+        """The layout marker: the plain version for the default size (caches of earlier builds stay valid)."""
+        default = self == ToySize()
+        return str(DEMO_VERSION) if default else f"{DEMO_VERSION} {self.train} {self.val} {self.shard_size}"
+
+
+def _build_canny(root: Path, size: ToySize = ToySize()) -> Path:
     """COCO layout of toy scenes -> canny shards through ``data_prep.coco.convert``."""
     source, out = root / "coco", root / "canny"
     rebuilt = _ensure_layout(
         source,
-        lambda folder: toy_world.write_coco_layout(folder, TOY_TRAIN + TOY_VAL, TOY_SEED, DEMO_RESOLUTION),
+        lambda folder: toy_world.write_coco_layout(folder, size.train + size.val, TOY_SEED, DEMO_RESOLUTION),
+        size.version(),
     )
     coco.convert(
         source / "train2017",
         source / "annotations" / "captions_train2017.json",
         out,
-        val_fraction=TOY_VAL / (TOY_TRAIN + TOY_VAL),
-        shard_size=256,
+        val_fraction=size.val / (size.train + size.val),
+        shard_size=size.shard_size,
         options=coco.CannyOptions(resolution=DEMO_RESOLUTION),
         overwrite=rebuilt,
     )
     return out
 
 
-def _build_seg(root: Path) -> Path:
+def _build_seg(root: Path, size: ToySize = ToySize()) -> Path:
     """ADE20K layout of toy scenes -> segmentation shards through ``data_prep.ade20k.convert``."""
     source, out = root / "ADEChallengeData2016", root / "seg"
     rebuilt = _ensure_layout(
         source,
-        lambda folder: toy_world.write_ade20k_layout(folder, TOY_TRAIN, TOY_VAL, TOY_SEED, DEMO_RESOLUTION),
+        lambda folder: toy_world.write_ade20k_layout(folder, size.train, size.val, TOY_SEED, DEMO_RESOLUTION),
+        size.version(),
     )
     ade20k.convert(
         source,
         out,
         captions=source / "captions.json",
-        shard_size=256,
+        shard_size=size.shard_size,
         options=ade20k.SegOptions(resolution=DEMO_RESOLUTION),
         overwrite=rebuilt,
     )
     return out
 
 
-def _build_landmarks(root: Path) -> Path:
+def _build_landmarks(root: Path, size: ToySize = ToySize()) -> Path:
     """Face folder (astronaut variants) -> landmark shards through ``data_prep.faces.convert``."""
     source, out = root / "faces", root / "landmarks"
     rebuilt = _ensure_layout(source, write_faces_layout)
@@ -112,7 +129,7 @@ def _build_landmarks(root: Path) -> Path:
     return out
 
 
-BUILDERS: dict[str, Callable[[Path], Path]] = {
+BUILDERS: dict[str, Callable[[Path, ToySize], Path]] = {
     "canny": _build_canny,
     "seg": _build_seg,
     "landmarks": _build_landmarks,
@@ -131,16 +148,27 @@ def _locked(root: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def build_demo(task: str = "canny", root: str | Path = DEFAULT_ROOT) -> Path:
+def build_demo(
+    task: str = "canny",
+    root: str | Path = DEFAULT_ROOT,
+    train_scenes: int = TOY_TRAIN,
+    val_scenes: int = TOY_VAL,
+    shard_size: int = 256,
+) -> Path:
     """Build (once) the demo dataset for ``task`` under ``root``; return its shard folder.
 
     The folder holds ``train-*.tar``, ``val-*.tar`` and ``summary.json``. Idempotent and offline.
+    ``train_scenes``, ``val_scenes`` and ``shard_size`` size the toy-world demos (canny, seg; e.g. 16384
+    training scenes and two validation shards of 64 for ``benchmarks.controllability``); a root built at
+    another size is rebuilt. The landmark demo has one size.
     """
     if task not in BUILDERS:
         raise ValueError(f"no demo data for task {task!r}; supported: {sorted(BUILDERS)}")
+    if min(train_scenes, val_scenes, shard_size) < 1:
+        raise ValueError(f"demo sizes must be >= 1: {train_scenes=}, {val_scenes=}, {shard_size=}")
     root = Path(root).expanduser()
     with _locked(root):
-        return BUILDERS[task](root)
+        return BUILDERS[task](root, ToySize(int(train_scenes), int(val_scenes), int(shard_size)))
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -152,8 +180,11 @@ def main(argv: list[str] | None = None) -> Path:
     )
     parser.add_argument("--task", default="canny", help=f"one of {sorted(BUILDERS)}")
     parser.add_argument("--root", default=str(DEFAULT_ROOT), help="where the layout and shards go")
+    parser.add_argument("--train-scenes", type=int, default=TOY_TRAIN, help="toy-world training scenes")
+    parser.add_argument("--val-scenes", type=int, default=TOY_VAL, help="toy-world validation scenes")
+    parser.add_argument("--shard-size", type=int, default=256, help="samples per shard")
     args = parser.parse_args(argv)
-    out = build_demo(args.task, args.root)
+    out = build_demo(args.task, args.root, args.train_scenes, args.val_scenes, args.shard_size)
     print(out)
     return out
 

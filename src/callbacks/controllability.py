@@ -14,12 +14,18 @@ and scores them with the evaluation's metric:
   `python -m src.evaluate` on checkpoints);
 - and for every task, when the captions are toy-world captions, the toy judge's caption fidelity
   (`val/caption_colour_acc`, `val/caption_shape_acc`, `val/caption_object_acc`).
+
+With `per_condition` on, each validation also writes `<run>/conditions/step_<step>.json`: the sample keys and,
+per condition, canny F1 (or the toy judge's shape mIoU of that image alone) and its chance level (the same
+image against every other sample's target): what `benchmarks.controllability` bootstraps its intervals from.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -71,6 +77,40 @@ def toy_metrics(
     return values
 
 
+def per_condition_scores(
+    generated: list[np.ndarray], targets: list[np.ndarray], condition: str
+) -> dict[str, list[float]]:
+    """Per condition: its score and its chance level (the mean over every other sample's target), for canny
+    (F1 of each image) and segmentation (the toy judge's shape mIoU of each image alone); {} otherwise."""
+    if condition == "canny":
+        from src.metrics.edges import canny_iou_f1
+
+        def score(image: np.ndarray, target: np.ndarray) -> float:
+            return canny_iou_f1(image, target)[1]
+
+        name = "canny_f1"
+    elif condition == "seg":
+        from src.toy import judge as toy
+
+        predicted, targets = [toy.segment(g) for g in generated], [toy.segment(t) for t in targets]
+        generated, name = predicted, "seg_miou"
+
+        def score(image: np.ndarray, target: np.ndarray) -> float:
+            return toy.shape_miou([image], [target])
+
+    else:
+        return {}
+    n = len(generated)
+    own = [score(generated[i], targets[i]) for i in range(n)]
+    chance = [
+        float(np.mean([score(generated[i], targets[(i + k) % n]) for k in range(1, n)]))
+        if n > 1
+        else float("nan")
+        for i in range(n)
+    ]
+    return {name: [float(v) for v in own], f"{name}_chance": chance}
+
+
 def controllability_summary(metrics: dict[str, float]) -> list[str]:
     """`val/<metric> value (chance c, r x)` for every logged metric that has a chance level."""
     lines = []
@@ -89,13 +129,22 @@ class ControllabilityMetric(pl.Callback):
         condition: the task's condition (`${task.condition}`).
         max_images: how many validation samples (from the first batches) are generated and scored.
         num_inference_steps: sampling steps, None for the module's validation sampler setting.
+        per_condition: also write each condition's score and chance level to
+            `<run>/conditions/step_<step>.json` (canny and segmentation; see the module docstring).
     """
 
-    def __init__(self, condition: str, max_images: int = 16, num_inference_steps: int | None = None) -> None:
+    def __init__(
+        self,
+        condition: str,
+        max_images: int = 16,
+        num_inference_steps: int | None = None,
+        per_condition: bool = False,
+    ) -> None:
         condition_spec(condition)
         if max_images < 1:
             raise ValueError(f"max_images must be >= 1, got {max_images}")
         self.condition, self.max_images, self.num_inference_steps = condition, max_images, num_inference_steps
+        self.per_condition = per_condition
         self._reset()
 
     def _reset(self) -> None:
@@ -141,7 +190,22 @@ class ControllabilityMetric(pl.Callback):
             batch_size=len(self.generated),
             sync_dist=True,
         )
+        if self.per_condition and trainer.is_global_zero:
+            self.write_per_condition(Path(trainer.default_root_dir), trainer.global_step)
         self._reset()
+
+    def write_per_condition(self, run_dir: Path, step: int) -> Path:
+        """`run_dir/conditions/step_<step>.json`: the sample keys and every per-condition score."""
+        values = per_condition_scores(self.generated, self.targets, self.condition)
+        keys = (
+            self.keys
+            if len(self.keys) == len(self.generated)
+            else [str(i) for i in range(len(self.generated))]
+        )
+        path = run_dir / "conditions" / f"step_{step:06d}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"step": step, "keys": keys, **values}) + "\n")
+        return path
 
     def scores(self) -> dict[str, float]:
         """Every metric of the collected generations (see the module docstring)."""

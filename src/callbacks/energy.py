@@ -10,9 +10,16 @@ for the 144 adapted layers), so each layer is watched through a fixed random sub
 neurons (`src.oft.energy.hyperspherical_energy_estimate`, cost `neurons^2 * in`, and only those rows of
 `W R` are formed), every `every_n_steps` optimizer steps and after the first one. The drift of a fixed
 subset's energy is exactly zero for an orthogonal `R`, as the full energy's is.
+
+At every validation it also logs how far the rotations moved (`rotation_movement`, cheap: the skew blocks
+only): `oft/q_norm_max` (largest `||Q||_F` of a block), `oft/q_over_radius_max` / `_mean` (`||Q||_F` over
+the layer's COFT radius: 1 is the boundary), `oft/rotation_distance` / `_max` (`||R - I||_F` per block) and
+`oft/plane_angle_max_deg` (the largest rotation angle of any plane, `2 atan(||Q||_2)`).
 """
 
 from __future__ import annotations
+
+import math
 
 import pytorch_lightning as pl
 import torch
@@ -22,7 +29,7 @@ from src.errors import ConfigError
 from src.oft import hyperspherical_energy, oft_layers
 from src.oft.energy import neuron_subset
 from src.oft.layers import OFTLayer
-from src.oft.rotation import rotate_weight
+from src.oft.rotation import rotate_weight, skew_frobenius_norm, skew_from_params
 
 
 def rotated_rows(layer: OFTLayer, rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -67,9 +74,40 @@ def energy_drift(
     }
 
 
+@torch.no_grad()
+def rotation_movement(model: nn.Module) -> dict[str, float]:
+    """How far the rotations of `model`'s OFT layers moved from the identity ({} without any): the largest
+    block `||Q||_F`, `||Q||_F` over the layer's COFT radius (max, mean; absent without COFT), `||R - I||_F`
+    per block (mean, max) and the largest plane angle in degrees (`2 atan(||Q||_2)` of the Cayley map)."""
+    norms, ratios, distances, angles = [], [], [], []
+    for _, layer in oft_layers(model):
+        q_norm = skew_frobenius_norm(layer.oft_skew.detach().float())
+        norms.append(q_norm)
+        if layer.coft_radius is not None:
+            ratios.append(q_norm / layer.coft_radius)
+        rotation = layer.rotation().detach().float()
+        eye = torch.eye(rotation.shape[-1], dtype=rotation.dtype, device=rotation.device)
+        distances.append((rotation - eye).flatten(1).norm(dim=1))
+        skew = skew_from_params(layer.oft_skew.detach().float(), layer.block_size)
+        angles.append(2 * torch.atan(torch.linalg.matrix_norm(skew, ord=2)))
+    if not norms:
+        return {}
+    distance = torch.cat(distances)
+    values = {
+        "q_norm_max": torch.cat(norms).max().item(),
+        "rotation_distance": distance.mean().item(),
+        "rotation_distance_max": distance.max().item(),
+        "plane_angle_max_deg": math.degrees(torch.cat(angles).max().item()),
+    }
+    if ratios:
+        ratio = torch.cat(ratios)
+        values |= {"q_over_radius_max": ratio.max().item(), "q_over_radius_mean": ratio.mean().item()}
+    return values
+
+
 class HypersphericalEnergyDrift(pl.Callback):
     """Logs `oft/he_drift_max`, `oft/he_drift_mean` and `oft/rotation_distance` after the first optimizer
-    step and every `every_n_steps` steps.
+    step and every `every_n_steps` steps, and the rotations' movement at every validation.
 
     Args:
         every_n_steps: optimizer steps between two measurements.
@@ -114,3 +152,11 @@ class HypersphericalEnergyDrift(pl.Callback):
         self.last_logged_step = trainer.global_step
         stats = energy_drift(getattr(pl_module, self.module_attr), self.reference, self.neurons)
         pl_module.log_dict({f"oft/{k}": v for k, v in stats.items()}, on_step=True, on_epoch=False)
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The rotations' movement at every validation (`rotation_movement`; nothing without rotations)."""
+        if trainer.sanity_checking:
+            return
+        movement = rotation_movement(getattr(pl_module, self.module_attr))
+        if movement:
+            pl_module.log_dict({f"oft/{k}": v for k, v in movement.items()}, on_step=False, on_epoch=True)
