@@ -1,0 +1,312 @@
+"""The controllability race's report: reads each run's metrics and per-condition scores, writes the table and plots.
+
+Every figure is the mean over conditions and seeds of a per-condition score at an evaluation (canny F1 of each
+generated image against its condition; for segmentation the toy judge's shape mIoU of each image), with a
+95% bootstrap interval: each resample draws the seeds and the conditions with replacement (the same
+conditions for every seed) and takes the mean; the interval is the 2.5th and 97.5th percentile of
+``RESAMPLES`` resamples. A difference is called only where two intervals do not overlap. A row has plateaued
+when the mean of its second-last evaluation lies inside the interval of its last.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks import readme
+
+ROOT = Path(__file__).resolve().parents[1]
+START, END = "<!-- controllability:start -->", "<!-- controllability:end -->"
+CURVES_PLOT, LR_PLOT = "controllability_curves.png", "controllability_lr.png"
+RESAMPLES = 2000
+NAMES = {
+    "oft_control": "OFT-Control",
+    "encoder_only": "encoder only",
+    "lora": "LoRA r=4",
+    "full_finetune": "full finetune",
+    "controlnet": "ControlNet",
+    "t2i_adapter": "T2I-Adapter",
+}
+
+
+# ---------------------------------------------------------------------------------------------- reading
+def conditions(run_dir: Path) -> dict[int, dict]:
+    """``{step: per-condition record}`` of a run (``conditions/step_*.json``)."""
+    records = [json.loads(p.read_text()) for p in sorted((run_dir / "conditions").glob("step_*.json"))]
+    return {r["step"]: r for r in records}
+
+
+def last_conditions(run_dir: Path) -> dict:
+    found = conditions(run_dir)
+    if not found:
+        raise FileNotFoundError(f"no per-condition scores under {run_dir / 'conditions'}")
+    return found[max(found)]
+
+
+def last_metrics(run_dir: Path) -> dict[str, float]:
+    """The last logged value of every column of the run's ``csv/metrics.csv``."""
+    last: dict[str, float] = {}
+    path = run_dir / "csv" / "metrics.csv"
+    with path.open(newline="") as handle:
+        for row in csv.DictReader(handle):
+            last |= {
+                k: float(v) for k, v in row.items() if v not in ("", None) and k not in ("step", "epoch")
+            }
+    return last
+
+
+# ---------------------------------------------------------------------------------------------- statistics
+def bootstrap(values: np.ndarray, resamples: int = RESAMPLES, seed: int = 0) -> tuple[float, float, float]:
+    """``(lo, mean, hi)``: the mean of ``values`` ``[seeds, conditions]`` and its 95% bootstrap interval over
+    seeds and conditions (both drawn with replacement, the same conditions for every seed)."""
+    values = np.asarray(values, dtype=float)
+    seeds, count = values.shape
+    rng = np.random.default_rng(seed)
+    rows = rng.integers(0, seeds, (resamples, seeds))
+    cols = rng.integers(0, count, (resamples, count))
+    means = values[rows[:, :, None], cols[:, None, :]].mean(axis=(1, 2))
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return float(lo), float(values.mean()), float(hi)
+
+
+def separated(a: tuple[float, float, float], b: tuple[float, float, float]) -> int:
+    """1 where interval ``a`` lies wholly above ``b``, -1 wholly below, 0 where they overlap."""
+    return 1 if a[0] > b[2] else -1 if a[2] < b[0] else 0
+
+
+def plateaued(previous: tuple[float, float, float], last: tuple[float, float, float]) -> bool:
+    """The second-last evaluation's mean inside the last's interval."""
+    return last[0] <= previous[1] <= last[2]
+
+
+def _ci(x: tuple[float, float, float]) -> str:
+    return f"{x[1]:.3f} [{x[0]:.3f}, {x[2]:.3f}]"
+
+
+# ---------------------------------------------------------------------------------------------- rows
+def rows(race: dict, out: Path) -> list[dict]:
+    """One row per (task, method): the reported runs' intervals at every evaluation and what they logged."""
+    from benchmarks.controllability import SCORE
+
+    table = []
+    for row in race["rows"]:
+        runs = sorted(_runs(race, row, "report"), key=lambda r: r["seed"])
+        if not runs:
+            continue
+        name = SCORE[row["task"]]
+        per_seed = [conditions(out / r["dir"]) for r in runs]
+        steps = sorted(set.intersection(*(set(c) for c in per_seed)))
+        curve = {s: bootstrap(np.array([c[s][name] for c in per_seed])) for s in steps}
+        logged = [last_metrics(out / r["dir"]) for r in runs]
+        grid = sorted(lr for lr, _ in row["scores"])
+        found = dict(task=row["task"], method=row["method"], lr=row["chosen"], grid=grid, seeds=len(runs))
+        found |= dict(inside=grid[0] < row["chosen"] < grid[-1], selection=row["scores"], curve=curve)
+        found |= dict(final=curve[steps[-1]], conditions=len(per_seed[0][steps[-1]][name]))
+        found["chance"] = float(np.mean([c[steps[-1]][f"{name}_chance"] for c in per_seed]))
+        found["plateau"] = len(steps) > 1 and plateaued(curve[steps[-2]], curve[steps[-1]])
+        found["logged"] = {
+            k: float(np.mean([m[k] for m in logged])) for k in logged[0] if all(k in m for m in logged)
+        }
+        table.append(found)
+    for row in table:
+        reference = next((r for r in table if (r["task"], r["method"]) == (row["task"], "oft_control")), row)
+        row["vs_oft"] = None if reference is row else separated(row["final"], reference["final"])
+    return table
+
+
+def _runs(race: dict, row: dict, phase: str) -> list[dict]:
+    key = (row["task"], row["method"], phase)
+    return [r for r in race["runs"] if (r["task"], r["method"], r["phase"]) == key]
+
+
+def adapter_checks(race: dict, out: Path) -> list[str]:
+    """Lines: per method, the selection score with one lr against the adapter at lr / f and lr * f."""
+    from benchmarks.controllability import SCORE
+
+    lines = []
+    for row in race["rows"]:
+        checks = _runs(race, row, "adapter")
+        single = [r for r in _runs(race, row, "select") if r["lr"] == row["chosen"]]
+        if not checks or not single:
+            continue
+        scores = [np.array([last_conditions(out / r["dir"])[SCORE[row["task"]]]]) for r in [*single, *checks]]
+        base, *others = (bootstrap(s) for s in scores)
+        better = any(separated(ci, base) > 0 for ci in others)
+        cells = [f"adapter lr {r['adapter_lr']:.3g}: {_ci(ci)}" for r, ci in zip(checks, others, strict=True)]
+        verdict = "a separate adapter lr is better" if better else "one lr loses nothing"
+        head = f"- {NAMES[row['method']]} ({row['task']}), lr {row['chosen']:.3g}: one lr {_ci(base)}; "
+        lines.append(head + "; ".join(cells) + f": {verdict}")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------- faithfulness
+def faithfulness(toy_unet_config: Path | None = None) -> list[dict]:
+    """SD1.5 with the paper preset, the toy backbone as the previous protocol set it, and as the race sets it
+    (``toy_rule``): UNet size, encoder share, rotation share, block sizes and the COFT bound."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.controlnets.controlnet import ControlNetConditioningEmbedding
+
+    from benchmarks.controllability import SD15_ENCODER, toy_rule
+    from benchmarks.train_step import oft_preset
+    from src.models.control import ControlEncoder
+    from src.oft import inject_oft, oft_layers, oft_parameter_count
+
+    toy_config = toy_unet_config or ROOT / "assets" / "toy-sd" / "unet" / "config.json"
+    rule = toy_rule()
+    setups = (
+        ("SD1.5, paper preset", ROOT / "src" / "models" / "sd15" / "unet_config.json", "paper", SD15_ENCODER),
+        ("toy, previous protocol", toy_config, "paper", SD15_ENCODER),
+        ("toy, this race (rule)", toy_config, "toy_paper", tuple(rule["encoder_channels"])),
+    )
+    found = []
+    for label, config_path, preset, channels in setups:
+        config = json.loads(Path(config_path).read_text())
+        with torch.device("meta"):
+            unet = UNet2DConditionModel.from_config(config)
+            unet_params = sum(p.numel() for p in unet.parameters())
+            width = config["block_out_channels"][0]
+            encoder = sum(p.numel() for p in ControlEncoder(width, 8, channels).parameters())
+            hint = ControlNetConditioningEmbedding(width, block_out_channels=tuple(channels))
+            inject_oft(unet, oft_preset(preset))
+        layers = [layer for _, layer in oft_layers(unet)]
+        rotations = oft_parameter_count(unet)
+        angles = [math.degrees(2 * math.atan(layer.coft_radius / math.sqrt(2))) for layer in layers]
+        found.append(
+            {
+                "setup": label,
+                "unet": unet_params,
+                "encoder": encoder,
+                "encoder_share": encoder / unet_params,
+                "hint": sum(p.numel() for p in hint.parameters()),
+                "rotations": rotations,
+                "rotation_share": rotations / (rotations + encoder),
+                "blocks": sorted({layer.block_size for layer in layers}),
+                "radius": (
+                    min(layer.coft_radius for layer in layers),
+                    max(layer.coft_radius for layer in layers),
+                ),
+                "angle": (min(angles), max(angles)),
+            }
+        )
+    return found
+
+
+def faithfulness_table(found: list[dict]) -> str:
+    lines = ["| | " + " | ".join(f["setup"] for f in found) + " |", "|---|" + "---:|" * len(found)]
+    cells = {
+        "UNet parameters": lambda f: f"{f['unet'] / 1e6:.1f}M",
+        "control encoder (share of UNet)": lambda f: f"{f['encoder']:,} ({100 * f['encoder_share']:.2f}%)",
+        "ControlNet hint block": lambda f: f"{f['hint']:,}",
+        "rotation DOF (share of trainable)": lambda f: (
+            f"{f['rotations']:,} ({100 * f['rotation_share']:.0f}%)"
+        ),
+        "block sizes": lambda f: ", ".join(map(str, f["blocks"])),
+        "COFT radius eps b^2 / sqrt(r)": lambda f: f"{f['radius'][0]:.3g} to {f['radius'][1]:.3g}",
+        "largest plane angle COFT allows": lambda f: f"{f['angle'][0]:.1f} to {f['angle'][1]:.1f} deg",
+    }
+    lines += [f"| {name} | " + " | ".join(cell(f) for f in found) + " |" for name, cell in cells.items()]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- rendering
+def _vs(value: int | None) -> str:
+    return "-" if value is None else {1: "above", -1: "below", 0: "overlaps"}[value]
+
+
+def _movement(logged: dict) -> str:
+    if "oft/q_over_radius_max" not in logged:
+        return "-"
+    return (
+        f"{logged['oft/q_over_radius_max']:.2f} / {logged['oft/rotation_distance']:.3g} / "
+        f"{logged['oft/plane_angle_max_deg']:.1f} deg"
+    )
+
+
+def table(found: list[dict]) -> str:
+    lines = [
+        "| task | method | lr (grid) | score @ each evaluation | final, 95% interval | chance | plateau | vs OFT-Control | caption colour / shape | max Q/radius / mean R-I / max angle |",
+        "|---|---|---|---|---|---:|---|---|---|---|",
+    ]
+    for r in found:
+        grid = ", ".join(f"{lr:.2g}" for lr in r["grid"])
+        edge = "" if r["inside"] else " **at the grid's edge**"
+        curve = ", ".join(f"{v[1]:.3f}@{s}" for s, v in r["curve"].items())
+        logged = r["logged"]
+        caption = f"{logged.get('val/caption_colour_acc', math.nan):.2f} / {logged.get('val/caption_shape_acc', math.nan):.2f}"
+        lines.append(
+            f"| {r['task']} | {NAMES[r['method']]} | {r['lr']:.2g} ({grid}){edge} | {curve} | {_ci(r['final'])} | "
+            f"{r['chance']:.3f} | {'yes' if r['plateau'] else 'no'} | {_vs(r['vs_oft'])} | {caption} | {_movement(logged)} |"
+        )
+    return "\n".join(lines)
+
+
+def render(race: dict, found: list[dict], faith: list[dict], checks: list[str]) -> str:
+    p = race["protocol"]
+    minutes = race["seconds"] / 60
+    head = (
+        f"Measured {race['date']} with `{race['command']}` in {minutes:.1f} minutes on {readme.machine()} "
+        f"({race['jobs']} runs at a time, one torch thread each). Batch {p['batch_size']}, {p['steps']} steps "
+        f"(evaluations every {p['eval_every']}), seeds {', '.join(map(str, p['seeds']))}, "
+        f"{found[0]['conditions'] if found else 0} reported conditions per seed; lr chosen after "
+        f"{p['select_steps']} steps (the same cosine decay, scaled) on as many disjoint selection conditions, "
+        f"grid extended by x{p['factor']:.3g} while its best is at an end. Scores: canny F1 / toy-judge shape "
+        "mIoU per condition, mean [95% bootstrap interval over conditions and seeds]; rotation movement at the "
+        "last evaluation, mean over seeds (`oft/q_over_radius_max`, `oft/rotation_distance`, "
+        "`oft/plane_angle_max_deg`)."
+    )
+    parts = [head, "", table(found), "", "SD1.5 against the toy backbone:", "", faithfulness_table(faith)]
+    note = "One lr for the encoder and the adapter (selection horizon and conditions, seed 0):"
+    parts += ["", note, "", *checks] if checks else []
+    parts += ["", f"![score vs step]({CURVES_PLOT})", f"![selection score vs lr]({LR_PLOT})"]
+    return "\n".join(parts)
+
+
+def plot(race: dict, found: list[dict], folder: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(dict.fromkeys(r["task"] for r in race["rows"]))
+    paths = [folder / CURVES_PLOT, folder / LR_PLOT]
+    figure, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4), squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        for r in (r for r in found if r["task"] == task):
+            steps = list(r["curve"])
+            lo, mid, hi = (np.array([r["curve"][s][i] for s in steps]) for i in range(3))
+            ax.plot(steps, mid, marker="o", label=NAMES[r["method"]])
+            ax.fill_between(steps, lo, hi, alpha=0.2)
+        ax.set(title=f"{task}: reported conditions (95% interval)", xlabel="step", ylabel="score")
+        ax.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(paths[0], dpi=100)
+    figure, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4), squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        for row in (row for row in race["rows"] if row["task"] == task):
+            lrs, scores = zip(*row["scores"], strict=True) if row["scores"] else ((), ())
+            (line,) = ax.plot(lrs, scores, marker="o", label=NAMES[row["method"]])
+            if (chosen := row["chosen"]) is not None:
+                ax.plot([chosen], [dict(row["scores"])[chosen]], "*", ms=14, color=line.get_color())
+        ax.set(xscale="log", title=f"{task}: lr selection (star: chosen)", xlabel="lr", ylabel="score")
+        ax.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(paths[1], dpi=100)
+    plt.close("all")
+    return paths
+
+
+def report(race: dict, out: Path, write: bool = False) -> dict:
+    """Rows, markdown and plots of a finished race; with ``write``, into benchmarks/README.md and beside it."""
+    found = rows(race, out)
+    faith = faithfulness()
+    markdown = render(race, found, faith, adapter_checks(race, out))
+    plots = plot(race, found, Path(__file__).parent if write else out)
+    if write:
+        readme.write_section(markdown, start=START, end=END)
+    (out / "report.md").write_text(markdown + "\n")
+    return {"rows": found, "faithfulness": faith, "markdown": markdown, "plots": plots, "race": race}
