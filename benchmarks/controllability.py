@@ -58,10 +58,10 @@ def toy_rule(toy_width: int = 32) -> dict:
 class Protocol:
     batch_size: int = 8
     steps: int = 3000  # the reported horizon
-    eval_every: int = 750
+    eval_every: int = 1000
     select_steps: int = 400
     seeds: tuple[int, ...] = (0, 1)
-    grid: tuple[float, ...] = (10**-3.5, 1e-3, 10**-2.5)
+    grid: tuple[float, ...] = (1e-3, 10**-2.5, 1e-2)  # centred by the pilot (benchmarks/README.md)
     factor: float = math.sqrt(10)  # between neighbouring lrs, and the adapter-lr check's ratio
     max_extend: int = 3
     tasks: tuple[str, ...] = ("canny", "segmentation")
@@ -131,8 +131,7 @@ def next_lr(scores: dict[float, float], factor: float) -> float | None:
 
 
 def run_score(run_dir: Path, task: str) -> float:
-    """Mean per-condition score at the run's last evaluation."""
-    from benchmarks.race_report import last_conditions
+    from benchmarks.race_report import last_conditions  # the mean per-condition score, last evaluation
 
     values = last_conditions(run_dir)[SCORE[task]]
     return float(sum(values) / len(values))
@@ -140,9 +139,7 @@ def run_score(run_dir: Path, task: str) -> float:
 
 @dataclass
 class Row:
-    """One (task, method)'s selection state."""
-
-    task: str
+    task: str  # one (task, method)'s selection state
     method: str
     scores: dict[float, float] = field(default_factory=dict)
     tried: list[float] = field(default_factory=list)
@@ -191,7 +188,6 @@ class Race:
         ]
         return reports + (adapter if check else [])
 
-    # ---------------------------------------------------------------------------------------- running
     def launch(self, run: Run) -> subprocess.Popen | None:
         """Start a run (a process; inline runs finish here and return None)."""
         folder = self.out / run.name
@@ -216,18 +212,23 @@ class Race:
         print(f"[race] {run.name}: score {info['score']:.4f} ({info['seconds']:.0f} s)", flush=True)
         return self.finished(run, info["score"])
 
+    @staticmethod
+    def enqueue(queue: deque, runs: list[Run]) -> None:
+        for run in runs:  # reported runs (the long ones) first: short ones fill the end, no core idles long
+            (queue.appendleft if run.phase == "report" else queue.append)(run)
+
     def run_all(self) -> None:
         queue, running = deque(self.first_runs()), []
         while queue or running:
             while queue and len(running) < self.args.jobs:
                 run = queue.popleft()
                 if (self.out / run.name / "race_run.json").is_file():  # finished before: resumed
-                    queue.extend(self.done(run, None))
+                    self.enqueue(queue, self.done(run, None))
                     continue
                 started = time.monotonic()
                 process = self.launch(run)
                 if process is None:
-                    queue.extend(self.done(run, time.monotonic() - started))
+                    self.enqueue(queue, self.done(run, time.monotonic() - started))
                 else:
                     running.append((process, run, started))
             for entry in list(running):
@@ -240,7 +241,7 @@ class Race:
                         other.terminate()
                     log = self.out / run.name / "train.log"
                     raise RuntimeError(f"run {run.name} failed ({process.returncode}); see {log}")
-                queue.extend(self.done(run, time.monotonic() - started))
+                self.enqueue(queue, self.done(run, time.monotonic() - started))
             if running:
                 time.sleep(1.0)
 
@@ -277,7 +278,7 @@ def train_inline(overrides: list[str], folder: Path) -> None:
     train(cfg)
 
 
-def estimate_minutes(protocol: Protocol, jobs: int, extensions: int = 4) -> float:
+def estimate_minutes(protocol: Protocol, jobs: int, extensions: int = 8) -> float:
     """Wall minutes of the race's runs from the pilot's step times, with ``extensions`` grid extensions."""
     p, total = protocol, 0.0
     for task, method in ((t, m) for t in p.tasks for m in ROWS[t]):

@@ -106,7 +106,11 @@ def rows(race: dict, out: Path) -> list[dict]:
         found = dict(task=row["task"], method=row["method"], lr=row["chosen"], grid=grid, seeds=len(runs))
         found |= dict(inside=grid[0] < row["chosen"] < grid[-1], selection=row["scores"], curve=curve)
         found |= dict(final=curve[steps[-1]], conditions=len(per_seed[0][steps[-1]][name]))
-        found["chance"] = float(np.mean([c[steps[-1]][f"{name}_chance"] for c in per_seed]))
+        last = [c[steps[-1]] for c in per_seed]
+        found["chance"] = bootstrap(np.array([c[f"{name}_chance"] for c in last]))
+        found["caption"] = [
+            bootstrap(np.array([c[f"caption_{k}_acc"] for c in last])) for k in ("colour", "shape")
+        ]
         found["plateau"] = len(steps) > 1 and plateaued(curve[steps[-2]], curve[steps[-1]])
         found["logged"] = {
             k: float(np.mean([m[k] for m in logged])) for k in logged[0] if all(k in m for m in logged)
@@ -221,26 +225,25 @@ def _vs(value: int | None) -> str:
 def _movement(logged: dict) -> str:
     if "oft/q_over_radius_max" not in logged:
         return "-"
-    return (
-        f"{logged['oft/q_over_radius_max']:.2f} / {logged['oft/rotation_distance']:.3g} / "
-        f"{logged['oft/plane_angle_max_deg']:.1f} deg"
+    q, r, angle = (
+        logged[f"oft/{k}"] for k in ("q_over_radius_max", "rotation_distance", "plane_angle_max_deg")
     )
+    return f"{q:.2f} / {r:.3g} / {angle:.1f} deg"
 
 
 def table(found: list[dict]) -> str:
     lines = [
-        "| task | method | lr (grid) | score @ each evaluation | final, 95% interval | chance | plateau | vs OFT-Control | caption colour / shape | max Q/radius / mean R-I / max angle |",
+        "| task | method | lr (grid) | score [95% interval] @ each evaluation | final | chance | plateau | vs OFT-Control | caption colour / shape | max Q/radius / mean R-I / max angle |",
         "|---|---|---|---|---|---:|---|---|---|---|",
     ]
     for r in found:
         grid = ", ".join(f"{lr:.2g}" for lr in r["grid"])
         edge = "" if r["inside"] else " **at the grid's edge**"
-        curve = ", ".join(f"{v[1]:.3f}@{s}" for s, v in r["curve"].items())
-        logged = r["logged"]
-        caption = f"{logged.get('val/caption_colour_acc', math.nan):.2f} / {logged.get('val/caption_shape_acc', math.nan):.2f}"
+        curve = ", ".join(f"{_ci(v)} @{s}" for s, v in r["curve"].items())
+        logged, caption = r["logged"], " / ".join(map(_ci, r["caption"]))
         lines.append(
             f"| {r['task']} | {NAMES[r['method']]} | {r['lr']:.2g} ({grid}){edge} | {curve} | {_ci(r['final'])} | "
-            f"{r['chance']:.3f} | {'yes' if r['plateau'] else 'no'} | {_vs(r['vs_oft'])} | {caption} | {_movement(logged)} |"
+            f"{_ci(r['chance'])} | {'yes' if r['plateau'] else 'no'} | {_vs(r['vs_oft'])} | {caption} | {_movement(logged)} |"
         )
     return "\n".join(lines)
 

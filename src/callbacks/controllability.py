@@ -17,7 +17,8 @@ and scores them with the evaluation's metric:
 
 With `per_condition` on, each validation also writes `<run>/conditions/step_<step>.json`: the sample keys and,
 per condition, canny F1 (or the toy judge's shape mIoU of that image alone) and its chance level (the same
-image against every other sample's target): what `benchmarks.controllability` bootstraps its intervals from.
+image against every other sample's target), and the toy judge's caption fidelity of that image: what
+`benchmarks.controllability` bootstraps its intervals from.
 """
 
 from __future__ import annotations
@@ -111,6 +112,22 @@ def per_condition_scores(
     return {name: [float(v) for v in own], f"{name}_chance": chance}
 
 
+def per_condition_fidelity(generated: list[np.ndarray], captions: list[str]) -> dict[str, list[float]]:
+    """Per condition, the toy judge's caption fidelity of its image (`caption_colour_acc`, ...); {} when the
+    captions are not toy-world captions."""
+    from src.toy import judge as toy
+    from src.toy.world import parse_caption
+
+    try:
+        for caption in captions:
+            parse_caption(caption)
+    except ValueError:
+        return {}
+    scores = [toy.judge(image, caption) for image, caption in zip(generated, captions, strict=True)]
+    names = ("colour_acc", "shape_acc", "object_acc")
+    return {f"caption_{k}": [float(s[k]) for s in scores] for k in names}
+
+
 def controllability_summary(metrics: dict[str, float]) -> list[str]:
     """`val/<metric> value (chance c, r x)` for every logged metric that has a chance level."""
     lines = []
@@ -197,6 +214,7 @@ class ControllabilityMetric(pl.Callback):
     def write_per_condition(self, run_dir: Path, step: int) -> Path:
         """`run_dir/conditions/step_<step>.json`: the sample keys and every per-condition score."""
         values = per_condition_scores(self.generated, self.targets, self.condition)
+        values |= per_condition_fidelity(self.generated, self.captions)
         keys = (
             self.keys
             if len(self.keys) == len(self.generated)
