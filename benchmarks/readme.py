@@ -7,23 +7,14 @@ import os
 import re
 from pathlib import Path
 
+from src.machine import cpu_model
+
 README = Path(__file__).with_name("README.md")
 HEADER_START, HEADER_END = "<!-- header:start -->", "<!-- header:end -->"
 SECTION = re.compile(r"<!-- (\w+):start -->\n(.*?)<!-- \1:end -->", re.S)
 MEASURED = re.compile(
     r"Measured (\d{4}-\d{2}-\d{2}) with `([^`]+)`(?: in \S+ minutes)? on (\d+ CPU cores \([^,;)]*|[^,;(]+)"
 )
-
-
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo``), e.g. "AMD EPYC 7B13"; the architecture where it says none."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return re.sub(r"\((R|TM)\)", "", line.split(":", 1)[1]).strip()
-    except OSError:
-        pass
-    return os.uname().machine
 
 
 def machine() -> str:

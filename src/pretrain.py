@@ -12,7 +12,6 @@ trained at, the sha256 of every file and the quality figures (``src.toy.judge``)
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 import subprocess
@@ -24,7 +23,8 @@ import torch
 
 from src.errors import run_cli
 from src.locks import FolderLock
-from src.toy.pretrain import ToyRecipe, check_out, pretrain, recipe_dict, stamp_work_dir
+from src.machine import cpu_model
+from src.toy.pretrain import ToyRecipe, check_out, file_digests, pretrain, recipe_dict, stamp_work_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,15 +45,6 @@ def _commit() -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-
-
-def file_digests(folder: Path) -> dict[str, str]:
-    """sha256 of every file under ``folder`` except the manifest, by relative path."""
-    return {
-        path.relative_to(folder).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
-        for path in sorted(folder.rglob("*"))
-        if path.is_file() and path.name != "manifest.json"
-    }
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -113,6 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
         "train_seconds": round(figures.pop("vae_seconds") + figures.pop("unet_seconds"), 1),
         "wall_seconds_this_invocation": round(time.time() - began, 1),
         "threads": args.threads,
+        "cpu": cpu_model(),
         "commit": commit,
         "torch": torch.__version__,
         "figures": figures,

@@ -17,6 +17,7 @@ from it. The result is a diffusers folder with SD1.5's layout plus ``manifest.js
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import time
@@ -317,6 +318,15 @@ def pretrain(recipe: ToyRecipe, work_dir: Path):
         "unet_seconds": round(unet_stage.seconds, 1),
     }
     return pipe, figures
+
+
+def file_digests(folder: Path) -> dict[str, str]:
+    """sha256 of every file under ``folder`` except the manifest, by relative path."""
+    return {
+        path.relative_to(folder).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and path.name != "manifest.json"
+    }
 
 
 # ------------------------------------------------------------------------------------- guards
