@@ -59,7 +59,7 @@ class Protocol:
     batch_size: int = 8
     steps: int = 3000  # the reported horizon
     eval_every: int = 1000
-    select_steps: int = 400
+    select_steps: int = 300
     seeds: tuple[int, ...] = (0, 1)
     grid: tuple[float, ...] = (1e-3, 10**-2.5, 1e-2)  # centred by the pilot (benchmarks/README.md)
     factor: float = math.sqrt(10)  # between neighbouring lrs, and the adapter-lr check's ratio
@@ -79,7 +79,7 @@ QUICK = Protocol(batch_size=2, steps=2, eval_every=1, select_steps=1, grid=(1e-4
 QUICK = replace(QUICK, max_extend=1, extra=tuple(QUICK_OVERRIDES.split()))
 #: measured step seconds at batch 8, one thread, two runs at a time (the pilot of benchmarks/README.md)
 STEP_SECONDS = dict(zip(ROWS["canny"], (0.19, 0.12, 0.14, 0.15, 0.14, 0.08), strict=True))
-EVAL_SECONDS, START_SECONDS = 10.0, 8.0  # one evaluation of 64 conditions (DDIM 20); a run's start-up
+EVAL_SECONDS, START_SECONDS = 10.0, 12.0  # one evaluation of 64 conditions (DDIM 20); a run's start-up
 
 
 @dataclass(frozen=True)
