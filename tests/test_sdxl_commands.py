@@ -257,3 +257,32 @@ def test_app_samples_what_generate_writes(run, tmp_path):
     record = generate(gen)
     written = np.asarray(Image.open(tmp_path / record["images"][0]["file"]).convert("RGB"))
     assert np.array_equal(served.images[0], written)
+
+
+@pytest.mark.slow
+def test_served_app_gives_the_image_of_python_m_src_generate(run, tmp_path):
+    """`python -m src.app run=<SDXL run>` in a subprocess: its `generate` API returns src.generate's image."""
+    from gradio_client import Client, handle_file
+    from PIL import Image
+    from test_app import edge_png, serve
+
+    from src.generate import generate
+
+    png = edge_png(tmp_path)
+    with serve(run, f"sampling.num_inference_steps={STEPS}", log=tmp_path / "app.log") as server:
+        gallery, _, _ = Client(server.url, verbose=False).predict(
+            handle_file(str(png)), "a red circle", api_name="/generate", seed=2
+        )
+    gen = compose_config(
+        f"run={run}",
+        f"condition={png}",
+        "prompt=a red circle",
+        "sampling.seed=2",
+        f"sampling.num_inference_steps={STEPS}",
+        name="generate",
+        output_dir=tmp_path / "generate",
+    )
+    record = generate(gen)
+    served = np.asarray(Image.open(gallery[0]["image"]).convert("RGB"))
+    written = np.asarray(Image.open(tmp_path / "generate" / record["images"][0]["file"]).convert("RGB"))
+    assert served.shape == (RES, RES, 3) and np.array_equal(served, written)
