@@ -5,8 +5,7 @@ generated image against its condition; for segmentation the toy judge's shape mI
 95% bootstrap interval: each resample draws the seeds and the conditions with replacement (the same
 conditions for every seed) and takes the mean; the interval is the 2.5th and 97.5th percentile of
 ``RESAMPLES`` resamples. A difference is called only where two intervals do not overlap. A row has plateaued
-when the mean of its second-last evaluation lies inside the interval of its last.
-"""
+when the mean of its second-last evaluation lies inside the interval of its last."""
 
 from __future__ import annotations
 
@@ -217,7 +216,6 @@ def faithfulness_table(found: list[dict]) -> str:
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------------------------------------- rendering
 def _vs(value: int | None) -> str:
     return "-" if value is None else {1: "above", -1: "below", 0: "overlaps"}[value]
 
@@ -284,6 +282,8 @@ def plot(race: dict, found: list[dict], folder: Path) -> list[Path]:
             lo, mid, hi = (np.array([r["curve"][s][i] for s in steps]) for i in range(3))
             ax.plot(steps, mid, marker="o", label=NAMES[r["method"]])
             ax.fill_between(steps, lo, hi, alpha=0.2)
+        chance = np.mean([r["chance"][1] for r in found if r["task"] == task])
+        ax.axhline(chance, color="grey", ls="--", label="chance (mean)")
         ax.set(title=f"{task}: reported conditions (95% interval)", xlabel="step", ylabel="score")
         ax.legend(fontsize=8)
     figure.tight_layout()
