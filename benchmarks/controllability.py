@@ -188,26 +188,32 @@ class Race:
         ]
         return reports + (adapter if check else [])
 
-    def launch(self, run: Run) -> subprocess.Popen | None:
-        """Start a run (a process; inline runs finish here and return None)."""
+    def launch(self, run: Run) -> subprocess.Popen | bool:
+        """Start a run: a process, or (inline) whether it trained; a failed selection run scores -inf."""
         folder = self.out / run.name
         shutil.rmtree(folder, ignore_errors=True)  # a killed run starts over
         folder.mkdir(parents=True)
         overrides = [*run.overrides(self.protocol), *self.base_overrides(), f"threads={self.args.threads}"]
         if self.args.inline:
-            train_inline(overrides, folder)
-            return None
+            try:
+                train_inline(overrides, folder)
+            except Exception:
+                if run.phase == "report":
+                    raise
+                return False
+            return True
         log = (folder / "train.log").open("w")
         env = {**os.environ, "OMP_NUM_THREADS": str(self.args.threads)}
         command = [sys.executable, "-m", "src.train", *overrides, f"hydra.run.dir={folder}"]
         return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 
-    def done(self, run: Run, seconds: float | None) -> list[Run]:
+    def done(self, run: Run, seconds: float | None, failed: bool = False) -> list[Run]:
         folder = self.out / run.name
         record = folder / "race_run.json"
         if seconds is not None:
-            record.write_text(json.dumps({**asdict(run), "seconds": seconds}) + "\n")
-        info = {**json.loads(record.read_text()), "dir": run.name, "score": run_score(folder, run.task)}
+            record.write_text(json.dumps({**asdict(run), "seconds": seconds, "failed": failed}) + "\n")
+        info = {**json.loads(record.read_text()), "dir": run.name}
+        info["score"] = -math.inf if info.get("failed") else run_score(folder, run.task)
         self.runs.append(info)
         print(f"[race] {run.name}: score {info['score']:.4f} ({info['seconds']:.0f} s)", flush=True)
         return self.finished(run, info["score"])
@@ -227,8 +233,8 @@ class Race:
                     continue
                 started = time.monotonic()
                 process = self.launch(run)
-                if process is None:
-                    self.enqueue(queue, self.done(run, time.monotonic() - started))
+                if not isinstance(process, subprocess.Popen):  # inline: it ran here
+                    self.enqueue(queue, self.done(run, time.monotonic() - started, not process))
                 else:
                     running.append((process, run, started))
             for entry in list(running):
@@ -236,26 +242,19 @@ class Race:
                 if process.poll() is None:
                     continue
                 running.remove(entry)
-                if process.returncode != 0:
+                if process.returncode != 0 and run.phase == "report":  # a diverged lr trial scores -inf
                     for other, _, _ in running:
                         other.terminate()
                     log = self.out / run.name / "train.log"
                     raise RuntimeError(f"run {run.name} failed ({process.returncode}); see {log}")
-                self.enqueue(queue, self.done(run, time.monotonic() - started))
+                self.enqueue(queue, self.done(run, time.monotonic() - started, process.returncode != 0))
             if running:
                 time.sleep(1.0)
 
     def record(self, seconds: float, command: str) -> dict:
-        race = {
-            "protocol": asdict(self.protocol),
-            "rule": toy_rule(),
-            "rows": [asdict(row) | {"scores": sorted(row.scores.items())} for row in self.rows.values()],
-            "runs": self.runs,
-            "seconds": seconds,
-            "jobs": self.args.jobs,
-            "command": command,
-            "date": datetime.date.today().isoformat(),
-        }
+        race = dict(protocol=asdict(self.protocol), rule=toy_rule(), runs=self.runs, seconds=seconds)
+        race |= dict(jobs=self.args.jobs, command=command, date=datetime.date.today().isoformat())
+        race["rows"] = [asdict(row) | {"scores": sorted(row.scores.items())} for row in self.rows.values()]
         (self.out / "race.json").write_text(json.dumps(race, indent=1) + "\n")
         return race
 

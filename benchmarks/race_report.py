@@ -132,7 +132,7 @@ def adapter_checks(race: dict, out: Path) -> list[str]:
 
     lines = []
     for row in race["rows"]:
-        checks = _runs(race, row, "adapter")
+        checks = [r for r in _runs(race, row, "adapter") if not r.get("failed")]
         single = [r for r in _runs(race, row, "select") if r["lr"] == row["chosen"]]
         if not checks or not single:
             continue
@@ -291,7 +291,8 @@ def plot(race: dict, found: list[dict], folder: Path) -> list[Path]:
     figure, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4), squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=True):
         for row in (row for row in race["rows"] if row["task"] == task):
-            lrs, scores = zip(*row["scores"], strict=True) if row["scores"] else ((), ())
+            points = [(lr, score) for lr, score in row["scores"] if math.isfinite(score)]  # failed: -inf
+            lrs, scores = zip(*points, strict=True) if points else ((), ())
             (line,) = ax.plot(lrs, scores, marker="o", label=NAMES[row["method"]])
             if (chosen := row["chosen"]) is not None:
                 ax.plot([chosen], [dict(row["scores"])[chosen]], "*", ms=14, color=line.get_color())

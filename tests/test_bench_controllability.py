@@ -95,6 +95,27 @@ def test_selection_extends_the_grid_until_the_best_is_inside(tmp_path):
     assert checks == pytest.approx([1e-2 / math.sqrt(10), 1e-2 * math.sqrt(10)])
 
 
+def test_a_diverged_lr_trial_scores_minus_infinity_and_the_race_goes_on(tmp_path, monkeypatch):
+    """A selection run that fails (e.g. non-finite losses at a large lr) is the worst of its grid; a reported
+    run that fails stops the race."""
+    assert race.next_lr({1e-4: 0.1, 1e-3: 0.3, 1e-2: -math.inf}, math.sqrt(10)) is None
+
+    def diverge(overrides, folder):
+        raise FloatingPointError("5 non-finite losses in a row")
+
+    monkeypatch.setattr(race, "train_inline", diverge)
+    r = _race(race.Protocol(tasks=("canny",)), tmp_path)
+    runs = [run for run in r.first_runs() if run.method == "encoder_only"]
+    assert r.launch(runs[2]) is False
+    r.rows[("canny", "encoder_only")].scores = {runs[0].lr: 0.1, runs[1].lr: 0.2}
+    following = r.done(runs[2], 1.0, failed=True)
+    assert r.runs[-1]["score"] == -math.inf and r.runs[-1]["failed"]
+    assert r.rows[("canny", "encoder_only")].chosen == runs[1].lr  # inside: no extension
+    assert {run.phase for run in following} == {"report"}
+    with pytest.raises(FloatingPointError):
+        r.launch(following[0])
+
+
 def test_a_grid_at_its_extension_limit_is_flagged(tmp_path):
     r = _race(race.Protocol(tasks=("segmentation",), max_extend=1), tmp_path)
     runs = [run for run in r.first_runs() if run.method == "t2i_adapter"]
@@ -196,6 +217,7 @@ def test_quick_writes_no_readme_and_has_every_row(quick):
     assert found == {(t, m) for t, methods in race.ROWS.items() for m in methods}
     assert all(p.is_file() and p.parent == quick["out"] for p in quick["plots"])
     assert (quick["out"] / "race.json").is_file() and (quick["out"] / "report.md").is_file()
+    assert not any(run["failed"] for run in quick["race"]["runs"])  # every run trained
 
 
 def test_quick_rows_have_ordered_intervals_and_lrs_consistent_with_their_grids(quick):
