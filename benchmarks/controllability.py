@@ -38,7 +38,6 @@ ROWS = {
 #: methods with both an `encoder` and an `adapter` parameter group (src.models.methods)
 TWO_GROUPS = ("oft_control", "lora", "full_finetune", "controlnet")
 SCORE = {"canny": "canny_f1", "segmentation": "seg_miou"}
-CONDITION = {"canny": "canny", "segmentation": "seg"}
 SD15_WIDTH, SD15_ENCODER, SD15_EPS = 320, (16, 32, 96, 256), 1e-3
 
 
