@@ -19,6 +19,9 @@ formats are described in `src.models.exported` and `src.formats`):
   `StableDiffusionControlNetXSPipeline` over `diffusers/` (backbones with layers_per_block 2 only).
 - `hint_embedding/`: the control encoder as diffusers' `ControlNetConditioningEmbedding`, whose output a stock
   pipeline adds after `conv_in` with a forward hook (any backbone).
+- `ecosystem/`: a run of another method (`method=controlnet`, `t2i_adapter`, `lora`, ...) in its own
+  ecosystem's formats (`src.models.methods`): `controlnet/`, `t2i_adapter/`, `peft/`, `unet/`, each with
+  `control_encoder/` where the method has one; the only format of those runs.
 
 The options are named as the keys of `python -m src.generate` and `python -m src.evaluate`: `--run`,
 `--checkpoint`, `--model_path`, `--out_dir`.

@@ -452,3 +452,25 @@ def test_every_method_trains_under_two_process_ddp(method, tmp_path, offline_cac
     assert done.returncode == 0, done.stderr[-4000:]
     saved = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
     assert saved["global_step"] == 2 and saved[CHECKPOINT_META]["method"]["name"] == method
+
+
+def test_python_m_src_export_writes_another_methods_ecosystem_and_skips_oft_formats(tmp_path):
+    from diffusers import ControlNetModel
+
+    run = make_trained_run(tmp_path / "run", "model=tiny", "method=controlnet")
+    result = run_module("src.export", "--run", str(run), "--out_dir", str(tmp_path / "exports"))
+    assert result.returncode == 0, result.stderr
+    assert (
+        "diffusers: skipped: exports OFT-Control runs" in result.stdout
+        and "use --formats ecosystem" in result.stdout
+    )
+    assert sorted(p.name for p in (tmp_path / "exports").iterdir()) == ["ecosystem"]
+    ControlNetModel.from_pretrained(
+        tmp_path / "exports" / "ecosystem" / "controlnet"
+    )  # loads with stock diffusers
+    named = run_module("src.export", "--run", str(run), "--out_dir", str(tmp_path / "x"), "--formats", "peft")
+    errors = [line for line in named.stderr.splitlines() if line.startswith("error")]  # (loading bars aside)
+    assert named.returncode == 2 and errors == [
+        "error: --formats peft: exports OFT-Control runs (method oft_control) and this run's method is "
+        "'controlnet': use --formats ecosystem"
+    ]

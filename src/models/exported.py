@@ -33,7 +33,16 @@ from src.models.sampling import build_pipeline, make_scheduler
 from src.oft import merge_oft, unmerge_oft
 from src.oft.peft_compat import peft_adapter
 
-FORMATS = ("diffusers", "peft", "control_encoder", "single_file", "lora", "controlnet_xs", "hint_embedding")
+FORMATS = (
+    "diffusers",
+    "peft",
+    "control_encoder",
+    "single_file",
+    "lora",
+    "controlnet_xs",
+    "hint_embedding",
+    "ecosystem",
+)
 ENCODER_DIR, ENCODER_WEIGHTS, ENCODER_CONFIG = "control_encoder", "model.safetensors", "config.json"
 ENCODER_FORMAT = "oft-control-encoder"
 EXPORT_INFO = "oft_control.json"
@@ -166,18 +175,34 @@ def export_peft(run: TrainedRun, folder: str | os.PathLike) -> Path:
     return folder
 
 
-#: formats that take the rotations and encoder of OFT-Control; other methods' formats: `save_ecosystem`
-OFT_FORMATS = ("single_file", "lora", "controlnet_xs", "hint_embedding")
+#: formats that take the rotations and encoder of OFT-Control; other methods export `ecosystem`
+OFT_FORMATS = (
+    "diffusers",
+    "peft",
+    "control_encoder",
+    "single_file",
+    "lora",
+    "controlnet_xs",
+    "hint_embedding",
+)
+
+
+def export_ecosystem(run: TrainedRun, folder: str | os.PathLike) -> Path:
+    """The run's method in its own ecosystem's formats (`Method.save_ecosystem`): ControlNet and T2I-Adapter
+    `save_pretrained` folders, LoRA as a peft adapter, a full finetune's UNet, each with its control encoder."""
+    from src.models.methods import save_ecosystem
+
+    save_ecosystem(run, Path(folder))
+    return Path(folder)
 
 
 def unsupported(run: TrainedRun, name: str) -> str | None:
     """Why the run (its method or backbone) cannot have format `name` (the `ConfigError` line), or None."""
     method = getattr(getattr(run.module, "method", None), "name", "oft_control")
     if name in OFT_FORMATS and method != "oft_control":
-        return (
-            f"exports OFT-Control runs (method oft_control) and this run's method is {method!r}: "
-            "src.models.methods.save_ecosystem writes its formats"
-        )
+        return f"exports OFT-Control runs (method oft_control) and this run's method is {method!r}: use --formats ecosystem"
+    if name == "ecosystem" and method == "oft_control":
+        return "OFT-Control's own formats are the others (diffusers, peft, control_encoder, ...)"
     checks = {
         "single_file": lambda: check_single_file(run.module),
         "controlnet_xs": lambda: check_controlnet_xs(run.module.unet, getattr(run.module, "encoder", None)),
@@ -197,4 +222,5 @@ WRITERS = {
     "lora": export_lora,
     "controlnet_xs": export_controlnet_xs,
     "hint_embedding": export_hint_embedding,
+    "ecosystem": export_ecosystem,
 }
