@@ -7,8 +7,8 @@ adds the control after `conv_in` as `src.generate` does."""
 from __future__ import annotations
 
 import importlib.util
-import os
 import logging
+import os
 import sys
 from pathlib import Path
 
