@@ -7,6 +7,7 @@ is testable without a command line.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 import hydra
@@ -100,13 +101,17 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
-def set_threads(threads: int | None) -> None:
-    """torch's intra-op threads for this process (`threads` in conf/train.yaml; null keeps torch's default)."""
+def set_threads(threads: int | str | None) -> None:
+    """torch's intra-op threads for this process (`threads` in conf/train.yaml): a number, `auto` (the cores
+    the 1-minute load average leaves free, at least 1), or null (torch's default)."""
+    if threads == "auto":
+        threads = max(1, (os.cpu_count() or 1) - round(os.getloadavg()[0]))
     if threads is None:
         return
     if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
-        raise ConfigError(f"threads={threads!r}: give a positive number of torch threads, or threads=null")
+        raise ConfigError(f"threads={threads!r}: give a positive number of torch threads, auto or null")
     torch.set_num_threads(threads)
+    log.info("torch threads: %d", threads)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import pytorch_lightning as pl
@@ -239,6 +240,13 @@ def test_threads_are_set_for_the_run_and_a_bad_value_is_one_line():
         for bad in (0, -2, "two", True):
             with pytest.raises(ConfigError, match=r"threads=.*: give a positive number of torch threads"):
                 set_threads(bad)
+        for load, expected in ((0.2, 2), (1.3, 1), (7.0, 1)):  # auto: the cores the load leaves free
+            with (
+                mock.patch("os.cpu_count", return_value=2),
+                mock.patch("os.getloadavg", return_value=(load, 0, 0)),
+            ):
+                set_threads("auto")
+            assert torch.get_num_threads() == expected, (load, expected)
     finally:
         torch.set_num_threads(before)
 
