@@ -81,7 +81,8 @@ def export(
         name, why = next(iter(reasons.items()))
         raise ConfigError(f"--formats {name}: {why}")
     for name, why in reasons.items():
-        report(f"{name}: skipped: {why}")
+        if name != "ecosystem" or "ecosystem" in (formats or ()):  # OFT-Control's formats are the others
+            report(f"{name}: skipped: {why}")
     return {name: WRITERS[name](trained, path) for name, path in targets.items() if name not in reasons}
 
 

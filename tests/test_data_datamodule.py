@@ -126,7 +126,9 @@ def test_relative_specs_resolve_against_root(demo_dir: Path) -> None:
 def test_resolve_shards_no_match_names_spec_and_fix(spec: str) -> None:
     with pytest.raises(ValueError, match="data.train_shards") as info:
         resolve_shards(spec, "data.train_shards")
-    assert spec in str(info.value) and "python -m data_prep.coco" in str(info.value)
+    assert spec in str(info.value) and "Build shards with a converter (README, 'Prepare your data'" in str(
+        info.value
+    )
 
 
 def test_constructor_rejects_bad_values(demo_dir: Path) -> None:

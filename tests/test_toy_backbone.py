@@ -107,7 +107,7 @@ def test_pretraining_writes_the_layout_resumes_and_refuses_another_recipe(tmp_pa
     ],
 )
 def test_pretrain_never_touches_the_shipped_backbone_without_force(tmp_path: Path, extra, message):
-    from tests.helpers import run_module
+    from helpers import run_module
 
     before = _digests(TOY)
     result = run_module("src.pretrain", "--work-dir", str(tmp_path / "work"), *extra, timeout=120)

@@ -185,6 +185,8 @@ OFT_FORMATS = (
     "controlnet_xs",
     "hint_embedding",
 )
+#: what a run of the control encoder alone (`method=encoder_only`) exports besides `ecosystem`
+ENCODER_FORMATS = ("diffusers", "control_encoder")
 
 
 def export_ecosystem(run: TrainedRun, folder: str | os.PathLike) -> Path:
@@ -199,7 +201,8 @@ def export_ecosystem(run: TrainedRun, folder: str | os.PathLike) -> Path:
 def unsupported(run: TrainedRun, name: str) -> str | None:
     """Why the run (its method or backbone) cannot have format `name` (the `ConfigError` line), or None."""
     method = getattr(getattr(run.module, "method", None), "name", "oft_control")
-    if name in OFT_FORMATS and method != "oft_control":
+    encoder_only = method == "encoder_only" and name in ENCODER_FORMATS
+    if name in OFT_FORMATS and method != "oft_control" and not encoder_only:
         return f"exports OFT-Control runs (method oft_control) and this run's method is {method!r}: use --formats ecosystem"
     if name == "ecosystem" and method == "oft_control":
         return "OFT-Control's own formats are the others (diffusers, peft, control_encoder, ...)"
