@@ -56,18 +56,26 @@ def chance_level(score: Callable[[list], float], targets: list) -> float:
     return float(np.mean([score(shifted) for shifted in _shifts(targets)]))
 
 
-def toy_metrics(
-    generated: list[np.ndarray], targets: list[np.ndarray], captions: list[str], condition: str
-) -> dict[str, float]:
-    """The toy judge's caption fidelity and (segmentation) shape mIoU with its chance level; {} if the
-    captions are not toy-world captions."""
-    from src.toy import judge as toy
+def toy_captions(captions: list[str]) -> bool:
+    """True if every caption follows the toy world's grammar (the judge can score its image)."""
     from src.toy.world import parse_caption
 
     try:
         for caption in captions:
             parse_caption(caption)
     except ValueError:
+        return False
+    return True
+
+
+def toy_metrics(
+    generated: list[np.ndarray], targets: list[np.ndarray], captions: list[str], condition: str
+) -> dict[str, float]:
+    """The toy judge's caption fidelity and (segmentation) shape mIoU with its chance level; {} if the
+    captions are not toy-world captions."""
+    from src.toy import judge as toy
+
+    if not toy_captions(captions):
         return {}
     fidelity = toy.caption_fidelity(generated, captions)
     values = {f"caption_{k}": fidelity[k] for k in ("colour_acc", "shape_acc", "object_acc")}
@@ -116,12 +124,8 @@ def per_condition_fidelity(generated: list[np.ndarray], captions: list[str]) -> 
     """Per condition, the toy judge's caption fidelity of its image (`caption_colour_acc`, ...); {} when the
     captions are not toy-world captions."""
     from src.toy import judge as toy
-    from src.toy.world import parse_caption
 
-    try:
-        for caption in captions:
-            parse_caption(caption)
-    except ValueError:
+    if not toy_captions(captions):
         return {}
     scores = [toy.judge(image, caption) for image, caption in zip(generated, captions, strict=True)]
     names = ("colour_acc", "shape_acc", "object_acc")

@@ -176,15 +176,7 @@ def export_peft(run: TrainedRun, folder: str | os.PathLike) -> Path:
 
 
 #: formats that take the rotations and encoder of OFT-Control; other methods export `ecosystem`
-OFT_FORMATS = (
-    "diffusers",
-    "peft",
-    "control_encoder",
-    "single_file",
-    "lora",
-    "controlnet_xs",
-    "hint_embedding",
-)
+OFT_FORMATS = tuple(name for name in FORMATS if name != "ecosystem")
 #: what a run of the control encoder alone (`method=encoder_only`) exports besides `ecosystem`
 ENCODER_FORMATS = ("diffusers", "control_encoder")
 
