@@ -51,5 +51,7 @@ def test_the_cache_stays_within_its_size_and_is_off_at_zero_or_off_the_cpu():
     assert len(module.latent_cache.store) == 2 and module.latent_cache.bytes == 2 * entry
     assert not LatentCache(0).applies(_images(1))
     assert not LatentCache(1.0).applies(torch.empty(1, 3, 64, 64, device="meta"))
+    half = _images(1).to(torch.bfloat16)  # a bf16 VAE's inputs (numpy has no bfloat16)
+    assert LatentCache.digest(half[0]) != LatentCache.digest(half[0].flip(-1))
     with pytest.raises(ValueError, match="latent cache of -1 MB"):
         LatentCache(-1)

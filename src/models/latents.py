@@ -32,7 +32,8 @@ class LatentCache:
 
     @staticmethod
     def digest(image: torch.Tensor) -> bytes:
-        return hashlib.blake2b(image.contiguous().numpy().tobytes(), digest_size=16).digest()
+        raw = image.contiguous().view(-1).view(torch.uint8)  # any dtype's bytes (numpy has no bfloat16)
+        return hashlib.blake2b(raw.numpy().tobytes(), digest_size=16).digest()
 
     def applies(self, images: torch.Tensor) -> bool:
         return self.max_bytes > 0 and images.device.type == "cpu"
