@@ -7,7 +7,7 @@ formats are described in `src.models.exported` and `src.formats`):
 
 - `diffusers/`: a `StableDiffusionPipeline` folder with the rotations merged into the UNet (`W R`) and the
   control encoder in `control_encoder/`: `python -m src.generate run=exports/canny/diffusers ...` or
-  `src.models.exported.load_exported`.
+  `src.models.exported.load_exported`. `--run A B` composes runs on one backbone into this folder alone.
 - `peft/`: the UNet rotations as a peft OFT adapter for the base UNet: `PeftModel.from_pretrained(
   UNet2DConditionModel.from_pretrained(base, subfolder="unet"), "exports/canny/peft")`.
 - `control_encoder/`: the control encoder alone, `model.safetensors` plus `config.json`.
@@ -22,9 +22,7 @@ formats are described in `src.models.exported` and `src.formats`):
 - `ecosystem/`: a run of another method (`method=controlnet`, `t2i_adapter`, `lora`, ...) in its own
   ecosystem's formats (`src.models.methods`): `controlnet/`, `t2i_adapter/`, `peft/`, `unet/`, each with
   `control_encoder/` where the method has one; the only format of those runs.
-
-The options are named as the keys of `python -m src.generate` and `python -m src.evaluate`: `--run`,
-`--checkpoint`, `--model_path`, `--out_dir`.
+(Options are named as `src.generate`'s and `src.evaluate`'s keys: `--run`, `--checkpoint`, `--model_path`.)
 """
 
 from __future__ import annotations
@@ -36,7 +34,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from src.errors import ConfigError, OutputError, run_cli
-from src.models.exported import FORMATS, WRITERS, unsupported
+from src.models.exported import FORMATS, WRITERS, export_composed, unsupported
 from src.models.run import load_run
 
 
@@ -61,7 +59,7 @@ def prepare_out_dir(out_dir: Path, formats: Sequence[str], overwrite: bool) -> d
 
 
 def export(
-    run: str | os.PathLike,
+    run: str | os.PathLike | Sequence[str],
     out_dir: str | os.PathLike,
     formats: Sequence[str] | None = None,
     checkpoint: str | None = None,
@@ -74,8 +72,15 @@ def export(
     `formats=None` writes every format the backbone can host and `report`s the others with the reason; a
     format asked for by name that the backbone cannot host stops the export (one line) before any is written.
     """
-    targets = prepare_out_dir(Path(out_dir).expanduser(), list(formats or FORMATS), overwrite)
-    trained = load_run(run, checkpoint, model_path)
+    runs, several = ([run], False) if isinstance(run, str | os.PathLike) else (list(run), len(run) > 1)
+    if several and ((formats and set(formats) != {"diffusers"}) or checkpoint):
+        raise ConfigError("several --run compose into one diffusers folder: drop --formats, --checkpoint")
+    names = ["diffusers"] if several else list(formats or FORMATS)
+    targets = prepare_out_dir(Path(out_dir).expanduser(), names, overwrite)
+    if several:  # composed on their common backbone (src.models.multi)
+        composed = [load_run(source, None, model_path) for source in runs]
+        return {"diffusers": export_composed(composed, targets["diffusers"])}
+    trained = load_run(runs[0], checkpoint, model_path)
     reasons = {name: why for name in targets if (why := unsupported(trained, name))}
     if formats and reasons:
         name, why = next(iter(reasons.items()))
@@ -93,19 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--run",
         required=True,
-        help="a training run directory (config.yaml, checkpoints/) or one of its .ckpt files",
+        nargs="+",
+        help="a run directory or one of its .ckpt files; several: composed into one diffusers folder",
     )
     parser.add_argument("--out_dir", required=True, help="folder that receives one subfolder per format")
-    parser.add_argument(
-        "--formats",
-        nargs="+",
-        default=None,
-        choices=FORMATS,
-        help="what to export (default: all the backbone hosts)",
-    )
-    parser.add_argument(
-        "--checkpoint", default=None, help="a checkpoint other than <run>/checkpoints/last.ckpt"
-    )
+    formats_help = "what to export (default: all the backbone hosts)"
+    parser.add_argument("--formats", nargs="+", default=None, choices=FORMATS, help=formats_help)
+    parser.add_argument("--checkpoint", default=None, help="a checkpoint other than checkpoints/last.ckpt")
     parser.add_argument(
         "--model_path", default=None, help="the frozen backbone's folder, if it moved since training"
     )

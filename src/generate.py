@@ -5,7 +5,12 @@
 
 `run` is a training run directory, one of its checkpoints, or a folder exported by `python -m src.export`;
 `condition` an image, a folder of images or a shard spec (whose captions are the default prompts); the
-`sampling` group (conf/sampling/) sets the sampler. Writes `images/<key>_<sample>.png`, `grid.png` (one row
+`sampling` group (conf/sampling/) sets the sampler. Several conditions (a jointly trained run, or runs
+composed on one backbone, `run=[<canny run>,<seg run>]`): one source per condition and a strength each,
+
+    python -m src.generate run=[RUN_A,RUN_B] +condition.canny=edges.png +condition.seg=seg.png \
+        sampling.strength='{canny: 1.0, seg: 0.5}'
+ Writes `images/<key>_<sample>.png`, `grid.png` (one row
 per condition: condition | samples) and `generations.json` (prompt and seed of every image).
 """
 
@@ -14,7 +19,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +30,8 @@ from omegaconf import DictConfig, OmegaConf
 from src.data.inputs import ConditionInput, assign_prompts, collect_inputs
 from src.data.schema import key_path
 from src.errors import take_debug_flag, user_errors
-from src.grids import image_grid
-from src.models.inference import describe_source, generate_images, load_controlled
+from src.grids import condition_columns, image_grid
+from src.models.inference import describe_source, generate_images, load_controlled, multi_inputs
 from src.models.sampling import SamplingOptions, sampling_options
 
 log = logging.getLogger(__name__)
@@ -55,7 +60,7 @@ def write_outputs(
                 {"key": item.key, "sample": s, "seed": options.seed + s, "prompt": prompt, "file": name}
             )
     conditions = torch.stack([item.condition for item in inputs[:GRID_ROWS]])
-    save_image(image_grid(conditions, images[:GRID_ROWS]), out_dir / "grid.png")
+    save_image(image_grid(*condition_columns(conditions), images[:GRID_ROWS]), out_dir / "grid.png")
     record = {
         "options": asdict(options),
         "num_inference_steps": options.steps,
@@ -70,10 +75,16 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
     """Generate from `cfg` (conf/generate.yaml) and write the outputs to `cfg.out_dir`; returns the record."""
     options = sampling_options(cfg.sampling)
     prompt = OmegaConf.to_container(cfg.prompt) if OmegaConf.is_list(cfg.prompt) else cfg.prompt
-    condition, resolution = describe_source(cfg.run, cfg.get("checkpoint"))
-    inputs = collect_inputs(cfg.condition, condition, resolution, cfg.get("limit"))
+    run = OmegaConf.to_container(cfg.run) if OmegaConf.is_list(cfg.run) else cfg.run
+    condition, resolution = describe_source(run, cfg.get("checkpoint"))
+    if OmegaConf.is_dict(cfg.condition) or "+" in condition:  # several conditions, a strength each
+        sources = OmegaConf.to_container(cfg.condition) if OmegaConf.is_dict(cfg.condition) else cfg.condition
+        inputs, strengths = multi_inputs(sources, condition, resolution, cfg.get("limit"), options.strength)
+        options = replace(options, strength=strengths)
+    else:
+        inputs = collect_inputs(cfg.condition, condition, resolution, cfg.get("limit"))
     prompts = assign_prompts(inputs, prompt)
-    model = load_controlled(cfg.run, cfg.get("checkpoint"), cfg.get("model_path")).to(cfg.device)
+    model = load_controlled(run, cfg.get("checkpoint"), cfg.get("model_path")).to(cfg.device)
     conditions = torch.stack([item.condition for item in inputs])
     images = generate_images(model, conditions, prompts, options)
     out_dir = Path(cfg.out_dir)

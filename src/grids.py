@@ -15,3 +15,9 @@ def image_grid(*columns: torch.Tensor) -> torch.Tensor:
 
     tiles = torch.cat([c.float().cpu()[:, None] if c.dim() == 4 else c.float().cpu() for c in columns], dim=1)
     return make_grid(tiles.flatten(0, 1).clamp(0, 1), nrow=tiles.shape[1], padding=2, pad_value=1.0)
+
+
+def condition_columns(conditions: torch.Tensor) -> list[torch.Tensor]:
+    """`[N, 3k, H, W]` conditions side by side (several conditions, `src.models.multi`) -> k `[N, 3, H, W]`
+    grid columns; one condition stays one column."""
+    return list(conditions.split(3, dim=-3))

@@ -48,6 +48,7 @@ def preflight(cfg: DictConfig) -> pl.LightningDataModule:
     check_resolution(backbone)
     oft = instantiate(cfg.oft, _convert_="all")
     method = instantiate(cfg.method)
+    method.check_condition(str(cfg.task.condition))
     method.check(unet_skeleton(backbone), oft)
     if cfg.get("ckpt_path"):
         check_checkpoint(cfg.ckpt_path, backbone, oft, cfg.task.condition, method)

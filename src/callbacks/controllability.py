@@ -35,6 +35,7 @@ import pytorch_lightning as pl
 from src.data.schema import condition_spec
 from src.metrics import CannyScorer, EvalSample, LandmarkScorer, Scorer
 from src.metrics.base import to_uint8
+from src.models.multi import split_condition
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +162,9 @@ class ControllabilityMetric(pl.Callback):
         num_inference_steps: int | None = None,
         per_condition: bool = False,
     ) -> None:
-        condition_spec(condition)
+        self.names = split_condition(condition)  # several with a multi-condition task: each is scored
+        for name in self.names:
+            condition_spec(name)
         if max_images < 1:
             raise ValueError(f"max_images must be >= 1, got {max_images}")
         self.condition, self.max_images, self.num_inference_steps = condition, max_images, num_inference_steps
@@ -217,7 +220,9 @@ class ControllabilityMetric(pl.Callback):
 
     def write_per_condition(self, run_dir: Path, step: int) -> Path:
         """`run_dir/conditions/step_<step>.json`: the sample keys and every per-condition score."""
-        values = per_condition_scores(self.generated, self.targets, self.condition)
+        values = {}
+        for name in self.names:
+            values |= per_condition_scores(self.generated, self.targets, name)
         values |= per_condition_fidelity(self.generated, self.captions)
         keys = (
             self.keys
@@ -232,14 +237,18 @@ class ControllabilityMetric(pl.Callback):
     def scores(self) -> dict[str, float]:
         """Every metric of the collected generations (see the module docstring)."""
         values: dict[str, float] = {}
-        if self.condition in CHEAP_METRICS:
-            values |= self._score(self.targets)
-            if self.condition == "canny" and len(self.targets) > 1:
-                values["canny_f1_chance"] = chance_level(lambda t: self._score(t)["canny_f1"], self.targets)
-        return values | toy_metrics(self.generated, self.targets, self.captions, self.condition)
+        for name in self.names:
+            if name in CHEAP_METRICS:
+                values |= self._score(self.targets, name)
+                if name == "canny" and len(self.targets) > 1:
+                    values["canny_f1_chance"] = chance_level(
+                        lambda t, name=name: self._score(t, name)["canny_f1"], self.targets
+                    )
+            values |= toy_metrics(self.generated, self.targets, self.captions, name)
+        return values
 
-    def _score(self, targets: list[np.ndarray]) -> dict[str, float]:
-        factory, logged = CHEAP_METRICS[self.condition]
+    def _score(self, targets: list[np.ndarray], condition: str) -> dict[str, float]:
+        factory, logged = CHEAP_METRICS[condition]
         scorer = factory()
         keys = self.keys if len(self.keys) == len(targets) else [str(i) for i in range(len(targets))]
         scorer.score_batch(self.generated, [EvalSample(k, "", t) for k, t in zip(keys, targets, strict=True)])

@@ -9,7 +9,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.loggers import TensorBoardLogger
 from torchvision.utils import save_image
 
-from src.grids import image_grid
+from src.grids import condition_columns, image_grid
 
 
 class SampleGrid(pl.Callback):
@@ -37,7 +37,7 @@ class SampleGrid(pl.Callback):
         n = min(self.max_images, len(batch["caption"]))
         generated = pl_module.validation_samples(batch, n)
         target = (batch["image"][:n].float() + 1) / 2
-        grid = image_grid(batch["condition"][:n].float(), generated, target)
+        grid = image_grid(*condition_columns(batch["condition"][:n].float()), generated, target)
         path = Path(trainer.default_root_dir) / self.dirname / f"step_{trainer.global_step:06d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         save_image(grid, path)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
+from typing import Any
 
 import torch
 from torch import nn
@@ -73,19 +74,24 @@ def _broadcast_to_batch(embedding: torch.Tensor, batch: int) -> torch.Tensor:
 
 @contextmanager
 def control_injection(
-    unet: nn.Module, encoder: nn.Module, condition: torch.Tensor, strength: float = 1.0
+    unet: nn.Module, encoder: nn.Module, condition: torch.Tensor, strength: Any = 1.0
 ) -> Iterator[None]:
     """Add `strength * encoder(condition)` to the output of `unet.conv_in` for every call in the block.
 
     The embedding is computed once when the block is entered (so a sampling loop encodes the condition
     once) and repeated to the UNet's batch: under classifier-free guidance the unconditional branch keeps
     the control, as in the paper. With `strength == 0` the hook is not installed at all, so the output is
-    the base model's exactly.
+    the base model's exactly. An encoder of several conditions (`src.models.multi.MultiEncoder`) takes
+    `strength` per condition (a number, a mapping by name, a `[k]` or `[B, k]` tensor) through its `embed`.
     """
-    if strength == 0:
+    embed = getattr(encoder, "embed", None)  # several conditions (`src.models.multi.MultiEncoder`)
+    if embed is None and strength == 0:
         yield
         return
-    embedding = strength * encoder(condition)
+    embedding = embed(condition, strength) if embed is not None else strength * encoder(condition)
+    if embedding is None:  # every condition off
+        yield
+        return
 
     def add_control(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> torch.Tensor:
         if output.shape[-2:] != embedding.shape[-2:]:

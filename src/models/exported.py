@@ -20,14 +20,18 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from torch import nn
 
 from src.errors import ConfigError, InputError, MissingInputError
 from src.formats.controlnet_xs import check_controlnet_xs, export_controlnet_xs, export_hint_embedding
 from src.formats.lora_diff import export_lora
 from src.formats.single_file import check_single_file, export_single_file
 from src.models.control import ControlEncoder
+from src.models.multi import MultiEncoder, compose_runs
 from src.models.run import TrainedRun
 from src.models.sampling import build_pipeline, make_scheduler
 from src.oft import merge_oft, unmerge_oft
@@ -51,35 +55,60 @@ EXPORT_HINT = "export one with `python -m src.export --run RUN --out_dir DIR`"
 
 
 # ------------------------------------------------------------------------------------- control encoder
-def encoder_config(run: TrainedRun) -> dict[str, Any]:
-    """Constructor arguments of the run's control encoder plus the condition it was trained on."""
-    module = run.module
+def encoder_arguments(encoder: ControlEncoder) -> dict[str, Any]:
+    """The constructor arguments of a control encoder, read from its layers."""
+    strided = [m for m in encoder.body if isinstance(m, nn.Conv2d) and m.stride == (2, 2)]
     return {
-        "format": ENCODER_FORMAT,
-        "version": 1,
-        "out_channels": module.unet.conv_in.out_channels,
-        "downscale": module.vae_scale_factor,
-        "channels": list(run.config.module.encoder_channels),
-        "in_channels": module.encoder.body[0].in_channels,
-        "condition": run.condition,
-        "resolution": run.resolution,
+        "out_channels": encoder.zero_out.out_channels,
+        "downscale": 2 ** len(strided),
+        "channels": [encoder.body[0].out_channels, *(m.out_channels for m in strided)],
+        "in_channels": encoder.body[0].in_channels,
     }
 
 
-def export_control_encoder(run: TrainedRun, folder: str | os.PathLike) -> Path:
-    """Write the control encoder as `model.safetensors` + `config.json` into `folder`."""
+def encoder_config(encoder: nn.Module, condition: str, resolution: int) -> dict[str, Any]:
+    """The control encoder's constructor arguments plus the condition it reads; with several conditions
+    (`src.models.multi.MultiEncoder`, version 2) the arguments of each under `encoders`."""
+    if isinstance(encoder, MultiEncoder):
+        each = {name: encoder_arguments(part) for name, part in encoder.encoders.items()}
+        return {
+            "format": ENCODER_FORMAT,
+            "version": 2,
+            "encoders": each,
+            "condition": condition,
+            "resolution": resolution,
+        }
+    return {
+        "format": ENCODER_FORMAT,
+        "version": 1,
+        **encoder_arguments(encoder),
+        "condition": condition,
+        "resolution": resolution,
+    }
+
+
+def write_control_encoder(
+    encoder: nn.Module, condition: str, resolution: int, folder: str | os.PathLike
+) -> Path:
+    """Write a control encoder (or several) as `model.safetensors` + `config.json` into `folder`."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in run.module.encoder.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
     save_file(state, folder / ENCODER_WEIGHTS, metadata={"format": "pt"})
-    (folder / ENCODER_CONFIG).write_text(json.dumps(encoder_config(run), indent=2))
+    (folder / ENCODER_CONFIG).write_text(json.dumps(encoder_config(encoder, condition, resolution), indent=2))
     return folder
 
 
-def load_control_encoder(folder: str | os.PathLike) -> tuple[ControlEncoder, dict[str, Any]]:
-    """The control encoder exported to `folder` (strictly loaded) and its config."""
+def export_control_encoder(run: TrainedRun, folder: str | os.PathLike) -> Path:
+    """Write the run's control encoder as `model.safetensors` + `config.json` into `folder`."""
+    return write_control_encoder(run.module.encoder, run.condition, run.resolution, folder)
+
+
+def load_control_encoder(folder: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
+    """The control encoder exported to `folder` (strictly loaded; a `MultiEncoder` for several conditions)
+    and its config."""
     from safetensors.torch import load_file
 
     folder = Path(folder)
@@ -92,9 +121,14 @@ def load_control_encoder(folder: str | os.PathLike) -> tuple[ControlEncoder, dic
     config = json.loads(config_path.read_text())
     if config.get("format") != ENCODER_FORMAT:
         raise InputError(f"{config_path} is not an {ENCODER_FORMAT} config (format {config.get('format')!r})")
-    encoder = ControlEncoder(
-        config["out_channels"], config["downscale"], config["channels"], config["in_channels"]
-    )
+
+    def build(args: dict[str, Any]) -> ControlEncoder:
+        return ControlEncoder(args["out_channels"], args["downscale"], args["channels"], args["in_channels"])
+
+    if "encoders" in config:
+        encoder: nn.Module = MultiEncoder({name: build(args) for name, args in config["encoders"].items()})
+    else:
+        encoder = build(config)
     encoder.load_state_dict(load_file(weights), strict=True)
     return encoder.eval().requires_grad_(False), config
 
@@ -118,12 +152,41 @@ def export_diffusers(run: TrainedRun, folder: str | os.PathLike) -> Path:
     finally:
         unmerge_oft(module.unet, removed)
     export_control_encoder(run, folder / ENCODER_DIR)
-    info = {
+    info: dict[str, Any] = {
         "run": str(run.files.run_dir),
         "checkpoint": str(run.files.checkpoint),
         "identity": module.checkpoint_identity(),
         "condition": run.condition,
         "resolution": run.resolution,
+    }
+    (folder / EXPORT_INFO).write_text(json.dumps(info, indent=2))
+    return folder
+
+
+def export_composed(runs: Sequence[TrainedRun], folder: str | os.PathLike) -> Path:
+    """A diffusers folder of runs composed on one backbone (`src.models.multi.compose_runs`): the product of
+    their rotations merged into the UNet and every run's control encoder in `control_encoder/`, one per
+    condition; `python -m src.generate run=<folder> +condition.<name>=...` samples it."""
+    composed, folder = compose_runs(runs), Path(folder)
+    module = composed.module
+    scheduler = make_scheduler("ddim", module.noise_scheduler.config)
+    pipe = build_pipeline(
+        module.unet,
+        module.vae,
+        module.text_encoder,
+        module.tokenizer,
+        scheduler,
+        **module.second_text_encoder(),
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+    condition = composed.encoder.condition
+    write_control_encoder(composed.encoder, condition, composed.resolution, folder / ENCODER_DIR)
+    info = {
+        "runs": [str(run.files.run_dir) for run in runs],
+        "checkpoints": [str(run.files.checkpoint) for run in runs],
+        "identities": [run.module.checkpoint_identity() for run in runs],
+        "condition": condition,
+        "resolution": composed.resolution,
     }
     (folder / EXPORT_INFO).write_text(json.dumps(info, indent=2))
     return folder
@@ -198,6 +261,11 @@ def unsupported(run: TrainedRun, name: str) -> str | None:
         return f"exports OFT-Control runs (method oft_control) and this run's method is {method!r}: use --formats ecosystem"
     if name == "ecosystem" and method == "oft_control":
         return "OFT-Control's own formats are the others (diffusers, peft, control_encoder, ...)"
+    if isinstance(getattr(run.module, "encoder", None), MultiEncoder) and name in (
+        "controlnet_xs",
+        "hint_embedding",
+    ):
+        return f"holds one condition's encoder and this run reads '{run.condition}': use diffusers or control_encoder"
     checks = {
         "single_file": lambda: check_single_file(run.module),
         "controlnet_xs": lambda: check_controlnet_xs(run.module.unet, getattr(run.module, "encoder", None)),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,8 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from src.data.inputs import ConditionInput, collect_inputs
+from src.errors import ConfigError
 from src.models.exported import ENCODER_CONFIG, ENCODER_DIR, is_exported, load_exported
 from src.models.run import load_run, locate_run
 from src.models.sampling import SamplingOptions, build_pipeline, make_scheduler, sample_controlled
@@ -45,9 +47,13 @@ class ControlledModel:
 
 
 def load_controlled(
-    source: str | os.PathLike, checkpoint: str | None = None, model_path: str | None = None
+    source: str | os.PathLike | Sequence[str], checkpoint: str | None = None, model_path: str | None = None
 ) -> ControlledModel:
-    """From a run directory or checkpoint (rotations applied on the fly) or an exported folder (merged)."""
+    """From a run directory or checkpoint (rotations applied on the fly) or an exported folder (merged); a
+    list of runs on one backbone is composed (`src.models.multi.compose_runs`: rotations multiplied and
+    merged, one control encoder per condition)."""
+    if not isinstance(source, str | os.PathLike):
+        return load_composed(list(source), checkpoint, model_path)
     if is_exported(source):
         pipe, encoder, config = load_exported(source)
         return ControlledModel(
@@ -60,8 +66,32 @@ def load_controlled(
     return ControlledModel(pipe, m.method, run.condition, run.resolution, m.noise_scheduler.config)
 
 
-def describe_source(source: str | os.PathLike, checkpoint: str | None = None) -> tuple[str, int]:
-    """`(condition, resolution)` of a run or export, read cheaply from its config (no weights loaded)."""
+def load_composed(
+    sources: Sequence[str], checkpoint: str | None = None, model_path: str | None = None
+) -> ControlledModel:
+    """Several runs composed on their common backbone (`src.models.multi`)."""
+    from src.models.multi import compose_runs
+
+    if checkpoint is not None and len(sources) > 1:
+        raise ConfigError("checkpoint= names one run's checkpoint: pass each run as <run>/checkpoints/<file>")
+    composed = compose_runs([load_run(source, checkpoint, model_path) for source in sources])
+    m = composed.module
+    scheduler = make_scheduler("ddim", m.noise_scheduler.config)
+    pipe = build_pipeline(m.unet, m.vae, m.text_encoder, m.tokenizer, scheduler, **m.second_text_encoder())
+    encoder = composed.encoder
+    return ControlledModel(pipe, encoder, encoder.condition, composed.resolution, m.noise_scheduler.config)
+
+
+def describe_source(
+    source: str | os.PathLike | Sequence[str], checkpoint: str | None = None
+) -> tuple[str, int]:
+    """`(condition, resolution)` of a run or export, read cheaply from its config (no weights loaded); of a
+    list of runs, their conditions joined (`canny+seg`) and the first one's resolution."""
+    if not isinstance(source, str | os.PathLike):
+        described = [describe_source(item, checkpoint) for item in source]
+        if not described:
+            raise ConfigError("run=[] names no run: give a run directory, or a list of runs to compose")
+        return "+".join(condition for condition, _ in described), described[0][1]
     if is_exported(source):
         config = json.loads((Path(source) / ENCODER_DIR / ENCODER_CONFIG).read_text())
         return config["condition"], int(config["resolution"])
@@ -112,3 +142,46 @@ def generate_images(
             )
         samples.append(torch.cat(batches))
     return torch.stack(samples, dim=1)
+
+
+def multi_inputs(
+    sources: Mapping[str, str] | str, condition: str, resolution: int, limit: int | None, strength: Any
+) -> tuple[list[ConditionInput], dict[str, float]]:
+    """Inputs for a model of several conditions from `condition.<name>=<source>` (each source as for one
+    condition) and the strength of each: `strength` (a number, or a mapping by name; default 1) for the
+    conditions given, 0 (not encoded) for the others. The conditions sit side by side, `[3k, H, W]`."""
+    names = condition.split("+")
+    if isinstance(sources, str | os.PathLike):  # shards holding every condition's member
+        path = Path(sources).expanduser()
+        if path.is_file() and path.suffix.lower() != ".tar" or path.is_dir() and not any(path.glob("*.tar")):
+            raise ConfigError(
+                f"condition '{sources}' is one image source but this model reads {names}: give "
+                + " ".join(f"condition.{name}=<image, folder or shards>" for name in names)
+            )
+        return collect_inputs(str(sources), condition, resolution, limit), strength
+    unknown = sorted(set(sources) - set(names))
+    if unknown or not sources:
+        raise ConfigError(
+            f"condition.{unknown[0] if unknown else '<name>'}: this model reads {names}; give "
+            + " ".join(f"condition.{name}=<image, folder or shards>" for name in names)
+        )
+    given = {
+        name: collect_inputs(str(sources[name]), name, resolution, limit) for name in names if name in sources
+    }
+    counts = {name: len(items) for name, items in given.items()}
+    if len(set(counts.values())) > 1:
+        raise ConfigError(f"the conditions have different numbers of images {counts}: give as many of each")
+    first = next(iter(given.values()))
+    inputs = []
+    for i, item in enumerate(first):
+        blank = torch.zeros_like(item.condition)
+        stacked = torch.cat([given[name][i].condition if name in given else blank for name in names])
+        caption = next((given[n][i].caption for n in given if given[n][i].caption is not None), None)
+        inputs.append(ConditionInput(item.key, stacked, caption, item.target, item.labels))
+    per_name = strength if isinstance(strength, Mapping) else {}
+    unknown = sorted(set(per_name) - set(names))
+    if unknown:
+        raise ConfigError(f"sampling.strength.{unknown[0]}: this model's conditions are {names}")
+    default = 1.0 if isinstance(strength, Mapping) else float(strength)
+    strengths = {name: float(per_name.get(name, default)) if name in given else 0.0 for name in names}
+    return inputs, strengths

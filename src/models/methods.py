@@ -39,6 +39,7 @@ from torch import nn
 
 from src.errors import ConfigError
 from src.models.control import ControlEncoder, _broadcast_to_batch, control_injection
+from src.models.multi import MultiEncoder, is_multi, split_condition
 from src.oft import OFTConfig, inject_oft, oft_parameter_count, project_coft_
 from src.oft.inject import target_layers
 
@@ -80,6 +81,17 @@ class Method:
     # ------------------------------------------------------------------------------------ building
     def check(self, unet_skeleton: nn.Module, oft: OFTConfig) -> None:
         """Fail before weights load if the method cannot adapt this UNet layout (built on the meta device)."""
+
+    #: whether a task of several conditions (`canny+seg`) trains: one control encoder per condition
+    multi_condition: ClassVar[bool] = False
+
+    def check_condition(self, condition: str) -> None:
+        """Refuse (one line) a task of several conditions for a method that reads one condition image."""
+        if is_multi(condition) and not self.multi_condition:
+            raise ConfigError(
+                f"method={self.name} reads one condition but task.condition is '{condition}': train it on one "
+                "condition, or use oft_control, encoder_only, lora or full_finetune (one encoder per condition)"
+            )
 
     def build(self, module: OFTControlModule) -> list[str]:
         """Add the trainable parts to `module` (whose `unet` is the frozen backbone UNet); returns the names of
@@ -158,13 +170,20 @@ class EncoderOnly(Method):
 
     name = "encoder_only"
 
+    multi_condition = True
+
     def build(self, module: OFTControlModule) -> list[str]:
         self.unet = module.unet
         adapted = self.adapt(module)
-        encoder = ControlEncoder(
-            module.unet.conv_in.out_channels, module.vae_scale_factor, module.encoder_channels
-        )
-        self.encoder = self._attach(module, "encoder", encoder)
+
+        def encoder() -> ControlEncoder:
+            return ControlEncoder(
+                module.unet.conv_in.out_channels, module.vae_scale_factor, module.encoder_channels
+            )
+
+        names = split_condition(module.condition)  # several: one encoder each (src.models.multi)
+        control = MultiEncoder({name: encoder() for name in names}) if len(names) > 1 else encoder()
+        self.encoder = self._attach(module, "encoder", control)
         return adapted
 
     def adapt(self, module: OFTControlModule) -> list[str]:

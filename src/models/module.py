@@ -18,6 +18,7 @@ from src.models.checkpoint import CHECKPOINT_META, check_identity, checkpoint_id
 from src.models.latents import LatentCache, sample_latents
 from src.models.memory import MemoryOptions, apply_memory_options
 from src.models.methods import Method, OFTControl
+from src.models.multi import condition_keep, split_condition
 from src.models.sampling import SamplingOptions, build_pipeline, make_scheduler, sample_controlled
 from src.oft import OFTConfig
 
@@ -62,6 +63,10 @@ class OFTControlModule(pl.LightningModule):
             default OFT-Control), recorded in the checkpoint identity.
         latent_cache_mb: keep the frozen VAE's posterior of each distinct training image, up to this many
             megabytes, so a CPU run does not re-encode an image it has seen (`src.models.latents`; 0: off).
+        condition_dropout: with several conditions (`task.condition: canny+seg`), the probability that
+            training drops each condition of each sample (its embedding left out), so that any subset of
+            the conditions works at inference (`src.models.multi`); a condition missing from a sample is
+            dropped too. Unused with one condition.
     """
 
     def __init__(
@@ -79,9 +84,13 @@ class OFTControlModule(pl.LightningModule):
         condition: str | None = None,
         method: Method | None = None,
         latent_cache_mb: float = 0.0,
+        condition_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         self.condition = condition
+        if not 0.0 <= condition_dropout < 1.0:
+            raise ConfigError(f"module.condition_dropout {condition_dropout} is not a probability in [0, 1)")
+        self.condition_names, self.condition_dropout = split_condition(condition), condition_dropout
         self.latent_cache = LatentCache(latent_cache_mb)
         if not 0.0 <= caption_dropout <= 1.0:
             raise ConfigError(f"caption_dropout {caption_dropout} is not a probability in [0, 1]")
@@ -183,9 +192,13 @@ class OFTControlModule(pl.LightningModule):
         noise: torch.Tensor | None = None,
         timesteps: torch.Tensor | None = None,
         captions: Sequence[str] | None = None,
+        strength: Any = None,
     ) -> torch.Tensor:
         """MSE between the UNet's prediction, with the method's control, and the scheduler's target (epsilon or
-        v), at `timesteps` or ones drawn by `sample_timesteps` (the rule `timestep_sampling` names)."""
+        v), at `timesteps` or ones drawn by `sample_timesteps` (the rule `timestep_sampling` names).
+
+        `strength` scales the control (per condition with several: `[B, k]`); by default 1, or with several
+        conditions the batch's `present` mask."""
         latents = self.encode_images(batch["image"])
         noise = torch.randn_like(latents) if noise is None else noise
         if timesteps is None:
@@ -193,7 +206,9 @@ class OFTControlModule(pl.LightningModule):
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         size = batch["image"].shape[-2:]
         text, extra = self.text_conditioning(batch["caption"] if captions is None else captions, size)
-        with self.method.inject(self.unet, batch["condition"].to(latents.dtype)):
+        if strength is None:
+            strength = self.condition_strengths(batch, dropout=0.0)
+        with self.method.inject(self.unet, batch["condition"].to(latents.dtype), strength):
             prediction = self.unet(noisy, timesteps, encoder_hidden_states=text, **extra).sample
         return F.mse_loss(prediction.float(), self.diffusion_target(latents, noise, timesteps).float())
 
@@ -217,8 +232,17 @@ class OFTControlModule(pl.LightningModule):
         raise ConfigError(f"prediction_type '{kind}' is not supported; use epsilon or v_prediction")
 
     # ----------------------------------------------------------------------------------- lightning
+    def condition_strengths(self, batch: dict[str, Any], dropout: float) -> Any:
+        """1 with one condition; with several, `[B, k]`: present in the sample and not dropped (`dropout`)."""
+        if len(self.condition_names) < 2:
+            return 1.0
+        count = len(batch["caption"])
+        present = batch.get("present")
+        return condition_keep(present, count, len(self.condition_names), dropout, self.device)
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
-        loss = self.diffusion_loss(batch, captions=self.drop_captions(batch["caption"]))
+        strength = self.condition_strengths(batch, self.condition_dropout)
+        loss = self.diffusion_loss(batch, captions=self.drop_captions(batch["caption"]), strength=strength)
         if not self.loss_is_finite(loss):
             return None  # no backward: the optimizer step finds no gradients and changes nothing
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["caption"]))

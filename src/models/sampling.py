@@ -30,7 +30,9 @@ class SamplingOptions:
     num_inference_steps: int | None = None  # None: 50 for DDIM, 20 for UniPC, else 50
     guidance_scale: float = 9.0
     negative_prompt: str | None = None
-    strength: float = 1.0  # scales the control embedding; 0 switches the control off
+    # scales the control embedding; 0 switches the control off. With several conditions a mapping by
+    # condition name (`sampling.strength.canny=1.0`): src.models.multi
+    strength: float | dict[str, float] = 1.0
     seed: int = 0
     num_samples: int = 1
     batch_size: int = 4
@@ -43,7 +45,8 @@ class SamplingOptions:
         ):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not math.isfinite(self.strength) or not math.isfinite(self.guidance_scale):
+        strengths = self.strength.values() if isinstance(self.strength, Mapping) else [self.strength]
+        if not all(math.isfinite(float(v)) for v in strengths) or not math.isfinite(self.guidance_scale):
             raise ConfigError(
                 f"strength {self.strength} and guidance_scale {self.guidance_scale} must be finite"
             )
@@ -115,7 +118,7 @@ def sample_controlled(
     num_inference_steps: int = 50,
     guidance_scale: float = 9.0,
     negative_prompt: str | Sequence[str] | None = None,
-    strength: float = 1.0,
+    strength: float | Mapping[str, float] = 1.0,
     generator: torch.Generator | None = None,
     on_step: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
