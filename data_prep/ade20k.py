@@ -10,6 +10,10 @@ ADE20K palette, as ControlNet's segmentation condition; label 0 is black) and ``
 class indices, for evaluation). ``training`` goes to the ``train`` split, ``validation`` to ``val``.
 With ``--resolution R`` image and labels are resized (shorter side to R; labels nearest-neighbour)
 and centre cropped before the colour map is made, so ``seg.png == palette[seglabel.png]`` exactly.
+With ``--canny`` every sample also gets ``canny.png``: the COCO converter's edge map (``cv2.Canny``,
+thresholds 100, 200 on the grayscale image unless ``--canny-low/--canny-high/--canny-on`` say otherwise,
+``src.data.annotators.canny_edges``) of the stored RGB array before JPEG encoding, so one sample serves
+the ``canny``, ``seg`` and ``canny+seg`` tasks.
 
 Captions come from ``--captions`` (a JSON file or a folder of ``{stem}.txt``, see
 ``data_prep.captions``) when it has the image, else from the classes present, largest first
@@ -17,6 +21,7 @@ Captions come from ``--captions`` (a JSON file or a folder of ``{stem}.txt``, se
 images/annotations and size mismatches are skipped and counted by reason.
 
     python -m data_prep.ade20k --root DIR/ADEChallengeData2016 --out shards/ade20k-seg --resolution 512
+    python -m data_prep.ade20k --root DIR/ADEChallengeData2016 --out shards/ade20k-canny-seg --canny
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from data_prep.captions import captions_digest, captions_for, load_captions
 from data_prep.images import load_labels, load_rgb
 from data_prep.shards import SourceItem, add_writer_args, print_summary, write_dataset
 from src.data import palette, schema
+from src.data.annotators import CANNY_HIGH, CANNY_LOW, canny_edges
 from src.data.transforms import resize_center_crop
 from src.errors import ConfigError, MissingInputError, run_cli
 
@@ -53,10 +59,27 @@ class AdeImage:
 
 @dataclass(frozen=True)
 class SegOptions:
-    """Conversion settings, stored in the shards' fingerprint."""
+    """Conversion settings, stored in the shards' fingerprint.
+
+    ``canny``: also write ``canny.png`` (``canny_edges`` of the stored image with ``canny_low``,
+    ``canny_high`` and ``canny_on``, the COCO converter's defaults); without it the canny settings stay
+    out of the fingerprint, so segmentation-only shards are the same as before the option existed.
+    """
 
     resolution: int | None = None
     max_caption_classes: int = 6
+    canny: bool = False
+    canny_low: int = CANNY_LOW
+    canny_high: int = CANNY_HIGH
+    canny_on: str = "gray"
+
+    def settings(self) -> dict[str, Any]:
+        """The settings that make the shards: the canny ones only with ``canny``."""
+        settings = asdict(self)
+        if not self.canny:
+            for name in ("canny", "canny_low", "canny_high", "canny_on"):
+                del settings[name]
+        return settings
 
 
 def load_ade20k_items(
@@ -95,7 +118,8 @@ def annotate_seg(rgb: np.ndarray, labels: np.ndarray, options: SegOptions) -> tu
 
 
 def make_seg_sample(item: SourceItem, options: SegOptions) -> dict[str, bytes]:
-    """Schema members (jpg, txt, json, seg.png, seglabel.png) of one ADE20K image."""
+    """Schema members (jpg, txt, json, seg.png, seglabel.png, with ``options.canny`` canny.png) of one
+    ADE20K image."""
     info: AdeImage = item.payload
     rgb, labels, seg = annotate_seg(load_rgb(info.image), load_labels(info.annotation), options)
     captions = info.captions or (palette.classes_caption(labels, options.max_caption_classes),)
@@ -113,12 +137,20 @@ def make_seg_sample(item: SourceItem, options: SegOptions) -> dict[str, bytes]:
         "palette": "ade20k (controlnet-aux ade_palette), label k -> palette[k-1], 0 -> black",
         "schema_version": schema.SCHEMA_VERSION,
     }
+    members = {
+        schema.SEG: schema.encode_member(schema.SEG, seg),
+        schema.SEGLABEL: schema.encode_member(schema.SEGLABEL, labels),
+    }
+    if options.canny:
+        edges = canny_edges(rgb, options.canny_low, options.canny_high, on=options.canny_on)
+        schema.check_same_size(rgb, {schema.CANNY: edges})
+        meta["canny"] = {"low": options.canny_low, "high": options.canny_high, "on": options.canny_on}
+        members = {schema.CANNY: schema.encode_member(schema.CANNY, edges), **members}
     return {
         schema.IMAGE: schema.encode_member(schema.IMAGE, rgb),
         schema.CAPTION: schema.encode_member(schema.CAPTION, captions[0]),
         schema.META: schema.encode_member(schema.META, meta),
-        schema.SEG: schema.encode_member(schema.SEG, seg),
-        schema.SEGLABEL: schema.encode_member(schema.SEGLABEL, labels),
+        **members,
     }
 
 
@@ -134,11 +166,12 @@ def convert(
     options: SegOptions | None = None,
     overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Convert ADE20K to segmentation shards in ``out``; return the summary dict."""
+    """Convert ADE20K to segmentation shards (with ``options.canny`` also canny) in ``out``; return the
+    summary dict."""
     options = options or SegOptions()
     texts = load_captions(captions)
     items = load_ade20k_items(root, texts, folders)
-    settings = {"annotator": "ade20k_palette", "captions_sha1": captions_digest(texts), **asdict(options)}
+    settings = {"annotator": "ade20k_palette", "captions_sha1": captions_digest(texts), **options.settings()}
     return write_dataset(
         items,
         partial(make_seg_sample, options=options),
@@ -164,6 +197,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--root", required=True, help="the ADEChallengeData2016 folder")
     parser.add_argument("--captions", default=None, help="JSON file or folder of {stem}.txt captions")
     parser.add_argument("--folders", default="training,validation", help="comma-separated folders")
+    parser.add_argument(
+        "--canny", action="store_true", help="also write canny.png (for the canny and canny+seg tasks)"
+    )
+    parser.add_argument("--canny-low", type=int, default=CANNY_LOW)
+    parser.add_argument("--canny-high", type=int, default=CANNY_HIGH)
+    parser.add_argument(
+        "--canny-on",
+        choices=("gray", "rgb"),
+        default="gray",
+        help="run Canny on the grayscale image (default) or the RGB image (ControlNet)",
+    )
     return parser
 
 
@@ -179,7 +223,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         max_samples=args.max_samples,
         workers=args.workers,
         shard_size=args.shard_size,
-        options=SegOptions(resolution=args.resolution),
+        options=SegOptions(
+            resolution=args.resolution,
+            canny=args.canny,
+            canny_low=args.canny_low,
+            canny_high=args.canny_high,
+            canny_on=args.canny_on,
+        ),
         overwrite=args.overwrite,
     )
     print_summary(summary)

@@ -13,14 +13,19 @@ Nothing is downloaded: photos and textures are read from scikit-image's package 
 
 - ``seg``: ADEChallengeData2016 layout of toy-world scenes with exact shape classes (1 circle, 2 square,
   3 triangle) and their captions (1024 training + 64 validation) -> ``ROOT/seg/``.
+- ``canny+seg`` (joint multi-condition training): the same ADEChallengeData2016 layout (one folder
+  shared with ``seg``), converted with ``canny=True`` -> ``ROOT/canny+seg/``, whose samples carry both
+  ``canny.png`` and ``seg.png``.
 - ``landmarks``: a face folder of variants of ``astronaut.png`` plus two photos without a face
   (``data_prep.demo_faces``) -> ``ROOT/landmarks/`` (the two are skipped as ``no_face``).
 
 Source layouts live under the source's name, shards under the task's name (``ROOT/{task}``, as
 ``conf/data/demo.yaml`` expects). ``build_demo`` returns the shard folder; a second call finds
-everything in place and returns at once.
+everything in place and returns at once. When a layout is rewritten (another size), every shard folder
+made from it is marked stale (``.demo-stale``) and rewritten on its next build.
 
     python -m data_prep.demo --task canny --root DIR
+    python -m data_prep.demo --task canny+seg --root DIR
 """
 
 from __future__ import annotations
@@ -46,14 +51,27 @@ TOY_TRAIN, TOY_VAL, TOY_SEED = 1024, 64, 100
 DEFAULT_ROOT = Path(os.environ.get("OFT_CONTROL_CACHE", "~/.cache/oft-control")) / "data" / "demo"
 
 
-def _ensure_layout(folder: Path, write: Callable[[Path], object], version: str = str(DEMO_VERSION)) -> bool:
+STALE = ".demo-stale"
+
+
+def _ensure_layout(
+    folder: Path,
+    write: Callable[[Path], object],
+    version: str = str(DEMO_VERSION),
+    outs: tuple[Path, ...] = (),
+) -> bool:
     """Write a source layout unless a complete one of this version is there; True if (re)written.
 
-    A marker file is written last, so an interrupted build is redone from scratch.
+    A marker file is written last, so an interrupted build is redone from scratch. ``outs``: the shard
+    folders converted from this layout (several tasks may share one); before a rewrite each existing one
+    is marked stale (:func:`_stale`), so each is rewritten on its own next build.
     """
     marker = folder / ".demo-version"
     if marker.exists() and marker.read_text(encoding="utf-8").strip() == version:
         return False
+    for out in outs:
+        if out.is_dir():
+            (out / STALE).write_text(version, encoding="utf-8")
     shutil.rmtree(folder, ignore_errors=True)
     write(folder)
     marker.write_text(version, encoding="utf-8")
@@ -94,23 +112,45 @@ def _build_canny(root: Path, size: ToySize = ToySize()) -> Path:
     return out
 
 
-def _build_seg(root: Path, size: ToySize = ToySize()) -> Path:
-    """ADE20K layout of toy scenes -> segmentation shards through ``data_prep.ade20k.convert``."""
-    source, out = root / "ADEChallengeData2016", root / "seg"
+def _stale(out: Path) -> bool:
+    """Whether ``out`` was converted from an earlier version of a (shared) layout that was since rewritten."""
+    return (out / STALE).exists()
+
+
+#: the tasks converted from the toy ADE20K layout (``ROOT/ADEChallengeData2016``, one folder for both).
+ADE20K_TASKS = ("seg", "canny+seg")
+
+
+def _build_ade20k(root: Path, size: ToySize, task: str) -> Path:
+    """ADE20K layout of toy scenes (shared by :data:`ADE20K_TASKS`) -> ``ROOT/{task}`` shards through
+    ``data_prep.ade20k.convert``, with ``canny.png`` for ``canny+seg``."""
+    source, out = root / "ADEChallengeData2016", root / task
     rebuilt = _ensure_layout(
         source,
         lambda folder: toy_world.write_ade20k_layout(folder, size.train, size.val, TOY_SEED, DEMO_RESOLUTION),
         size.version(),
+        outs=tuple(root / name for name in ADE20K_TASKS),
     )
     ade20k.convert(
         source,
         out,
         captions=source / "captions.json",
         shard_size=size.shard_size,
-        options=ade20k.SegOptions(resolution=DEMO_RESOLUTION),
-        overwrite=rebuilt,
+        options=ade20k.SegOptions(resolution=DEMO_RESOLUTION, canny=task == "canny+seg"),
+        overwrite=rebuilt or _stale(out),
     )
+    (out / STALE).unlink(missing_ok=True)
     return out
+
+
+def _build_seg(root: Path, size: ToySize = ToySize()) -> Path:
+    """ADE20K layout of toy scenes -> segmentation shards through ``data_prep.ade20k.convert``."""
+    return _build_ade20k(root, size, "seg")
+
+
+def _build_canny_seg(root: Path, size: ToySize = ToySize()) -> Path:
+    """The same ADE20K layout -> shards with ``canny.png`` and ``seg.png`` (task condition ``canny+seg``)."""
+    return _build_ade20k(root, size, "canny+seg")
 
 
 def _build_landmarks(root: Path, size: ToySize = ToySize()) -> Path:
@@ -132,6 +172,7 @@ def _build_landmarks(root: Path, size: ToySize = ToySize()) -> Path:
 BUILDERS: dict[str, Callable[[Path, ToySize], Path]] = {
     "canny": _build_canny,
     "seg": _build_seg,
+    "canny+seg": _build_canny_seg,
     "landmarks": _build_landmarks,
 }
 
@@ -158,9 +199,9 @@ def build_demo(
     """Build (once) the demo dataset for ``task`` under ``root``; return its shard folder.
 
     The folder holds ``train-*.tar``, ``val-*.tar`` and ``summary.json``. Idempotent and offline.
-    ``train_scenes``, ``val_scenes`` and ``shard_size`` size the toy-world demos (canny, seg; e.g. 16384
-    training scenes and two validation shards of 64 for ``benchmarks.controllability``); a root built at
-    another size is rebuilt. The landmark demo has one size.
+    ``train_scenes``, ``val_scenes`` and ``shard_size`` size the toy-world demos (canny, seg, canny+seg;
+    e.g. 16384 training scenes and two validation shards of 64 for ``benchmarks.controllability``); a root
+    built at another size is rebuilt. The landmark demo has one size.
     """
     if task not in BUILDERS:
         raise ValueError(f"no demo data for task {task!r}; supported: {sorted(BUILDERS)}")

@@ -7,6 +7,12 @@ Batches as the model and callbacks see them (after the transfer to the device) a
      "caption": list[str], "key": list[str],
      "data_counts": dict[str, int]}              # events since this worker's previous batch
 
+A multi condition (``condition="canny+seg"``, ``src.data.schema.condition_names``) stacks one 3-channel
+block per name, in the order of the names: ``condition`` is float32 ``[B, 3k, H, W]`` (uint8 ``[B, 3k, H,
+W]`` from the loaders), and the batch carries ``"present"``: bool ``[B, k]``, True where the sample had
+that condition's member (a missing one is zeros; a sample with none is skipped as ``missing_condition``).
+Single-condition batches have no ``present``.
+
 The loaders themselves yield the compact form: ``image`` uint8 ``[B, 3, H, W]`` and ``condition``
 uint8 ``[B, C, H, W]`` (C = 1 for canny, 3 for seg/landmarks), stored channels-last, the other fields
 as above. :meth:`ShardDataModule.on_after_batch_transfer` converts them on the device with
@@ -56,12 +62,13 @@ from src.errors import ConfigError
 
 
 class ShardDataModule(pl.LightningDataModule):
-    """Streams webdataset shards for one task condition.
+    """Streams webdataset shards for one task condition (or several, ``"canny+seg"``).
 
     Args:
         train_shards: shard spec (brace pattern, glob, directory, ``pipe:`` URL, or a list of these).
         val_shards: same for validation, or None for no validation loader.
-        condition: ``"canny"``, ``"seg"`` or ``"landmarks"`` (see ``src.data.schema.CONDITIONS``).
+        condition: ``"canny"``, ``"seg"`` or ``"landmarks"`` (see ``src.data.schema.CONDITIONS``), or
+            several joined by ``+`` (``"canny+seg"``: a multi condition, see above).
         resolution: side of the square crops.
         batch_size / val_batch_size: per-rank batch sizes.
         num_workers: DataLoader worker processes (0 reads in the main process).
@@ -72,7 +79,8 @@ class ShardDataModule(pl.LightningDataModule):
         seed: base seed of shard resampling, shuffling and augmentation.
         prepare: called once in ``prepare_data()`` (e.g. the demo builder that ``conf/data/demo.yaml`` names).
         random_flip: horizontal flip of target and condition together during training (ignored for
-            ``landmarks``, whose left/right colours a mirror would swap).
+            ``landmarks``, whose left/right colours a mirror would swap, and for a multi condition
+            that holds it).
         root: folder that relative local shard specs are resolved against (absolute specs and
             ``pipe:`` URLs are used as given); None resolves against the working directory.
         max_member_bytes / max_image_pixels / max_caption_chars: what one sample may cost
@@ -101,7 +109,7 @@ class ShardDataModule(pl.LightningDataModule):
         max_caption_chars: int = schema.MAX_CAPTION_CHARS,
     ) -> None:
         super().__init__()
-        schema.condition_spec(condition)
+        schema.condition_names(condition)
         self.limits = schema.Limits(max_member_bytes, max_image_pixels, max_caption_chars)
         for name, value in (
             ("resolution", resolution),

@@ -8,6 +8,7 @@ Two kinds of events are counted by reason:
   | reason               | cause                                                                  |
   |----------------------|------------------------------------------------------------------------|
   | ``missing_<member>`` | the sample lacks ``jpg``, ``txt`` or the task's condition              |
+  | ``missing_condition``| a multi-condition sample (``canny+seg``) with none of its conditions   |
   | ``truncated_image``  | a JPEG/PNG member without its end marker (cut-off bytes)               |
   | ``undecodable_image``| image bytes that cv2 cannot decode, or without a header giving a size  |
   | ``empty_member``     | a zero-byte image or json member                                       |
@@ -29,9 +30,11 @@ Two kinds of events are counted by reason:
   ``src.data.reader.ShardReader`` from the tar headers, before a byte of the sample is read.
 
 - **notes** keep the sample: ``empty_caption`` (an empty prompt is legitimate training data:
-  ControlNet-style training drops captions on purpose, and the module does too) and
+  ControlNet-style training drops captions on purpose, and the module does too),
   ``unexpected_member`` (a tar member outside the schema, e.g. ``.pyd``/``.pickle``: never read,
-  never unpickled; the sample's schema members are used as usual).
+  never unpickled; the sample's schema members are used as usual) and ``partial_condition`` (a
+  multi-condition sample that lacks some, not all, of its conditions: they are zeros and
+  ``batch["present"]`` says which).
 
 A shard-level event counts once, although it may cost many samples (webdataset may also report one
 broken tar twice), so the skip fraction of broken shards is a lower bound.
@@ -64,6 +67,7 @@ SKIPPED = "skipped/"
 NOTED = "noted/"
 EMPTY_CAPTION = "empty_caption"
 UNEXPECTED_MEMBER = "unexpected_member"
+PARTIAL_CONDITION = "partial_condition"
 
 
 class DataHealthError(DataError):
@@ -149,8 +153,8 @@ class SkipCounter:
         return pending
 
     def attach(self, batches: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        """Pipeline stage after batching: count the batch's samples and empty captions, then
-        ``batch["data_counts"] = take()``.
+        """Pipeline stage after batching: count the batch's samples, empty captions and (multi
+        condition) samples with some conditions missing, then ``batch["data_counts"] = take()``.
 
         Counting delivered samples here (not at decoding) keeps ``decoded`` exact per batch: the
         batcher reads one sample ahead, and samples of a dropped incomplete last batch are not counted.
@@ -161,5 +165,9 @@ class SkipCounter:
             for key, caption in zip(batch["key"], batch["caption"], strict=True):
                 if not caption.strip():
                     self.note(EMPTY_CAPTION, key)
+            if "present" in batch:
+                for key, row in zip(batch["key"], batch["present"].tolist(), strict=True):
+                    if not all(row):
+                        self.note(PARTIAL_CONDITION, f"{key}: present {row}")
             batch[COUNTS_KEY] = self.take()
             yield batch

@@ -166,6 +166,14 @@ class SampleDecoder:
     member's channels (1 for canny, 3 for seg/landmarks); both are views of the decoded HWC arrays
     (no copy). :func:`to_model_inputs` makes the model's float inputs of them. ``limits`` bound the
     pixels of every image and the length of the caption (and, in the reader, the bytes of every member).
+
+    A **multi condition** (``"canny+seg"``, :func:`src.data.schema.condition_names`) decodes every
+    member present, each resized with its own spec's interpolation, cropped with the image's crop and
+    made 3 channels (a 1-channel map repeated), and stacks them along channels in the order of the
+    names: ``condition`` is uint8 ``[3k, H, W]`` and the sample gains ``present``, a bool ``[k]`` that is
+    True where the member was in the sample. A missing member is zeros; a sample with none of them is
+    skipped (``missing_condition``); a size mismatch of any member is ``size_mismatch``; the flip is
+    drawn only when every condition is ``flippable``. A single condition never carries ``present``.
     """
 
     def __init__(
@@ -177,7 +185,11 @@ class SampleDecoder:
         seed: int,
         limits: schema.Limits = schema.LIMITS,
     ) -> None:
-        self.spec = schema.condition_spec(condition)
+        self.names = schema.condition_names(condition)
+        self.specs = [schema.condition_spec(name) for name in self.names]
+        self.multi = len(self.specs) > 1
+        self.spec = self.specs[0]
+        self.flippable = all(spec.flippable for spec in self.specs)
         self.resolution, self.train, self.random_flip, self.seed = resolution, train, random_flip, seed
         self.limits = limits
         self._rng: np.random.Generator | None = None
@@ -199,31 +211,94 @@ class SampleDecoder:
             raise schema.SampleError("size_mismatch", f"{sample['__key__']}: {image.shape} vs {cond.shape}")
         return image, cond, caption
 
+    def _multi_members(self, sample: dict[str, Any]) -> tuple[np.ndarray, list[np.ndarray | None], str]:
+        """Image, the decoded condition of every name (None where its member is missing) and the caption."""
+        for member in (schema.IMAGE, schema.CAPTION):
+            if member not in sample:
+                raise schema.SampleError(f"missing_{member}", f"sample {sample.get('__key__')}")
+        if not any(spec.member in sample for spec in self.specs):
+            members = [spec.member for spec in self.specs]
+            raise schema.SampleError(
+                "missing_condition", f"sample {sample.get('__key__')} has none of {members}"
+            )
+        caption = schema.decode_member(schema.CAPTION, sample[schema.CAPTION], self.limits)
+        image = schema.decode_member(schema.IMAGE, sample[schema.IMAGE], self.limits)
+        conds: list[np.ndarray | None] = []
+        for spec in self.specs:
+            if spec.member not in sample:
+                conds.append(None)
+                continue
+            cond = schema.decode_member(spec.member, sample[spec.member], self.limits)
+            if image.shape[:2] != cond.shape[:2]:
+                raise schema.SampleError(
+                    "size_mismatch", f"{sample['__key__']}: {image.shape} vs {spec.member} {cond.shape}"
+                )
+            conds.append(cond)
+        return image, conds, caption
+
+    def _offsets(self, height: int, width: int) -> tuple[int, int, bool]:
+        """(top, left) of the crop and whether to mirror: the random draws of one sample, in their order."""
+        size = self.resolution
+        rng = self._generator() if self.train else None
+        top, left = random_offsets(height, width, size, rng) if rng else center_offsets(height, width, size)
+        mirror = rng is not None and self.random_flip and self.flippable and rng.random() < 0.5
+        return top, left, mirror
+
     def crops(self, sample: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, str, bool]:
         """Decoded, resized and cropped ``image`` and ``condition`` (HWC views when no resize is needed,
         the condition with its channel axis), the caption, and whether the pair is to be mirrored: all
-        but the one copy that :class:`DecodeBatches` makes into a batch (``__call__`` into a sample)."""
+        but the one copy that :class:`DecodeBatches` makes into a batch (``__call__`` into a sample).
+        A multi condition's ``condition`` is its ``[H, W, 3k]`` stack (see :meth:`crops_present`)."""
+        return self.crops_present(sample)[:4]
+
+    def crops_present(
+        self, sample: dict[str, Any]
+    ) -> tuple[np.ndarray, np.ndarray, str, bool, np.ndarray | None]:
+        """:meth:`crops` plus, for a multi condition, the bool ``[k]`` of the members present (else None)."""
+        if self.multi:
+            return self._multi_crops(sample)
         image, cond, caption = self._members(sample)
         size = self.resolution
         image, cond = resize_shorter(image, size), resize_shorter(cond, size, self.spec.interpolation)
-        height, width = image.shape[:2]
-        rng = self._generator() if self.train else None
-        top, left = random_offsets(height, width, size, rng) if rng else center_offsets(height, width, size)
-        mirror = rng is not None and self.random_flip and self.spec.flippable and rng.random() < 0.5
+        top, left, mirror = self._offsets(*image.shape[:2])
         image, cond = crop(image, top, left, size), crop(cond, top, left, size)
-        return image, cond if cond.ndim == 3 else cond[..., None], caption, mirror
+        return image, cond if cond.ndim == 3 else cond[..., None], caption, mirror, None
+
+    def _multi_crops(self, sample: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, str, bool, np.ndarray]:
+        image, conds, caption = self._multi_members(sample)
+        size = self.resolution
+        image = resize_shorter(image, size)
+        top, left, mirror = self._offsets(*image.shape[:2])
+        image = crop(image, top, left, size)
+        stack = np.zeros((*image.shape[:2], 3 * len(conds)), np.uint8)
+        for index, (cond, spec) in enumerate(zip(conds, self.specs, strict=True)):
+            if cond is not None:
+                cond = crop(resize_shorter(cond, size, spec.interpolation), top, left, size)
+                stack[..., 3 * index : 3 * index + 3] = cond if cond.ndim == 3 else cond[..., None]
+        present = np.array([cond is not None for cond in conds], dtype=bool)
+        return image, stack, caption, mirror, present
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
-        image, cond, caption, mirror = self.crops(sample)
+        image, cond, caption, mirror, present = self.crops_present(sample)
         if mirror:
             image, cond = hflip(image), hflip(cond)
-        return {"image": _chw(image), "condition": _chw(cond), "caption": caption, "key": sample["__key__"]}
+        decoded = {
+            "image": _chw(image),
+            "condition": _chw(cond),
+            "caption": caption,
+            "key": sample["__key__"],
+        }
+        if present is not None:
+            decoded["present"] = torch.from_numpy(present)
+        return decoded
 
 
 class DecodeBatches:
     """Pipeline stage: raw samples -> uint8 batches, the same as ``collate([decoder(s) for s in ...])``
     bit for bit, with every sample's pixels copied once, straight into its slot of the batch (the
     mirror, when drawn, is done by that copy), instead of a flip copy and then a stacking copy.
+
+    A multi-condition decoder's batches also carry ``present``, bool ``[B, k]`` (see :class:`SampleDecoder`).
 
     Samples that fail to decode are counted by ``skips`` (its handler policy, as ``wds.map``); with
     ``partial`` an incomplete last batch is handed on, otherwise dropped. Like ``wds.batched``, a full
@@ -237,13 +312,13 @@ class DecodeBatches:
         self.decoder, self.batch_size, self.partial, self.skips = decoder, batch_size, partial, skips
 
     def __call__(self, samples: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        image = cond = None
+        image = cond = present = None
         captions: list[str] = []
         keys: list[str] = []
         full: dict[str, Any] | None = None
         for sample in samples:
             try:
-                pixels, cond_pixels, caption, mirror = self.decoder.crops(sample)
+                pixels, cond_pixels, caption, mirror, sample_present = self.decoder.crops_present(sample)
             except Exception as error:
                 self.skips(error)  # a skip reason: counted; anything else is raised
                 continue
@@ -251,8 +326,12 @@ class DecodeBatches:
             if image is None or cond is None:
                 image = np.empty((self.batch_size, *pixels.shape), np.uint8)
                 cond = np.empty((self.batch_size, *cond_pixels.shape), np.uint8)
+                if sample_present is not None:
+                    present = np.empty((self.batch_size, *sample_present.shape), bool)
             _copy_into(image[len(keys)], pixels, mirror)
             _copy_into(cond[len(keys)], cond_pixels, mirror)
+            if present is not None:
+                present[len(keys)] = sample_present
             del pixels, cond_pixels  # the decoded arrays go before the held batch is handed on
             captions.append(caption)
             keys.append(sample["__key__"])
@@ -260,13 +339,20 @@ class DecodeBatches:
                 yield full
                 full = None
             if len(keys) == self.batch_size:
-                full = _batch(image, cond, captions, keys)
-                image = cond = None
+                full = _batch(image, cond, captions, keys, present)
+                image = cond = present = None
                 captions, keys = [], []
         if full is not None:
             yield full
         if keys and self.partial and image is not None and cond is not None:
-            yield _batch(image[: len(keys)].copy(), cond[: len(keys)].copy(), captions, keys)
+            n = len(keys)
+            yield _batch(
+                image[:n].copy(),
+                cond[:n].copy(),
+                captions,
+                keys,
+                None if present is None else present[:n].copy(),
+            )
 
 
 def _copy_into(slot: np.ndarray, pixels: np.ndarray, mirror: bool) -> None:
@@ -277,14 +363,24 @@ def _copy_into(slot: np.ndarray, pixels: np.ndarray, mirror: bool) -> None:
         slot[...] = pixels
 
 
-def _batch(image: np.ndarray, cond: np.ndarray, captions: list[str], keys: list[str]) -> dict[str, Any]:
-    """A batch dict of ``[B, H, W, C]`` uint8 arrays (as :func:`collate` lays it out)."""
-    return {
+def _batch(
+    image: np.ndarray,
+    cond: np.ndarray,
+    captions: list[str],
+    keys: list[str],
+    present: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """A batch dict of ``[B, H, W, C]`` uint8 arrays (as :func:`collate` lays it out), with a multi
+    condition's ``present`` (bool ``[B, k]``) when given."""
+    batch = {
         "image": torch.from_numpy(image).permute(0, 3, 1, 2),
         "condition": torch.from_numpy(cond).permute(0, 3, 1, 2),
         "caption": captions,
         "key": keys,
     }
+    if present is not None:
+        batch["present"] = torch.from_numpy(present)
+    return batch
 
 
 def _chw(array: np.ndarray) -> torch.Tensor:
@@ -307,15 +403,19 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     strings as lists); the pipelines make the same batches with :class:`DecodeBatches`.
 
     ``image`` uint8 ``[B, 3, H, W]``, ``condition`` uint8 ``[B, C, H, W]``, both stored channels-last.
-    Only the four sample fields are batched; the pipeline's last stage (``SkipCounter.attach``) then
-    adds ``batch["data_counts"]``, which the module ignores and ``DataHealth`` reads.
+    Only the four sample fields are batched, and a multi condition's ``present`` (bool ``[B, k]``); the
+    pipeline's last stage (``SkipCounter.attach``) then adds ``batch["data_counts"]``, which the module
+    ignores and ``DataHealth`` reads.
     """
-    return {
+    batch = {
         "image": _stack_chw([s["image"] for s in samples]),
         "condition": _stack_chw([s["condition"] for s in samples]),
         "caption": [s["caption"] for s in samples],
         "key": [s["key"] for s in samples],
     }
+    if samples and "present" in samples[0]:
+        batch["present"] = torch.stack([s["present"] for s in samples])
+    return batch
 
 
 # ------------------------------------------------------------------------------ model inputs
@@ -331,17 +431,22 @@ def _levels(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return (levels / 127.5 - 1.0).to(device), (levels / 255.0).to(device)
 
 
-def _lookup(table: torch.Tensor, values: torch.Tensor, channels: int, name: str) -> torch.Tensor:
-    """Contiguous float32 ``table[values]`` of uint8 ``[..., C, H, W]``, one channel repeated to ``channels``."""
+def _lookup(
+    table: torch.Tensor, values: torch.Tensor, channels: int, name: str, stored: tuple[int, ...] | None = None
+) -> torch.Tensor:
+    """Contiguous float32 ``table[values]`` of uint8 ``[..., C, H, W]``, one channel repeated to ``channels``.
+
+    ``stored``: the channel counts ``C`` accepted (default ``(1, channels)``; a multi condition's
+    ``(3k,)``)."""
     if values.dtype != torch.uint8:
         raise TypeError(
             f"batch[{name!r}] is {values.dtype}, expected the uint8 that SampleDecoder/collate "
             "make: to_model_inputs converts a batch once"
         )
-    if values.ndim < 3 or values.shape[-3] not in (1, channels):
-        raise ValueError(
-            f"batch[{name!r}] has shape {tuple(values.shape)}; expected [..., 1 or {channels}, H, W]"
-        )
+    stored = stored or (1, channels)
+    if values.ndim < 3 or values.shape[-3] not in stored:
+        expected = " or ".join(str(c) for c in stored)
+        raise ValueError(f"batch[{name!r}] has shape {tuple(values.shape)}; expected [..., {expected}, H, W]")
     shape = (*values.shape[:-3], channels, *values.shape[-2:])
     index = values.expand(shape).to(torch.int32, memory_format=torch.contiguous_format)
     return table.index_select(0, index.view(-1)).view(shape)
@@ -354,7 +459,8 @@ def to_model_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
 
     - ``image``: float32 ``[..., 3, H, W]`` in [-1, 1], ``v / 127.5 - 1``;
     - ``condition``: float32 ``[..., 3, H, W]`` in [0, 1], ``v / 255``, a single channel (canny)
-      repeated to three;
+      repeated to three; for a multi condition (a batch with ``present``, bool ``[..., k]``) float32
+      ``[..., 3k, H, W]``, its uint8 ``condition`` having exactly ``3k`` channels (``present`` is kept);
 
     both contiguous and, on any device, bit-identical to ``v.float() / 127.5 - 1`` and ``v.float() / 255``
     computed on the CPU. ``ShardDataModule`` calls it after
@@ -362,10 +468,13 @@ def to_model_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
     Lightning calls it itself.
     """
     image_levels, condition_levels = _levels(batch["image"].device)
+    present = batch.get("present")
+    channels = 3 if present is None else 3 * present.shape[-1]
+    stored = None if present is None else (channels,)
     return {
         **batch,
         "image": _lookup(image_levels, batch["image"], 3, "image"),
-        "condition": _lookup(condition_levels, batch["condition"], 3, "condition"),
+        "condition": _lookup(condition_levels, batch["condition"], channels, "condition", stored),
     }
 
 

@@ -146,6 +146,33 @@ def condition_spec(condition: str) -> ConditionSpec:
     return CONDITIONS[condition]
 
 
+#: joins the names of a multi-condition task (``"canny+seg"``), in the order their channels are stacked.
+CONDITION_SEPARATOR = "+"
+
+
+def condition_names(condition: str) -> list[str]:
+    """The condition names of a task's ``condition``, in order: ``"canny"`` -> ``["canny"]``,
+    ``"canny+seg"`` -> ``["canny", "seg"]`` (a multi condition: one 3-channel block per name, in this order).
+
+    Raises a one-line ConfigError naming the bad value and the supported names for an unknown name, an
+    empty name (``""``, ``"canny+"``) or a name given twice (``"canny+canny"``).
+    """
+    hint = f"supported: {sorted(CONDITIONS)}, one or several joined by '+' (e.g. 'canny+seg')"
+    if not isinstance(condition, str):
+        raise ConfigError(f"condition must be a string, got {condition!r}; {hint}")
+    names = condition.split(CONDITION_SEPARATOR)
+    for name in names:
+        if not name.strip():
+            raise ConfigError(f"condition {condition!r} has an empty name; {hint}")
+        if name not in CONDITIONS:
+            within = f" in {condition!r}" if len(names) > 1 else ""
+            raise ConfigError(f"unknown condition {name!r}{within}; {hint}")
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise ConfigError(f"condition {condition!r} names {twice[0]!r} more than once; {hint}")
+    return names
+
+
 # ---------------------------------------------------------------------------------------------- keys
 def check_key(key: object) -> str:
     """Return ``key`` if it is a safe sample key, else raise ``SampleError('unsafe_key')``.
