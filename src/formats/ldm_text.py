@@ -1,4 +1,4 @@
-"""Text encoders in the original Stable Diffusion (LDM) layout: SD1's CLIP and SD2's OpenCLIP.
+"""Text encoders in the original Stable Diffusion (LDM) layout: SD1's CLIP, SD2's OpenCLIP and SDXL's pair.
 
 - SD1.x (CLIP ViT-L, `quick_gelu`): the transformers state dict under `cond_stage_model.transformer.text_model.`.
 - SD2.x (OpenCLIP ViT-H, `gelu`): `cond_stage_model.model.` with OpenCLIP's names: `token_embedding`,
@@ -7,7 +7,15 @@
   uses (the penultimate output of OpenCLIP's 24) and no `text_projection`: both are written as they are, the
   missing last block and projection being unused by SD2's penultimate-layer conditioning.
 
-Which one a `CLIPTextModel` is follows from its activation: CLIP ViT-L's `quick_gelu` against OpenCLIP's `gelu`.
+- SDXL (Stability's `sgm` layout): CLIP ViT-L (`text_encoder`, a `CLIPTextModel`) as transformers holds it under
+  `conditioner.embedders.0.transformer.text_model.`, OpenCLIP bigG (`text_encoder_2`, a
+  `CLIPTextModelWithProjection`) under `conditioner.embedders.1.model.` in OpenCLIP's names as above, all its
+  layers, plus `text_projection`: OpenCLIP multiplies `x @ text_projection`, so it is transformers'
+  `text_projection.weight` transposed (`[width, projection]`). No `logit_scale` (a text-only model has none;
+  the UNet does not read it).
+
+Which one a lone `CLIPTextModel` is follows from its activation: CLIP ViT-L's `quick_gelu` against OpenCLIP's
+`gelu`; in SDXL's pair the position says it.
 """
 
 from __future__ import annotations
@@ -19,6 +27,8 @@ from src.errors import ConfigError
 
 CLIP_PREFIX = "cond_stage_model.transformer."
 OPEN_CLIP_PREFIX = "cond_stage_model.model."
+XL_CLIP_PREFIX, XL_OPEN_CLIP_PREFIX = "conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."
+XL_CLASSES = ("CLIPTextModel", "CLIPTextModelWithProjection")
 OPEN_CLIP_FIXED = {
     "embeddings.token_embedding.weight": "token_embedding.weight",
     "embeddings.position_embedding.weight": "positional_embedding",
@@ -40,8 +50,22 @@ def check_text_encoder(model) -> None:
     if name != "CLIPTextModel":
         raise ConfigError(
             f"the backbone's text encoder has no original Stable Diffusion (LDM) layout: {name} (SD1.x and "
-            "SD2.x checkpoints hold a CLIPTextModel); single_file writes SD1/SD2-class backbones only, export "
-            "the diffusers/ folder instead"
+            "SD2.x checkpoints hold a CLIPTextModel); single_file writes SD1/SD2/SDXL-class backbones only, "
+            "export the diffusers/ folder instead"
+        )
+
+
+def check_text_encoders(model, model_2=None) -> None:
+    """Refuse (one line) text encoders with no LDM layout: SD1/SD2's one `CLIPTextModel`, or SDXL's pair
+    (`CLIPTextModel`, `CLIPTextModelWithProjection`)."""
+    if model_2 is None:
+        check_text_encoder(model)
+        return
+    names = (type(model).__name__, type(model_2).__name__)
+    if names != XL_CLASSES:
+        raise ConfigError(
+            f"the backbone's text encoders have no SDXL (LDM) layout: {', '.join(names)} (SDXL checkpoints "
+            f"hold {', '.join(XL_CLASSES)}); export the diffusers/ folder instead"
         )
 
 
@@ -56,11 +80,15 @@ def _flat(model) -> dict[str, Tensor]:
 
 
 def open_clip_state(model) -> dict[str, Tensor]:
-    """An SD2 text encoder in OpenCLIP's names (q, k, v stacked into `in_proj`), without prefix."""
+    """An SD2 (or SDXL's second) text encoder in OpenCLIP's names (q, k, v stacked into `in_proj`), without
+    prefix."""
     state, out = _flat(model), {}
     for key, value in state.items():
         if key in OPEN_CLIP_FIXED:
             out[OPEN_CLIP_FIXED[key]] = value
+            continue
+        if key == "text_projection.weight":  # SDXL's bigG; OpenCLIP's is the transpose
+            out["text_projection"] = value.T.contiguous()
             continue
         layer, _, rest = key.removeprefix("encoder.layers.").partition(".")
         module, _, kind = rest.rpartition(".")
@@ -76,9 +104,15 @@ def open_clip_state(model) -> dict[str, Tensor]:
     return out
 
 
-def text_state_dict(model) -> dict[str, Tensor]:
-    """The text encoder under its LDM prefix: OpenCLIP's layout for SD2, CLIP's for SD1."""
-    check_text_encoder(model)
+def text_state_dict(model, model_2=None) -> dict[str, Tensor]:
+    """The text encoder under its LDM prefix: OpenCLIP's layout for SD2, CLIP's for SD1; with SDXL's second
+    text encoder `model_2`, both under `conditioner.embedders.0/1`."""
+    check_text_encoders(model, model_2)
+    if model_2 is not None:
+        return {
+            **{f"{XL_CLIP_PREFIX}text_model.{k}": v for k, v in _flat(model).items()},
+            **{XL_OPEN_CLIP_PREFIX + k: v for k, v in open_clip_state(model_2).items()},
+        }
     if is_open_clip(model):
         return {OPEN_CLIP_PREFIX + k: v for k, v in open_clip_state(model).items()}
     return {f"{CLIP_PREFIX}text_model.{k}": v for k, v in _flat(model).items()}

@@ -176,9 +176,12 @@ SMALL_TEXT = dict(
 )
 
 
-def small_unet_config(text_width: int = 32, pooled: int = 32) -> dict[str, Any]:
+def small_unet_config(
+    text_width: int = 32, pooled: int = 32, text_2_width: int | None = None
+) -> dict[str, Any]:
     """An SDXL-architecture UNet (text_time embedding, two-encoder cross-attention, a first level without
-    attention, per-level transformer depth and heads, linear projections, layers_per_block 2), small."""
+    attention, per-level transformer depth and heads, linear projections, layers_per_block 2), small; the
+    second encoder's width is `text_width` unless given."""
     return dict(
         sample_size=8,
         in_channels=4,
@@ -189,7 +192,7 @@ def small_unet_config(text_width: int = 32, pooled: int = 32) -> dict[str, Any]:
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         transformer_layers_per_block=(1, 2),
         attention_head_dim=(2, 4),
-        cross_attention_dim=2 * text_width,
+        cross_attention_dim=text_width + (text_2_width or text_width),
         use_linear_projection=True,
         addition_embed_type="text_time",
         addition_time_embed_dim=8,
@@ -198,9 +201,11 @@ def small_unet_config(text_width: int = 32, pooled: int = 32) -> dict[str, Any]:
     )
 
 
-def build_small_pipeline(seed: int = 0):
+def build_small_pipeline(seed: int = 0, text_2_width: int | None = None):
     """A random-weight, small SDXL-architecture `StableDiffusionXLPipeline` (real diffusers and transformers
-    classes, small widths; the VAE keeps the factor 8 and SDXL's scaling and `force_upcast`), seeded."""
+    classes, small widths; the VAE keeps the factor 8 and SDXL's scaling and `force_upcast`), seeded. Both text
+    encoders are 32 wide unless `text_2_width` widens the second (as SDXL's 768 and 1280 differ, which
+    diffusers' single-file loader needs to tell them apart)."""
     import diffusers
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
@@ -215,27 +220,29 @@ def build_small_pipeline(seed: int = 0):
         ids = dict(
             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
         )
-        return CLIPTextConfig(vocab_size=len(tok), **ids, **SMALL_TEXT, **extra)
+        return CLIPTextConfig(vocab_size=len(tok), **ids, **{**SMALL_TEXT, **extra})
 
     scheduler = {k: v for k, v in TINY_SCHEDULER.items() if k != "clip_sample"}
+    width_2 = {"hidden_size": text_2_width} if text_2_width else {}
     return build_xl_pipeline(
-        unet=UNet2DConditionModel(**small_unet_config()),
+        unet=UNet2DConditionModel(**small_unet_config(text_2_width=text_2_width)),
         vae=AutoencoderKL(**TINY_VAE, scaling_factor=0.13025, force_upcast=True),
         text_encoder=CLIPTextModel(text_config(tokenizer, projection_dim=32)),
         tokenizer=tokenizer,
         text_encoder_2=CLIPTextModelWithProjection(
-            text_config(tokenizer_2, projection_dim=32, hidden_act="gelu")
+            text_config(tokenizer_2, projection_dim=32, hidden_act="gelu", **width_2)
         ),
         tokenizer_2=tokenizer_2,
         scheduler=diffusers.EulerDiscreteScheduler(**scheduler, timestep_spacing="leading"),
     )
 
 
-def write_small_folder(folder: str | Path, seed: int = 0) -> Path:
-    """Save `build_small_pipeline(seed)` as a diffusers folder (`model=sdxl model.path=<folder>`); its scheduler
-    config gains the DDIM keys SDXL's ships (`clip_sample` false...), which the samplers built from it read."""
+def write_small_folder(folder: str | Path, seed: int = 0, text_2_width: int | None = None) -> Path:
+    """Save `build_small_pipeline(seed, text_2_width)` as a diffusers folder (`model=sdxl model.path=<folder>`);
+    its scheduler config gains the DDIM keys SDXL's ships (`clip_sample` false...), which the samplers built from
+    it read."""
     folder = Path(folder)
-    build_small_pipeline(seed).save_pretrained(folder, safe_serialization=True)
+    build_small_pipeline(seed, text_2_width).save_pretrained(folder, safe_serialization=True)
     path = folder / "scheduler" / "scheduler_config.json"
     shipped = json.loads((CONFIGS / "scheduler_config.json").read_text())
     ddim_keys = ("clip_sample", "set_alpha_to_one", "skip_prk_steps", "sample_max_value")
