@@ -3,6 +3,7 @@
     python -m src.evaluate run=outputs/canny/runs/<date> max_samples=500
     python -m src.evaluate run=outputs/seg/runs/<date> segmenter.model=/models/segformer-b4-ade
     python -m src.evaluate run=... fid.enabled=true clip_score.enabled=true
+    python -m src.evaluate run=[CANNY_RUN,SEG_RUN] shards=DIR/val-*.tar   # composed; shards with both members
 
 For each sample the image is generated from the sample's condition and caption, then scored by the task's
 controllability metric (docs/design.md, "Metrics": canny IoU/F1, segmentation mIoU, landmark error) and the
@@ -22,11 +23,11 @@ from typing import Any
 
 import hydra
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from src.data.inputs import batched, iter_shard_inputs
 from src.data.pipeline import SkipCounter, resolve_shards
-from src.errors import DataError, take_debug_flag, user_errors
+from src.errors import ConfigError, DataError, take_debug_flag, user_errors
 from src.metrics.evaluation import CaseKeeper, build_scorers, eval_samples, score_batch, write_report
 from src.models.inference import describe_source, generate_images, load_controlled
 from src.models.run import validation_shards
@@ -38,14 +39,17 @@ log = logging.getLogger(__name__)
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Generate and score up to `cfg.max_samples` validation samples; write the reports to `cfg.out_dir`."""
     options = sampling_options(cfg.sampling)
-    condition, resolution = describe_source(cfg.run, cfg.checkpoint)
+    run = OmegaConf.to_container(cfg.run) if OmegaConf.is_list(cfg.run) else cfg.run  # a list: composed
+    condition, resolution = describe_source(run, cfg.checkpoint)
+    if cfg.shards is None and not isinstance(run, str):
+        raise ConfigError("runs composed (run=[...]) have no one validation set: set shards=DIR/val-*.tar")
     urls = (
         resolve_shards(cfg.shards, "shards")
         if cfg.shards is not None
-        else validation_shards(cfg.run, cfg.checkpoint)
+        else validation_shards(run, cfg.checkpoint)
     )
     scorers = build_scorers(cfg, condition)
-    model = load_controlled(cfg.run, cfg.checkpoint, cfg.model_path).to(cfg.device)
+    model = load_controlled(run, cfg.checkpoint, cfg.model_path).to(cfg.device)
     keeper = CaseKeeper(cfg.cases, scorers[0].higher_is_better)
     skips, records = SkipCounter("eval"), []
     stream = itertools.islice(iter_shard_inputs(urls, condition, resolution, skips), cfg.max_samples)
@@ -57,9 +61,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         for item, image, values in zip(
             batch, generated, score_batch(scorers, generated, samples), strict=True
         ):
-            keeper.add(
-                values.get(scorers[0].primary), item.key, torch.stack([item.condition, image, item.target])
-            )
+            row = torch.stack([*item.condition.split(3), image, item.target])  # each condition, then images
+            keeper.add(values.get(scorers[0].primary), item.key, row)
             records.append({"key": item.key, "caption": item.caption, **values})
     report = write_report(cfg, scorers, keeper, records, dict(skips.counts), options)
     if not records:

@@ -53,8 +53,9 @@ def control_scorer(cfg: DictConfig, condition: str) -> Scorer:
 
 
 def build_scorers(cfg: DictConfig, condition: str) -> list[Scorer]:
-    """The controllability scorer, then FID and CLIP score when enabled (each fails clearly without weights)."""
-    scorers = [control_scorer(cfg, condition)]
+    """The controllability scorer (one per condition of a multi-condition model, `canny+seg`), then FID and
+    CLIP score when enabled (each fails clearly without weights)."""
+    scorers = [control_scorer(cfg, name) for name in condition.split("+")]
     if cfg.fid.enabled:
         extractor = instantiate(cfg.fid.extractor) if cfg.fid.extractor else None
         scorers.append(FIDScorer(build_fid(cfg.fid.feature, extractor, cfg.fid.weights_path)))

@@ -1,0 +1,328 @@
+"""Several conditions on the toy world: one jointly trained model, and two single-condition runs composed.
+
+    python -m benchmarks.multi_condition [--quick] [--no-write] [--jobs 2] [--out DIR] [--seeds 0 1]
+
+Three OFT-Control runs per seed through ``python -m src.train`` in the race's setting (``experiment=race``:
+the toy backbone, the SD1.5 presets carried over by the race's rule, batch 8, cosine decay to 0, clipping
+at 1), with checkpoints kept, all on the same toy-world shards holding both members (``data_prep.demo``
+task ``canny+seg``: 16,384 training scenes, validation shards of 64): canny alone, segmentation alone and
+both jointly (``task=canny_segmentation``, each condition dropped with probability 0.3). Every model then
+draws the race's 64 reported conditions (``val-000001``; DDIM 20, guidance 9, seed 0): each single run from
+its own condition, the joint model from both and from each alone, and the composition of the two single runs
+of a seed (``src.models.multi.compose_runs``) from both. Scores per condition: canny F1 of the image against
+the target's edges and the toy judge's shape mIoU, with 95% bootstrap intervals over seeds and conditions.
+
+Disagreement: each condition's edges paired with the next condition's segmentation (another scene); with
+canny at strength 1 the segmentation's strength goes from 0 to 2, and the plot shows the canny F1 against
+the edges' scene and the mIoU against the segmentation's scene, for the joint and the composed model.
+
+Writes its section of benchmarks/README.md, ``multi_condition_grid.png`` (canny | segmentation | joint |
+composed | target) and ``multi_condition_disagreement.png``. ``--quick``: the same steps in-process on a tiny
+protocol, writing nothing here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks import readme
+from benchmarks.controllability import QUICK_OVERRIDES, ROOT, train_inline
+from benchmarks.race_report import bootstrap
+
+DEFAULT_OUT = ROOT / "outputs" / "multi_condition"
+START, END = "<!-- multi_condition:start -->", "<!-- multi_condition:end -->"
+TASKS = {"canny": "canny", "seg": "segmentation", "joint": "canny_segmentation"}
+STRENGTHS = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0)  # the segmentation's, canny at 1, in the disagreement plot
+SAMPLING = dict(scheduler="ddim", num_inference_steps=20, guidance_scale=9.0, seed=0, batch_size=16)
+KEEP_CHECKPOINTS = (
+    "trainer.enable_checkpointing=true",
+    "callbacks.checkpoint={_target_: pytorch_lightning.callbacks.ModelCheckpoint, "
+    "dirpath: '${paths.output_dir}/checkpoints', save_last: true, save_top_k: 0}",
+)
+
+
+def overrides(run: str, lr: float, seed: int, steps: int, quick: bool) -> list[str]:
+    """``src.train`` overrides of one run: the race's setting on the two-member shards."""
+    shards = "${data.root}/canny+seg"
+    return [
+        "experiment=race",
+        f"task={TASKS[run]}",
+        "method=oft_control",
+        f"optim.lr={lr!r}",
+        f"seed={seed}",
+        f"trainer.max_steps={steps}",
+        f"trainer.val_check_interval={steps}",
+        f"callbacks.energy.every_n_steps={steps}",
+        f"data.train_shards={shards}/train-*.tar",
+        f"data.val_shards={shards}/val-000001.tar",
+        "data.prepare.task=canny+seg",
+        *KEEP_CHECKPOINTS,
+        *(QUICK_OVERRIDES.split() + ["data.batch_size=2"] if quick else ["data.batch_size=8"]),
+    ]
+
+
+def train_all(
+    out: Path, lrs: dict[str, float], seeds: list[int], steps: int, args: argparse.Namespace
+) -> None:
+    """Train every (run, seed) not yet finished, ``--jobs`` processes at a time (in-process with --quick)."""
+    pending = [
+        (run, seed)
+        for seed in seeds
+        for run in TASKS
+        if not (out / f"{run}_s{seed}" / "checkpoints" / "last.ckpt").is_file()
+    ]
+    running: list[tuple[subprocess.Popen, str]] = []
+    while pending or running:
+        while pending and len(running) < args.jobs:
+            run, seed = pending.pop(0)
+            folder = out / f"{run}_s{seed}"
+            folder.mkdir(parents=True, exist_ok=True)
+            command = overrides(run, lrs[run], seed, steps, args.quick) + [f"threads={args.threads}"]
+            if args.quick:
+                train_inline(command, folder)
+                continue
+            log = (folder / "train.log").open("w")
+            process = subprocess.Popen(
+                [sys.executable, "-m", "src.train", *command, f"hydra.run.dir={folder}"],
+                cwd=ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+            running.append((process, folder.name))
+        for process, name in list(running):
+            if process.poll() is not None:
+                running.remove((process, name))
+                if process.returncode:
+                    raise RuntimeError(
+                        f"run {name} failed ({process.returncode}); see {out / name / 'train.log'}"
+                    )
+                print(f"[multi] {name} trained", flush=True)
+        time.sleep(0.5 if running else 0)
+
+
+# ------------------------------------------------------------------------------------------------ scoring
+def scores(images: torch.Tensor, targets: torch.Tensor) -> dict[str, list[float]]:
+    """Per condition: canny F1 against the target's edges and the toy judge's shape mIoU (with chance)."""
+    from src.callbacks.controllability import per_condition_scores
+    from src.metrics.base import to_uint8
+
+    generated, wanted = to_uint8(images), to_uint8(targets)
+    return per_condition_scores(generated, wanted, "canny") | per_condition_scores(generated, wanted, "seg")
+
+
+def draw(model, conditions: torch.Tensor, prompts: list[str], strength, sampling: dict) -> torch.Tensor:
+    from src.models.inference import generate_images
+    from src.models.sampling import SamplingOptions
+
+    options = SamplingOptions(**sampling, strength=strength)
+    return generate_images(model, conditions, prompts, options)[:, 0]
+
+
+def evaluate_seed(out: Path, seed: int, inputs: list, sampling: dict) -> dict:
+    """Every model of one seed on the reported conditions, and the disagreement sweep."""
+    from src.models.inference import load_controlled
+
+    conditions = torch.stack([item.condition for item in inputs])  # [N, 6, H, W]: canny, seg
+    targets = torch.stack([item.target for item in inputs])
+    prompts = [item.caption for item in inputs]
+    canny, seg = conditions[:, :3], conditions[:, 3:]
+    runs = {name: out / f"{name}_s{seed}" for name in TASKS}
+    images, result = {}, {}
+    images["canny alone"] = draw(load_controlled(runs["canny"]), canny, prompts, 1.0, sampling)
+    images["seg alone"] = draw(load_controlled(runs["seg"]), seg, prompts, 1.0, sampling)
+    joint = load_controlled(runs["joint"])
+    images["joint, both"] = draw(joint, conditions, prompts, {"canny": 1.0, "seg": 1.0}, sampling)
+    images["joint, canny only"] = draw(joint, conditions, prompts, {"canny": 1.0}, sampling)
+    images["joint, seg only"] = draw(joint, conditions, prompts, {"seg": 1.0}, sampling)
+    composed = load_controlled([str(runs["canny"]), str(runs["seg"])])
+    images["composed, both"] = draw(composed, conditions, prompts, {"canny": 1.0, "seg": 1.0}, sampling)
+    result["scores"] = {name: scores(batch, targets) for name, batch in images.items()}
+    # disagreement: edges of scene i with the segmentation of scene i + 1
+    other = torch.roll(torch.arange(len(inputs)), -1)
+    mixed = torch.cat([canny, seg[other]], dim=1)
+    sweep: dict[str, dict[str, list]] = {}
+    for name, model in (("joint", joint), ("composed", composed)):
+        sweep[name] = {"canny_f1": [], "seg_miou": []}
+        for strength in STRENGTHS:
+            drawn = draw(model, mixed, prompts, {"canny": 1.0, "seg": strength}, sampling)
+            sweep[name]["canny_f1"].append(scores(drawn, targets)["canny_f1"])
+            sweep[name]["seg_miou"].append(scores(drawn, targets[other])["seg_miou"])
+    result["disagreement"] = sweep
+    result["grid"] = [conditions[:6, :3], conditions[:6, 3:], images["joint, both"][:6]]
+    result["grid"] += [images["composed, both"][:6], targets[:6]]
+    return result
+
+
+# ------------------------------------------------------------------------------------------------ report
+def ci(values: list[list[float]]) -> tuple[float, float, float]:
+    return bootstrap(np.asarray(values, dtype=float))
+
+
+def fmt(x: tuple[float, float, float]) -> str:
+    return f"{x[1]:.3f} [{x[0]:.3f}, {x[2]:.3f}]"
+
+
+def table(per_seed: list[dict]) -> tuple[str, dict]:
+    """The markdown table and each row's intervals; ratios are to the single run of the same condition."""
+    names = list(per_seed[0]["scores"])
+    found = {
+        name: {m: ci([s["scores"][name][m] for s in per_seed]) for m in ("canny_f1", "seg_miou")}
+        for name in names
+    }
+    chance = {
+        m: ci([s["scores"]["joint, both"][f"{m}_chance"] for s in per_seed]) for m in ("canny_f1", "seg_miou")
+    }
+    single = {"canny_f1": found["canny alone"]["canny_f1"][1], "seg_miou": found["seg alone"]["seg_miou"][1]}
+    lines = [
+        "| model (conditions given) | canny F1 | vs canny alone | shape mIoU | vs seg alone |",
+        "|---|---|---|---|---|",
+    ]
+    for name in names:
+        row = found[name]
+        ratio = {m: row[m][1] / single[m] if single[m] else float("nan") for m in single}
+        lines.append(
+            f"| {name} | {fmt(row['canny_f1'])} | {ratio['canny_f1']:.0%} | {fmt(row['seg_miou'])} | "
+            f"{ratio['seg_miou']:.0%} |"
+        )
+    lines.append(
+        f"| chance (each image against the other conditions) | {fmt(chance['canny_f1'])} | | "
+        f"{fmt(chance['seg_miou'])} | |"
+    )
+    return "\n".join(lines), {"rows": found, "chance": chance, "single": single}
+
+
+def plots(per_seed: list[dict], folder: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from torchvision.utils import save_image
+
+    from src.grids import image_grid
+
+    grid = folder / "multi_condition_grid.png"
+    save_image(image_grid(*per_seed[0]["grid"]), grid)
+    figure, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharex=True)
+    for ax, metric, title in zip(
+        axes,
+        ("canny_f1", "seg_miou"),
+        ("canny F1 vs the edges' scene", "shape mIoU vs the segmentation's scene"),
+        strict=True,
+    ):
+        for name, style in (("joint", "-o"), ("composed", "--s")):
+            stats = [
+                ci([s["disagreement"][name][metric][i] for s in per_seed]) for i in range(len(STRENGTHS))
+            ]
+            mean = [x[1] for x in stats]
+            ax.errorbar(
+                STRENGTHS,
+                mean,
+                yerr=[
+                    [m - x[0] for m, x in zip(mean, stats, strict=True)],
+                    [x[2] - m for m, x in zip(mean, stats, strict=True)],
+                ],
+                fmt=style,
+                capsize=3,
+                label=name,
+            )
+        ax.set_xlabel("segmentation strength (canny at 1)")
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=8)
+    figure.tight_layout()
+    disagreement = folder / "multi_condition_disagreement.png"
+    figure.savefig(disagreement, dpi=100)
+    plt.close("all")
+    return [grid, disagreement]
+
+
+def render(per_seed: list[dict], markdown: str, info: dict, meta: dict) -> str:
+    single, rows = info["single"], info["rows"]
+    joint = {m: rows["joint, both"][m][1] / single[m] for m in single}
+    composed = {m: rows["composed, both"][m][1] / single[m] for m in single}
+    verdict = (
+        f"Joint / single: canny {joint['canny_f1']:.0%}, segmentation {joint['seg_miou']:.0%} (target at least "
+        f"90% each); composed / single: canny {composed['canny_f1']:.0%}, segmentation "
+        f"{composed['seg_miou']:.0%} (target at least 80% each)."
+    )
+    return "\n".join(
+        [
+            "## Several conditions at once",
+            "",
+            f"Measured {meta['date']} with `{meta['command']}` in {meta['minutes']:.0f} minutes on {meta['machine']}.",
+            f"{meta['steps']} steps per run at lr {meta['lrs']}, seeds {meta['seeds']}, {meta['conditions']} reported "
+            "conditions (the race's `val-000001`); intervals are 95% bootstrap intervals over seeds and conditions.",
+            "",
+            markdown,
+            "",
+            verdict,
+            "",
+            "![canny | segmentation | joint | composed | target](multi_condition_grid.png)",
+            "",
+            "When the conditions disagree (edges of one scene, segmentation of the next): which one the "
+            "image follows as the segmentation's strength goes from 0 to 2, canny at 1 (means, 95% intervals).",
+            "",
+            "![disagreement](multi_condition_disagreement.png)",
+            "",
+        ]
+    )
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--quick", action="store_true", help="a tiny protocol in-process; no README")
+    parser.add_argument("--no-write", action="store_true", help="leave benchmarks/README.md and plots alone")
+    parser.add_argument("--jobs", type=int, default=2, help="training runs at a time")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    parser.add_argument("--out", type=Path, default=None, help=f"runs folder (default {DEFAULT_OUT})")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--steps", type=int, default=3000, help="training steps per run (the race's horizon)")
+    parser.add_argument(
+        "--lr", type=float, default=10**-1.5, help="lr of every run (the race's OFT-Control choice)"
+    )
+    args = parser.parse_args(argv)
+    steps, seeds = (2, [0]) if args.quick else (args.steps, args.seeds)
+    out = args.out or (DEFAULT_OUT.with_name("multi_condition-quick") if args.quick else DEFAULT_OUT)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    train_all(out, dict.fromkeys(TASKS, args.lr), seeds, steps, args)
+    from omegaconf import OmegaConf
+
+    from src.data.inputs import collect_inputs
+
+    root = OmegaConf.load(out / f"joint_s{seeds[0]}" / "config.yaml").data.root
+    torch.set_num_threads(max(1, args.threads * args.jobs))
+    inputs = collect_inputs(f"{root}/canny+seg/val-000001.tar", "canny+seg", 64)
+    sampling = SAMPLING | ({"num_inference_steps": 2} if args.quick else {})
+    per_seed = [evaluate_seed(out, seed, inputs, sampling) for seed in seeds]
+    markdown, info = table(per_seed)
+    command = "python -m benchmarks.multi_condition" + (" --quick" if args.quick else "")
+    meta = dict(
+        date=datetime.date.today().isoformat(),
+        command=command,
+        minutes=(time.monotonic() - started) / 60,
+        machine=readme.machine(),
+        steps=steps,
+        lrs=f"{args.lr:.3g}",
+        seeds=seeds,
+        conditions=len(inputs),
+    )
+    text = render(per_seed, markdown, info, meta)
+    write = not (args.quick or args.no_write)
+    paths = plots(per_seed, Path(__file__).parent if write else out)
+    if write:
+        readme.write_section(text, start=START, end=END)
+    (out / "report.md").write_text(text + "\n")
+    print(text)
+    return {"markdown": text, "info": info, "per_seed": per_seed, "plots": paths}
+
+
+if __name__ == "__main__":
+    main()

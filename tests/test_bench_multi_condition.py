@@ -1,0 +1,75 @@
+"""benchmarks/multi_condition.py: the quick protocol end to end, and its table against hand-computed values."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from benchmarks import multi_condition as bench
+from src.metrics.base import to_uint8
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_table_ratios_are_to_the_single_run_of_the_same_condition() -> None:
+    def entry(canny: list[float], seg: list[float]) -> dict:
+        return {
+            "canny_f1": canny,
+            "seg_miou": seg,
+            "canny_f1_chance": [0.1, 0.1],
+            "seg_miou_chance": [0.2, 0.2],
+        }
+
+    seed = {
+        "scores": {
+            "canny alone": entry([0.4, 0.6], [0.0, 0.0]),
+            "seg alone": entry([0.0, 0.0], [0.2, 0.4]),
+            "joint, both": entry([0.45, 0.45], [0.27, 0.27]),
+            "composed, both": entry([0.3, 0.5], [0.3, 0.3]),
+        }
+    }
+    markdown, info = bench.table([seed])
+    assert info["single"] == pytest.approx({"canny_f1": 0.5, "seg_miou": 0.3})
+    joint = next(line for line in markdown.splitlines() if line.startswith("| joint, both"))
+    assert "| 90% |" in joint and "| 0.270 [0.270, 0.270] | 90% |" in joint
+    composed = next(line for line in markdown.splitlines() if line.startswith("| composed, both"))
+    assert "| 0.400 [0.300, 0.500] | 80% |" in composed
+    assert info["chance"]["canny_f1"] == pytest.approx((0.1, 0.1, 0.1))
+
+
+def test_quick_protocol_trains_three_runs_and_reports_every_model(tmp_path, offline_cache) -> None:
+    result = bench.main(["--quick", "--out", str(tmp_path)])
+    for run in ("canny_s0", "seg_s0", "joint_s0"):
+        assert (tmp_path / run / "checkpoints" / "last.ckpt").is_file()
+    (scores,) = [seed["scores"] for seed in result["per_seed"]]
+    assert set(scores) == {
+        "canny alone",
+        "seg alone",
+        "joint, both",
+        "joint, canny only",
+        "joint, seg only",
+        "composed, both",
+    }
+    n = len(scores["joint, both"]["canny_f1"])
+    assert n == 4 and all(len(values) == n for entry in scores.values() for values in entry.values())
+    for row in result["info"]["rows"].values():
+        for lo, mean, hi in row.values():
+            assert lo <= mean <= hi
+    sweep = result["per_seed"][0]["disagreement"]
+    assert set(sweep) == {"joint", "composed"}
+    assert all(len(sweep[m]["seg_miou"]) == len(bench.STRENGTHS) for m in sweep)
+    grid, plot = result["plots"]
+    assert grid.parent == tmp_path and plot.is_file()  # --quick writes nothing under benchmarks/
+    with Image.open(grid) as image:  # 4 conditions x (canny | segmentation | joint | composed | target)
+        assert image.size == (5 * 64 + 6 * 2, 4 * 64 + 5 * 2)
+        pixels = np.asarray(image.convert("RGB"))
+    canny, seg = result["per_seed"][0]["grid"][:2]  # the first row's tiles are the two conditions
+    assert np.abs(pixels[2:66, 2:66].astype(int) - to_uint8(canny[:1])[0]).max() <= 1
+    assert np.abs(pixels[2:66, 68:132].astype(int) - to_uint8(seg[:1])[0]).max() <= 1
+    assert not np.array_equal(to_uint8(canny[:1])[0], to_uint8(seg[:1])[0])
+    assert re.search(
+        r"Measured \d{4}-\d\d-\d\d with `python -m benchmarks.multi_condition --quick`", result["markdown"]
+    )
