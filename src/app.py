@@ -2,8 +2,13 @@
 
     python -m src.app run=outputs/canny/runs/<date> server_port=7860
 
-`run` is a training run directory, one of its checkpoints, or a folder exported by `python -m src.export`.
-The page takes a condition (uploaded, or drawn on a canvas; for canny a photo is turned into its edge
+`run` is a training run directory, one of its checkpoints, or a folder exported by `python -m src.export`;
+a list of runs on one backbone is composed as `python -m src.generate` composes them,
+
+    python -m src.app run=[outputs/canny/runs/<date>,outputs/segmentation/runs/<date>]
+
+and a model of several conditions (composed, jointly trained or their export) gets one upload and one
+strength slider per condition (`src/app_ui/blocks.py`). The page takes a condition (uploaded, or drawn on a canvas; for canny a photo is turned into its edge
 map) and a prompt, and shows the samples and the condition used; the `sampling` group (conf/sampling/)
 sets the defaults of its controls. Loading and sampling are `python -m src.generate`'s: the same seed and
 settings give the same image. A run that cannot be loaded stops the app before the server starts.
@@ -15,39 +20,53 @@ import logging
 import tempfile
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from src.app_ui.blocks import build_app, launch
-from src.app_ui.examples import validation_inputs, write_examples
+from src.app_ui.examples import multi_examples, validation_inputs, write_examples
 from src.errors import InputError, one_line, take_debug_flag, user_errors
 from src.models.inference import ControlledModel, load_controlled
+from src.models.multi import is_multi
 from src.models.sampling import sampling_options
 
 log = logging.getLogger(__name__)
 
 
+def run_source(cfg: DictConfig) -> str | list[str]:
+    """`cfg.run`: one run (a path) or, from `run=[A,B]`, the list of runs to compose."""
+    return [str(item) for item in cfg.run] if OmegaConf.is_list(cfg.run) else cfg.run
+
+
 def load_or_exit(cfg: DictConfig) -> ControlledModel:
     """The model of `cfg.run`, or an `InputError` whose one line says why it cannot be loaded (the entry
     point prints it and exits with status 2, before any server starts)."""
+    source = run_source(cfg)
     try:
-        return load_controlled(cfg.run, cfg.get("checkpoint"), cfg.get("model_path")).to(cfg.device)
+        return load_controlled(source, cfg.get("checkpoint"), cfg.get("model_path")).to(cfg.device)
     except Exception as error:  # whatever the cause, the user gets one line and no server
-        raise InputError(f"cannot load run '{cfg.run}': {one_line(error)}") from None
+        shown = source if isinstance(source, str) else "[" + ",".join(source) + "]"
+        raise InputError(f"cannot load run '{shown}': {one_line(error)}") from None
 
 
 def app(cfg: DictConfig) -> None:
     """Load the run of `cfg` (conf/app.yaml), build the page and serve it until interrupted."""
     options = sampling_options(cfg.sampling)
     model = load_or_exit(cfg)
-    inputs = validation_inputs(
-        cfg.run, cfg.get("checkpoint"), model.condition, model.resolution, cfg.examples
-    )
+    source = run_source(cfg)
+    title = source if isinstance(source, str) else " + ".join(source)
     with tempfile.TemporaryDirectory(prefix="oft-control-app-") as folder:
-        examples = write_examples(inputs, folder)
-        demo = build_app(model, options, examples, title=str(cfg.run), max_samples=cfg.max_samples)
+        if is_multi(model.condition):
+            examples = multi_examples(source, cfg.get("checkpoint"), model.resolution, cfg.examples, folder)
+        else:
+            single = source if isinstance(source, str) else source[0]  # run=[A]: one run
+            inputs = validation_inputs(
+                single, cfg.get("checkpoint"), model.condition, model.resolution, cfg.examples
+            )
+            examples = write_examples(inputs, folder)
+        demo = build_app(model, options, examples, title=title, max_samples=cfg.max_samples)
         log.info(
             "serving %s (%s, %d px) on http://%s:%d",
-            cfg.run,
+            title,
             model.condition,
             model.resolution,
             cfg.server_name,
