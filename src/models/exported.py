@@ -253,6 +253,10 @@ def export_ecosystem(run: TrainedRun, folder: str | os.PathLike) -> Path:
     return Path(folder)
 
 
+#: formats that carry the control (the encoder), not only the UNet's rotations
+CONTROL_FORMATS = ("diffusers", "control_encoder", "controlnet_xs", "hint_embedding")
+
+
 def unsupported(run: TrainedRun, name: str) -> str | None:
     """Why the run (its method or backbone) cannot have format `name` (the `ConfigError` line), or None."""
     method = getattr(getattr(run.module, "method", None), "name", "oft_control")
@@ -261,6 +265,11 @@ def unsupported(run: TrainedRun, name: str) -> str | None:
         return f"exports OFT-Control runs (method oft_control) and this run's method is {method!r}: use --formats ecosystem"
     if name == "ecosystem" and method == "oft_control":
         return "OFT-Control's own formats are the others (diffusers, peft, control_encoder, ...)"
+    if getattr(run.module.method, "multiscale", False) and name in CONTROL_FORMATS:
+        return (
+            "holds the control encoder alone, without method.multiscale's per-block heads (an experimental "
+            "lever with no export of its control yet): export its rotations with --formats peft"
+        )
     if isinstance(getattr(run.module, "encoder", None), MultiEncoder) and name in (
         "controlnet_xs",
         "hint_embedding",

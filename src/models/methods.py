@@ -38,7 +38,13 @@ import torch
 from torch import nn
 
 from src.errors import ConfigError
-from src.models.control import ControlEncoder, _broadcast_to_batch, control_injection
+from src.models.control import (
+    ControlEncoder,
+    ControlPyramid,
+    _broadcast_to_batch,
+    control_injection,
+    multiscale_injection,
+)
 from src.models.multi import MultiEncoder, is_multi, split_condition
 from src.oft import OFTConfig, inject_oft, oft_parameter_count, project_coft_
 from src.oft.inject import target_layers
@@ -208,10 +214,49 @@ class EncoderOnly(Method):
 
 
 class OFTControl(EncoderOnly):
-    """OFT-Control (`method=oft_control`): OFT rotations of the `oft/` targets plus the control encoder."""
+    """OFT-Control (`method=oft_control`): OFT rotations of the `oft/` targets plus the control encoder.
+
+    Args:
+        multiscale: also add zero-initialised control features at the end of every down block
+            (`src.models.control.ControlPyramid`), read from the encoder's last hidden map.
+    """
 
     name = "oft_control"
     rotations = True
+
+    def __init__(self, adapter_lr: float | None = None, multiscale: bool = False) -> None:
+        super().__init__(adapter_lr)
+        self.multiscale = bool(multiscale)
+
+    def check_condition(self, condition: str) -> None:
+        if self.multiscale and is_multi(condition):
+            raise ConfigError(
+                f"method.multiscale=true reads one condition but task.condition is '{condition}': "
+                "set method.multiscale=false for several conditions"
+            )
+
+    def settings(self) -> dict[str, Any]:
+        return {"multiscale": True} if self.multiscale else {}  # off: the identity of earlier checkpoints
+
+    def build(self, module: OFTControlModule) -> list[str]:
+        self.check_condition(str(module.condition))
+        adapted = super().build(module)
+        if self.multiscale:
+            width = self.encoder.zero_out.in_channels
+            pyramid = ControlPyramid(width, list(module.unet.config.block_out_channels))
+            self.pyramid = self._attach(module, "pyramid", pyramid)
+        return adapted
+
+    def inject(
+        self, unet: nn.Module, condition: torch.Tensor, strength: float = 1.0
+    ) -> AbstractContextManager:
+        if not self.multiscale:
+            return super().inject(unet, condition, strength)
+        return multiscale_injection(unet, self.encoder, self.pyramid, condition, strength)
+
+    def encoder_parameters(self) -> list[nn.Parameter]:
+        pyramid = list(self.pyramid.parameters()) if self.multiscale else []
+        return super().encoder_parameters() + pyramid
 
     def check(self, unet_skeleton: nn.Module, oft: OFTConfig) -> None:
         inject_oft(unet_skeleton, oft)  # targets and block sizes against the real layout
