@@ -2,10 +2,9 @@
 
 Every figure is the mean over conditions and seeds of a per-condition score at an evaluation (canny F1 of each
 generated image against its condition; for segmentation the toy judge's shape mIoU of each image), with a
-95% bootstrap interval: each resample draws the seeds and the conditions with replacement (the same
-conditions for every seed) and takes the mean; the interval is the 2.5th and 97.5th percentile of
-``RESAMPLES`` resamples. A difference is called only where two intervals do not overlap. A row has plateaued
-when the mean of its second-last evaluation lies inside the interval of its last."""
+95% bootstrap interval: the 2.5th to 97.5th percentile of the means of ``RESAMPLES`` resamples of seeds and
+conditions (with replacement, the same conditions for every seed). A difference is called only where two
+intervals do not overlap; a row has plateaued when its second-last evaluation's mean is inside its last's interval."""
 
 from __future__ import annotations
 
@@ -111,9 +110,9 @@ def rows(race: dict, out: Path) -> list[dict]:
             bootstrap(np.array([c[f"caption_{k}_acc"] for c in last])) for k in ("colour", "shape")
         ]
         found["plateau"] = len(steps) > 1 and plateaued(curve[steps[-2]], curve[steps[-1]])
-        found["logged"] = {
-            k: float(np.mean([m[k] for m in logged])) for k in logged[0] if all(k in m for m in logged)
-        }
+        shared = [k for k in logged[0] if all(k in m for m in logged)]
+        found["logged"] = {k: float(np.mean([m[k] for m in logged])) for k in shared}
+        found["logged_range"] = {k: (min(m[k] for m in logged), max(m[k] for m in logged)) for k in shared}
         table.append(found)
     for row in table:
         reference = next((r for r in table if (r["task"], r["method"]) == (row["task"], "oft_control")), row)
@@ -178,7 +177,8 @@ def faithfulness(toy_unet_config: Path | None = None) -> list[dict]:
             inject_oft(unet, oft_preset(preset))
         layers = [layer for _, layer in oft_layers(unet)]
         rotations = oft_parameter_count(unet)
-        angles = [math.degrees(2 * math.atan(layer.coft_radius / math.sqrt(2))) for layer in layers]
+        radii = [layer.coft_radius for layer in layers]
+        angles = [math.degrees(2 * math.atan(radius / math.sqrt(2))) for radius in radii]
         found.append(
             {
                 "setup": label,
@@ -189,10 +189,7 @@ def faithfulness(toy_unet_config: Path | None = None) -> list[dict]:
                 "rotations": rotations,
                 "rotation_share": rotations / (rotations + encoder),
                 "blocks": sorted({layer.block_size for layer in layers}),
-                "radius": (
-                    min(layer.coft_radius for layer in layers),
-                    max(layer.coft_radius for layer in layers),
-                ),
+                "radius": (min(radii), max(radii)),
                 "angle": (min(angles), max(angles)),
             }
         )
@@ -220,13 +217,17 @@ def _vs(value: int | None) -> str:
     return "-" if value is None else {1: "above", -1: "below", 0: "overlaps"}[value]
 
 
-def _movement(logged: dict) -> str:
-    if "oft/q_over_radius_max" not in logged:
+def _movement(logged: dict, spread: dict) -> str:
+    """Max Q/radius, mean ||R - I|| and max angle at the last evaluation: seeds' mean [lowest, highest]."""
+    formats = (".2f", ".3g", ".1f")
+    keys = [f"oft/{k}" for k in ("q_over_radius_max", "rotation_distance", "plane_angle_max_deg")]
+    if keys[0] not in logged:
         return "-"
-    q, r, angle = (
-        logged[f"oft/{k}"] for k in ("q_over_radius_max", "rotation_distance", "plane_angle_max_deg")
+    q, r, a = (
+        f"{logged[k]:{f}} [{spread[k][0]:{f}}, {spread[k][1]:{f}}]"
+        for k, f in zip(keys, formats, strict=True)
     )
-    return f"{q:.2f} / {r:.3g} / {angle:.1f} deg"
+    return f"{q} / {r} / {a} deg"
 
 
 def table(found: list[dict]) -> str:
@@ -241,7 +242,7 @@ def table(found: list[dict]) -> str:
         logged, caption = r["logged"], " / ".join(map(_ci, r["caption"]))
         lines.append(
             f"| {r['task']} | {NAMES[r['method']]} | {r['lr']:.2g} ({grid}){edge} | {curve} | {_ci(r['final'])} | "
-            f"{_ci(r['chance'])} | {'yes' if r['plateau'] else 'no'} | {_vs(r['vs_oft'])} | {caption} | {_movement(logged)} |"
+            f"{_ci(r['chance'])} | {'yes' if r['plateau'] else 'no'} | {_vs(r['vs_oft'])} | {caption} | {_movement(logged, r['logged_range'])} |"
         )
     return "\n".join(lines)
 
@@ -257,8 +258,8 @@ def render(race: dict, found: list[dict], faith: list[dict], checks: list[str]) 
         f"{p['select_steps']} steps (the same cosine decay, scaled) on as many disjoint selection conditions, "
         f"grid extended by x{p['factor']:.3g} while its best is at an end. Scores: canny F1 / toy-judge shape "
         "mIoU per condition, mean [95% bootstrap interval over conditions and seeds]; rotation movement at the "
-        "last evaluation, mean over seeds (`oft/q_over_radius_max`, `oft/rotation_distance`, "
-        "`oft/plane_angle_max_deg`)."
+        "last evaluation, mean over seeds [lowest, highest seed] (`oft/q_over_radius_max`, "
+        "`oft/rotation_distance`, `oft/plane_angle_max_deg`)."
     )
     parts = [head, "", table(found), "", "SD1.5 against the toy backbone:", "", faithfulness_table(faith)]
     note = "One lr for the encoder and the adapter (selection horizon and conditions, seed 0):"
