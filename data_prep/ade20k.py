@@ -37,7 +37,7 @@ import numpy as np
 
 from data_prep.captions import captions_digest, captions_for, load_captions
 from data_prep.images import load_labels, load_rgb
-from data_prep.shards import SourceItem, add_writer_args, print_summary, write_dataset
+from data_prep.shards import SourceItem, add_canny_args, add_writer_args, print_summary, write_dataset
 from src.data import palette, schema
 from src.data.annotators import CANNY_HIGH, CANNY_LOW, canny_edges
 from src.data.transforms import resize_center_crop
@@ -200,14 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--canny", action="store_true", help="also write canny.png (for the canny and canny+seg tasks)"
     )
-    parser.add_argument("--canny-low", type=int, default=CANNY_LOW)
-    parser.add_argument("--canny-high", type=int, default=CANNY_HIGH)
-    parser.add_argument(
-        "--canny-on",
-        choices=("gray", "rgb"),
-        default="gray",
-        help="run Canny on the grayscale image (default) or the RGB image (ControlNet)",
-    )
+    add_canny_args(parser)
     return parser
 
 

@@ -36,7 +36,7 @@ import numpy as np
 
 from data_prep.captions import inside, read_json
 from data_prep.images import load_rgb
-from data_prep.shards import SourceItem, add_writer_args, print_summary, write_dataset
+from data_prep.shards import SourceItem, add_canny_args, add_writer_args, print_summary, write_dataset
 from src.data import schema
 from src.data.annotators import CANNY_HIGH, CANNY_LOW, canny_edges
 from src.data.transforms import resize_center_crop
@@ -204,14 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--images", required=True, help="COCO image folder, e.g. DIR/train2017")
     parser.add_argument("--captions", required=True, help="e.g. DIR/annotations/captions_train2017.json")
     parser.add_argument("--val-fraction", type=float, default=0.01, help="share of images for val")
-    parser.add_argument("--canny-low", type=int, default=CANNY_LOW)
-    parser.add_argument("--canny-high", type=int, default=CANNY_HIGH)
-    parser.add_argument(
-        "--canny-on",
-        choices=("gray", "rgb"),
-        default="gray",
-        help="run Canny on the grayscale image (default) or the RGB image (ControlNet)",
-    )
+    add_canny_args(parser)
     return parser
 
 

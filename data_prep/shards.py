@@ -253,6 +253,20 @@ def add_writer_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_canny_args(parser: argparse.ArgumentParser) -> None:
+    """The canny annotator's options (COCO, and ADE20K with --canny): thresholds and the image Canny reads."""
+    from src.data.annotators import CANNY_HIGH, CANNY_LOW
+
+    parser.add_argument("--canny-low", type=int, default=CANNY_LOW)
+    parser.add_argument("--canny-high", type=int, default=CANNY_HIGH)
+    parser.add_argument(
+        "--canny-on",
+        choices=("gray", "rgb"),
+        default="gray",
+        help="run Canny on the grayscale image (default) or the RGB image (ControlNet)",
+    )
+
+
 def write_shard(job: _ShardJob) -> dict[str, Any]:
     """Write one shard (temporary name, fsync, then rename) and its state file; return its stats.
 

@@ -271,6 +271,16 @@ def page_error(gr, error: ValueError):
     return gr.Error(str(error), print_exception=False)
 
 
+def page_result(gr, generate: Callable[[], Generation]) -> tuple[list, np.ndarray, str]:
+    """`(gallery, condition used, note)` of a generation, or its ValueError as the page's one-line message."""
+    try:
+        result = generate()
+    except ValueError as error:
+        raise page_error(gr, error) from None
+    gallery = [(image, f"seed {s}") for image, s in zip(result.images, result.seeds, strict=True)]
+    return gallery, result.condition, result.note
+
+
 def build_app(
     model: ControlledModel,
     defaults: SamplingOptions,
@@ -305,26 +315,8 @@ def build_app(
         def report(done: int, total: int) -> None:
             progress((done, total), desc="denoising")
 
-        try:
-            result = generate_samples(
-                model,
-                defaults,
-                image,
-                prompt,
-                negative_prompt,
-                num_samples,
-                seed,
-                steps,
-                guidance_scale,
-                strength,
-                scheduler,
-                mode,
-                report,
-            )
-        except ValueError as error:
-            raise page_error(gr, error) from None
-        gallery = [(image, f"seed {s}") for image, s in zip(result.images, result.seeds, strict=True)]
-        return gallery, result.condition, result.note
+        settings = (negative_prompt, num_samples, seed, steps, guidance_scale, strength, scheduler, mode)
+        return page_result(gr, lambda: generate_samples(model, defaults, image, prompt, *settings, report))
 
     def use_drawing(drawing: dict[str, Any] | None):
         if drawing is None or drawing.get("composite") is None:
@@ -421,21 +413,11 @@ def build_multi_app(
         def report(done: int, total: int) -> None:
             progress((done, total), desc="denoising")
 
-        try:
-            result = generate_samples(
-                model,
-                defaults,
-                dict(zip(names, images, strict=True)),
-                *settings,
-                dict(zip(names, given, strict=True)),
-                scheduler,
-                mode,
-                report,
-            )
-        except ValueError as error:
-            raise page_error(gr, error) from None
-        gallery = [(image, f"seed {s}") for image, s in zip(result.images, result.seeds, strict=True)]
-        return gallery, result.condition, result.note
+        by_name, strength = dict(zip(names, images, strict=True)), dict(zip(names, given, strict=True))
+        return page_result(
+            gr,
+            lambda: generate_samples(model, defaults, by_name, *settings, strength, scheduler, mode, report),
+        )
 
     on_generate.__signature__ = multi_signature(names, gr.Progress())
 

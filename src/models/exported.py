@@ -134,21 +134,27 @@ def load_control_encoder(folder: str | os.PathLike) -> tuple[nn.Module, dict[str
 
 
 # ------------------------------------------------------------------------------------- merged diffusers
+def save_pipeline(module, folder: Path) -> None:
+    """The module's UNet (as it is), VAE, text encoder(s), tokenizer(s) and a DDIM scheduler, saved as a
+    diffusers pipeline folder (safetensors)."""
+    scheduler = make_scheduler("ddim", module.noise_scheduler.config)
+    pipe = build_pipeline(
+        module.unet,
+        module.vae,
+        module.text_encoder,
+        module.tokenizer,
+        scheduler,
+        **module.second_text_encoder(),
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+
+
 def export_diffusers(run: TrainedRun, folder: str | os.PathLike) -> Path:
     """A `StableDiffusionPipeline` folder with `W R` merged into the UNet, plus the control encoder."""
     module, folder = run.module, Path(folder)
-    scheduler = make_scheduler("ddim", module.noise_scheduler.config)
     removed = merge_oft(module.unet)
     try:
-        pipe = build_pipeline(
-            module.unet,
-            module.vae,
-            module.text_encoder,
-            module.tokenizer,
-            scheduler,
-            **module.second_text_encoder(),
-        )
-        pipe.save_pretrained(folder, safe_serialization=True)
+        save_pipeline(module, folder)
     finally:
         unmerge_oft(module.unet, removed)
     export_control_encoder(run, folder / ENCODER_DIR)
@@ -168,17 +174,7 @@ def export_composed(runs: Sequence[TrainedRun], folder: str | os.PathLike) -> Pa
     their rotations merged into the UNet and every run's control encoder in `control_encoder/`, one per
     condition; `python -m src.generate run=<folder> +condition.<name>=...` samples it."""
     composed, folder = compose_runs(runs), Path(folder)
-    module = composed.module
-    scheduler = make_scheduler("ddim", module.noise_scheduler.config)
-    pipe = build_pipeline(
-        module.unet,
-        module.vae,
-        module.text_encoder,
-        module.tokenizer,
-        scheduler,
-        **module.second_text_encoder(),
-    )
-    pipe.save_pretrained(folder, safe_serialization=True)
+    save_pipeline(composed.module, folder)  # its rotations are merged already
     condition = composed.encoder.condition
     write_control_encoder(composed.encoder, condition, composed.resolution, folder / ENCODER_DIR)
     info = {
