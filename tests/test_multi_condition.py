@@ -271,3 +271,19 @@ def test_export_of_composed_runs_loads_back_and_samples_as_the_composition(
         export_main(
             ["--run", str(canny_dir), str(seg_dir), "--out_dir", str(tmp_path / "x"), "--formats", "peft"]
         )
+
+
+def test_a_joint_run_exports_every_encoder_and_refuses_one_encoder_formats(offline_cache, tmp_path) -> None:
+    from src.export import export
+    from src.models.exported import load_exported
+    from src.models.run import load_run
+
+    joint = make_trained_run(tmp_path / "joint", "task=canny_segmentation")
+    written = export(joint, tmp_path / "export", ["diffusers"])
+    _, encoder, config = load_exported(written["diffusers"])
+    assert config["version"] == 2 and config["condition"] == "canny+seg"
+    trained = load_run(joint).module.encoder.state_dict()
+    assert trained.keys() == encoder.state_dict().keys()
+    assert all(torch.equal(trained[k], v) for k, v in encoder.state_dict().items())
+    with pytest.raises(ConfigError, match="--formats hint_embedding: holds one condition's encoder"):
+        export(joint, tmp_path / "hint", ["hint_embedding"])
