@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
+import math
 import subprocess
 import sys
 import time
@@ -67,6 +69,17 @@ def overrides(run: str, lr: float, seed: int, steps: int, quick: bool) -> list[s
         *KEEP_CHECKPOINTS,
         *(QUICK_OVERRIDES.split() + ["data.batch_size=2"] if quick else ["data.batch_size=8"]),
     ]
+
+
+def race_lrs(race: Path, default: float) -> dict[str, float]:
+    """OFT-Control's lr as the race chose it for canny and for segmentation (``race.json``), and for the joint
+    run their geometric mean (not tuned on the joint run); ``default`` where the race has no choice."""
+    chosen = {}
+    if (race / "race.json").is_file():
+        rows = json.loads((race / "race.json").read_text())["rows"]
+        chosen = {r["task"]: r["chosen"] for r in rows if r["method"] == "oft_control" and r["chosen"]}
+    canny, seg = chosen.get("canny", default), chosen.get("segmentation", default)
+    return {"canny": canny, "seg": seg, "joint": math.sqrt(canny * seg)}
 
 
 def train_all(
@@ -257,7 +270,8 @@ def render(per_seed: list[dict], markdown: str, info: dict, meta: dict) -> str:
             "## Several conditions at once",
             "",
             f"Measured {meta['date']} with `{meta['command']}` in {meta['minutes']:.0f} minutes on {meta['machine']}.",
-            f"{meta['steps']} steps per run at lr {meta['lrs']}, seeds {meta['seeds']}, {meta['conditions']} reported "
+            f"{meta['steps']} steps per run at lr {meta['lrs']} (the race's OFT-Control choices; joint: their "
+            f"geometric mean), seeds {meta['seeds']}, {meta['conditions']} reported "
             "conditions (the race's `val-000001`); intervals are 95% bootstrap intervals over seeds and conditions.",
             "",
             markdown,
@@ -285,14 +299,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--steps", type=int, default=3000, help="training steps per run (the race's horizon)")
     parser.add_argument(
-        "--lr", type=float, default=10**-1.5, help="lr of every run (the race's OFT-Control choice)"
+        "--race", type=Path, default=ROOT / "outputs" / "race", help="the race whose lrs to use"
     )
+    parser.add_argument("--lr", type=float, default=1e-2, help="lr of a run the race has no choice for")
     args = parser.parse_args(argv)
     steps, seeds = (2, [0]) if args.quick else (args.steps, args.seeds)
     out = args.out or (DEFAULT_OUT.with_name("multi_condition-quick") if args.quick else DEFAULT_OUT)
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    train_all(out, dict.fromkeys(TASKS, args.lr), seeds, steps, args)
+    lrs = race_lrs(args.race, args.lr)
+    train_all(out, lrs, seeds, steps, args)
     from omegaconf import OmegaConf
 
     from src.data.inputs import collect_inputs
@@ -310,7 +326,7 @@ def main(argv: list[str] | None = None) -> dict:
         minutes=(time.monotonic() - started) / 60,
         machine=readme.machine(),
         steps=steps,
-        lrs=f"{args.lr:.3g}",
+        lrs=", ".join(f"{name} {lr:.3g}" for name, lr in lrs.items()),
         seeds=seeds,
         conditions=len(inputs),
     )
