@@ -320,6 +320,7 @@ def main(argv: list[str] | None = None) -> dict:
     per_seed = [evaluate_seed(out, seed, inputs, sampling) for seed in seeds]
     markdown, info = table(per_seed)
     command = "python -m benchmarks.multi_condition" + (" --quick" if args.quick else "")
+    command += "" if args.quick or seeds == [0, 1] else " --seeds " + " ".join(map(str, seeds))
     meta = dict(
         date=datetime.date.today().isoformat(),
         command=command,
