@@ -156,14 +156,14 @@ def multi_inputs(
         if path.is_file() and path.suffix.lower() != ".tar" or path.is_dir() and not any(path.glob("*.tar")):
             raise ConfigError(
                 f"condition '{sources}' is one image source but this model reads {names}: give "
-                + " ".join(f"condition.{name}=<image, folder or shards>" for name in names)
+                + " ".join(f"+condition.{name}=<image, folder or shards>" for name in names)
             )
         return collect_inputs(str(sources), condition, resolution, limit), strength
     unknown = sorted(set(sources) - set(names))
     if unknown or not sources:
         raise ConfigError(
             f"condition.{unknown[0] if unknown else '<name>'}: this model reads {names}; give "
-            + " ".join(f"condition.{name}=<image, folder or shards>" for name in names)
+            + " ".join(f"+condition.{name}=<image, folder or shards>" for name in names)
         )
     given = {
         name: collect_inputs(str(sources[name]), name, resolution, limit) for name in names if name in sources
