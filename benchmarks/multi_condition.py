@@ -122,13 +122,15 @@ def train_all(
 
 
 # ------------------------------------------------------------------------------------------------ scoring
-def scores(images: torch.Tensor, targets: torch.Tensor) -> dict[str, list[float]]:
-    """Per condition: canny F1 against the target's edges and the toy judge's shape mIoU (with chance)."""
+def scores(
+    images: torch.Tensor, targets: torch.Tensor, conditions=("canny", "seg")
+) -> dict[str, list[float]]:
+    """Per condition: canny F1 against the target's edges and/or the toy judge's shape mIoU (with chance)."""
     from src.callbacks.controllability import per_condition_scores
     from src.metrics.base import to_uint8
 
     generated, wanted = to_uint8(images), to_uint8(targets)
-    return per_condition_scores(generated, wanted, "canny") | per_condition_scores(generated, wanted, "seg")
+    return {k: v for c in conditions for k, v in per_condition_scores(generated, wanted, c).items()}
 
 
 def draw(model, conditions: torch.Tensor, prompts: list[str], strength, sampling: dict) -> torch.Tensor:
@@ -166,8 +168,8 @@ def evaluate_seed(out: Path, seed: int, inputs: list, sampling: dict) -> dict:
         sweep[name] = {"canny_f1": [], "seg_miou": []}
         for strength in STRENGTHS:
             drawn = draw(model, mixed, prompts, {"canny": 1.0, "seg": strength}, sampling)
-            sweep[name]["canny_f1"].append(scores(drawn, targets)["canny_f1"])
-            sweep[name]["seg_miou"].append(scores(drawn, targets[other])["seg_miou"])
+            sweep[name]["canny_f1"].append(scores(drawn, targets, ["canny"])["canny_f1"])
+            sweep[name]["seg_miou"].append(scores(drawn, targets[other], ["seg"])["seg_miou"])
     result["disagreement"] = sweep
     result["grid"] = [conditions[:6, :3], conditions[:6, 3:], images["joint, both"][:6]]
     result["grid"] += [images["composed, both"][:6], targets[:6]]

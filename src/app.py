@@ -20,27 +20,22 @@ import logging
 import tempfile
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from src.app_ui.blocks import build_app, launch
 from src.app_ui.examples import multi_examples, validation_inputs, write_examples
 from src.errors import InputError, one_line, take_debug_flag, user_errors
-from src.models.inference import ControlledModel, load_controlled
+from src.models.inference import ControlledModel, load_controlled, run_source
 from src.models.multi import is_multi
 from src.models.sampling import sampling_options
 
 log = logging.getLogger(__name__)
 
 
-def run_source(cfg: DictConfig) -> str | list[str]:
-    """`cfg.run`: one run (a path) or, from `run=[A,B]`, the list of runs to compose."""
-    return [str(item) for item in cfg.run] if OmegaConf.is_list(cfg.run) else cfg.run
-
-
 def load_or_exit(cfg: DictConfig) -> ControlledModel:
     """The model of `cfg.run`, or an `InputError` whose one line says why it cannot be loaded (the entry
     point prints it and exits with status 2, before any server starts)."""
-    source = run_source(cfg)
+    source = run_source(cfg.run)
     try:
         return load_controlled(source, cfg.get("checkpoint"), cfg.get("model_path")).to(cfg.device)
     except Exception as error:  # whatever the cause, the user gets one line and no server
@@ -52,7 +47,7 @@ def app(cfg: DictConfig) -> None:
     """Load the run of `cfg` (conf/app.yaml), build the page and serve it until interrupted."""
     options = sampling_options(cfg.sampling)
     model = load_or_exit(cfg)
-    source = run_source(cfg)
+    source = run_source(cfg.run)
     title = source if isinstance(source, str) else " + ".join(source)
     with tempfile.TemporaryDirectory(prefix="oft-control-app-") as folder:
         if is_multi(model.condition):

@@ -23,13 +23,13 @@ from typing import Any
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from src.data.inputs import batched, iter_shard_inputs
 from src.data.pipeline import SkipCounter, resolve_shards
 from src.errors import ConfigError, DataError, take_debug_flag, user_errors
 from src.metrics.evaluation import CaseKeeper, build_scorers, eval_samples, score_batch, write_report
-from src.models.inference import describe_source, generate_images, load_controlled
+from src.models.inference import describe_source, generate_images, load_controlled, run_source
 from src.models.run import validation_shards
 from src.models.sampling import sampling_options
 
@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Generate and score up to `cfg.max_samples` validation samples; write the reports to `cfg.out_dir`."""
     options = sampling_options(cfg.sampling)
-    run = OmegaConf.to_container(cfg.run) if OmegaConf.is_list(cfg.run) else cfg.run  # a list: composed
+    run = run_source(cfg.run)  # a list: composed
     condition, resolution = describe_source(run, cfg.checkpoint)
     if cfg.shards is None and not isinstance(run, str):
         raise ConfigError("runs composed (run=[...]) have no one validation set: set shards=DIR/val-*.tar")

@@ -31,7 +31,8 @@ from src.data.inputs import ConditionInput, assign_prompts, collect_inputs
 from src.data.schema import key_path
 from src.errors import take_debug_flag, user_errors
 from src.grids import condition_columns, image_grid
-from src.models.inference import describe_source, generate_images, load_controlled, multi_inputs
+from src.models.inference import describe_source, generate_images, load_controlled, multi_inputs, run_source
+from src.models.multi import is_multi
 from src.models.sampling import SamplingOptions, sampling_options
 
 log = logging.getLogger(__name__)
@@ -75,9 +76,9 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
     """Generate from `cfg` (conf/generate.yaml) and write the outputs to `cfg.out_dir`; returns the record."""
     options = sampling_options(cfg.sampling)
     prompt = OmegaConf.to_container(cfg.prompt) if OmegaConf.is_list(cfg.prompt) else cfg.prompt
-    run = OmegaConf.to_container(cfg.run) if OmegaConf.is_list(cfg.run) else cfg.run
+    run = run_source(cfg.run)
     condition, resolution = describe_source(run, cfg.get("checkpoint"))
-    if OmegaConf.is_dict(cfg.condition) or "+" in condition:  # several conditions, a strength each
+    if OmegaConf.is_dict(cfg.condition) or is_multi(condition):  # several conditions, a strength each
         sources = OmegaConf.to_container(cfg.condition) if OmegaConf.is_dict(cfg.condition) else cfg.condition
         inputs, strengths = multi_inputs(sources, condition, resolution, cfg.get("limit"), options.strength)
         options = replace(options, strength=strengths)

@@ -70,17 +70,17 @@ def toy_captions(captions: list[str]) -> bool:
 
 
 def toy_metrics(
-    generated: list[np.ndarray], targets: list[np.ndarray], captions: list[str], condition: str
+    generated: list[np.ndarray], targets: list[np.ndarray], captions: list[str], conditions: list[str]
 ) -> dict[str, float]:
-    """The toy judge's caption fidelity and (segmentation) shape mIoU with its chance level; {} if the
-    captions are not toy-world captions."""
+    """The toy judge's caption fidelity and (with a segmentation among `conditions`) shape mIoU with its
+    chance level; {} if the captions are not toy-world captions."""
     from src.toy import judge as toy
 
     if not toy_captions(captions):
         return {}
     fidelity = toy.caption_fidelity(generated, captions)
     values = {f"caption_{k}": fidelity[k] for k in ("colour_acc", "shape_acc", "object_acc")}
-    if condition == "seg" and len(generated) > 1:
+    if "seg" in conditions and len(generated) > 1:
         predicted, labels = [toy.segment(g) for g in generated], [toy.segment(t) for t in targets]
         values["seg_miou"] = toy.shape_miou(predicted, labels)
         values["seg_miou_chance"] = chance_level(lambda other: toy.shape_miou(predicted, other), labels)
@@ -244,8 +244,7 @@ class ControllabilityMetric(pl.Callback):
                     values["canny_f1_chance"] = chance_level(
                         lambda t, name=name: self._score(t, name)["canny_f1"], self.targets
                     )
-            values |= toy_metrics(self.generated, self.targets, self.captions, name)
-        return values
+        return values | toy_metrics(self.generated, self.targets, self.captions, self.names)
 
     def _score(self, targets: list[np.ndarray], condition: str) -> dict[str, float]:
         factory, logged = CHEAP_METRICS[condition]

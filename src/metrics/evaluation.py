@@ -28,6 +28,7 @@ from src.metrics.edges import CannyScorer
 from src.metrics.landmarks import FaceLandmarker, LandmarkScorer
 from src.metrics.quality import CLIPScorer, FIDScorer, build_clip_score, build_fid
 from src.metrics.segmentation import SegmentationScorer, Segmenter
+from src.models.multi import split_condition
 from src.models.sampling import SamplingOptions
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ def control_scorer(cfg: DictConfig, condition: str) -> Scorer:
 def build_scorers(cfg: DictConfig, condition: str) -> list[Scorer]:
     """The controllability scorer (one per condition of a multi-condition model, `canny+seg`), then FID and
     CLIP score when enabled (each fails clearly without weights)."""
-    scorers = [control_scorer(cfg, name) for name in condition.split("+")]
+    scorers = [control_scorer(cfg, name) for name in split_condition(condition)]
     if cfg.fid.enabled:
         extractor = instantiate(cfg.fid.extractor) if cfg.fid.extractor else None
         scorers.append(FIDScorer(build_fid(cfg.fid.feature, extractor, cfg.fid.weights_path)))

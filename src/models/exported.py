@@ -33,7 +33,6 @@ from src.formats.single_file import check_single_file, export_single_file
 from src.models.control import ControlEncoder
 from src.models.multi import MultiEncoder, compose_runs
 from src.models.run import TrainedRun
-from src.models.sampling import build_pipeline, make_scheduler
 from src.oft import merge_oft, unmerge_oft
 from src.oft.peft_compat import peft_adapter
 
@@ -134,27 +133,12 @@ def load_control_encoder(folder: str | os.PathLike) -> tuple[nn.Module, dict[str
 
 
 # ------------------------------------------------------------------------------------- merged diffusers
-def save_pipeline(module, folder: Path) -> None:
-    """The module's UNet (as it is), VAE, text encoder(s), tokenizer(s) and a DDIM scheduler, saved as a
-    diffusers pipeline folder (safetensors)."""
-    scheduler = make_scheduler("ddim", module.noise_scheduler.config)
-    pipe = build_pipeline(
-        module.unet,
-        module.vae,
-        module.text_encoder,
-        module.tokenizer,
-        scheduler,
-        **module.second_text_encoder(),
-    )
-    pipe.save_pretrained(folder, safe_serialization=True)
-
-
 def export_diffusers(run: TrainedRun, folder: str | os.PathLike) -> Path:
     """A `StableDiffusionPipeline` folder with `W R` merged into the UNet, plus the control encoder."""
     module, folder = run.module, Path(folder)
     removed = merge_oft(module.unet)
     try:
-        save_pipeline(module, folder)
+        module.pipeline("ddim").save_pretrained(folder, safe_serialization=True)
     finally:
         unmerge_oft(module.unet, removed)
     export_control_encoder(run, folder / ENCODER_DIR)
@@ -174,7 +158,7 @@ def export_composed(runs: Sequence[TrainedRun], folder: str | os.PathLike) -> Pa
     their rotations merged into the UNet and every run's control encoder in `control_encoder/`, one per
     condition; `python -m src.generate run=<folder> +condition.<name>=...` samples it."""
     composed, folder = compose_runs(runs), Path(folder)
-    save_pipeline(composed.module, folder)  # its rotations are merged already
+    composed.module.pipeline("ddim").save_pretrained(folder, safe_serialization=True)  # rotations merged
     condition = composed.encoder.condition
     write_control_encoder(composed.encoder, condition, composed.resolution, folder / ENCODER_DIR)
     info = {
@@ -255,13 +239,14 @@ CONTROL_FORMATS = ("diffusers", "control_encoder", "controlnet_xs", "hint_embedd
 
 def unsupported(run: TrainedRun, name: str) -> str | None:
     """Why the run (its method or backbone) cannot have format `name` (the `ConfigError` line), or None."""
-    method = getattr(getattr(run.module, "method", None), "name", "oft_control")
+    method_object = getattr(run.module, "method", None)
+    method = getattr(method_object, "name", "oft_control")
     encoder_only = method == "encoder_only" and name in ENCODER_FORMATS
     if name in OFT_FORMATS and method != "oft_control" and not encoder_only:
         return f"exports OFT-Control runs (method oft_control) and this run's method is {method!r}: use --formats ecosystem"
     if name == "ecosystem" and method == "oft_control":
         return "OFT-Control's own formats are the others (diffusers, peft, control_encoder, ...)"
-    if getattr(run.module.method, "multiscale", False) and name in CONTROL_FORMATS:
+    if not getattr(method_object, "encoder_holds_control", True) and name in CONTROL_FORMATS:
         return (
             "holds the control encoder alone, without method.multiscale's per-block heads (an experimental "
             "lever with no export of its control yet): export its rotations with --formats peft"

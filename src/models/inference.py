@@ -22,8 +22,9 @@ from torch import nn
 from src.data.inputs import ConditionInput, collect_inputs
 from src.errors import ConfigError
 from src.models.exported import ENCODER_CONFIG, ENCODER_DIR, is_exported, load_exported
+from src.models.multi import JOIN, compose_runs, split_condition
 from src.models.run import load_run, locate_run
-from src.models.sampling import SamplingOptions, build_pipeline, make_scheduler, sample_controlled
+from src.models.sampling import SamplingOptions, make_scheduler, sample_controlled
 
 
 @dataclass
@@ -61,25 +62,27 @@ def load_controlled(
         )
     run = load_run(source, checkpoint, model_path)
     m = run.module
-    scheduler = make_scheduler("ddim", m.noise_scheduler.config)
-    pipe = build_pipeline(m.unet, m.vae, m.text_encoder, m.tokenizer, scheduler, **m.second_text_encoder())
-    return ControlledModel(pipe, m.method, run.condition, run.resolution, m.noise_scheduler.config)
+    return ControlledModel(
+        m.pipeline("ddim"), m.method, run.condition, run.resolution, m.noise_scheduler.config
+    )
 
 
 def load_composed(
     sources: Sequence[str], checkpoint: str | None = None, model_path: str | None = None
 ) -> ControlledModel:
     """Several runs composed on their common backbone (`src.models.multi`)."""
-    from src.models.multi import compose_runs
-
     if checkpoint is not None and len(sources) > 1:
         raise ConfigError("checkpoint= names one run's checkpoint: pass each run as <run>/checkpoints/<file>")
     composed = compose_runs([load_run(source, checkpoint, model_path) for source in sources])
-    m = composed.module
-    scheduler = make_scheduler("ddim", m.noise_scheduler.config)
-    pipe = build_pipeline(m.unet, m.vae, m.text_encoder, m.tokenizer, scheduler, **m.second_text_encoder())
-    encoder = composed.encoder
-    return ControlledModel(pipe, encoder, encoder.condition, composed.resolution, m.noise_scheduler.config)
+    m, encoder = composed.module, composed.encoder
+    return ControlledModel(
+        m.pipeline("ddim"), encoder, encoder.condition, composed.resolution, m.noise_scheduler.config
+    )
+
+
+def run_source(node: Any) -> str | list[str]:
+    """A config's `run`: one run (a path) or, from `run=[A,B]`, the list of runs to compose."""
+    return [str(item) for item in node] if OmegaConf.is_list(node) else node
 
 
 def describe_source(
@@ -91,7 +94,7 @@ def describe_source(
         described = [describe_source(item, checkpoint) for item in source]
         if not described:
             raise ConfigError("run=[] names no run: give a run directory, or a list of runs to compose")
-        return "+".join(condition for condition, _ in described), described[0][1]
+        return JOIN.join(condition for condition, _ in described), described[0][1]
     if is_exported(source):
         config = json.loads((Path(source) / ENCODER_DIR / ENCODER_CONFIG).read_text())
         return config["condition"], int(config["resolution"])
@@ -150,7 +153,7 @@ def multi_inputs(
     """Inputs for a model of several conditions from `condition.<name>=<source>` (each source as for one
     condition) and the strength of each: `strength` (a number, or a mapping by name; default 1) for the
     conditions given, 0 (not encoded) for the others. The conditions sit side by side, `[3k, H, W]`."""
-    names = condition.split("+")
+    names = split_condition(condition)
     if isinstance(sources, str | os.PathLike):  # shards holding every condition's member
         path = Path(sources).expanduser()
         if path.is_file() and path.suffix.lower() != ".tar" or path.is_dir() and not any(path.glob("*.tar")):

@@ -90,6 +90,8 @@ class Method:
 
     #: whether a task of several conditions (`canny+seg`) trains: one control encoder per condition
     multi_condition: ClassVar[bool] = False
+    #: whether the control encoder alone carries the method's control (what the encoder formats export)
+    encoder_holds_control = True
 
     def check_condition(self, condition: str) -> None:
         """Refuse (one line) a task of several conditions for a method that reads one condition image."""
@@ -227,6 +229,7 @@ class OFTControl(EncoderOnly):
     def __init__(self, adapter_lr: float | None = None, multiscale: bool = False) -> None:
         super().__init__(adapter_lr)
         self.multiscale = bool(multiscale)
+        self.encoder_holds_control = not self.multiscale  # the pyramid's heads are control too
 
     def check_condition(self, condition: str) -> None:
         if self.multiscale and is_multi(condition):

@@ -299,9 +299,10 @@ class OFTControlModule(pl.LightningModule):
         self.method.after_optimizer_step()
 
     # ----------------------------------------------------------------------------------- sampling
-    def pipeline(self):
-        """A stock diffusers pipeline over this module's (adapted) components."""
-        scheduler = make_scheduler(self.sampling.scheduler, self.noise_scheduler.config)
+    def pipeline(self, scheduler: str | None = None):
+        """A stock diffusers pipeline over this module's (adapted) components, sampling with `scheduler`
+        (default: the `sampling` group's)."""
+        scheduler = make_scheduler(scheduler or self.sampling.scheduler, self.noise_scheduler.config)
         return build_pipeline(
             self.unet, self.vae, self.text_encoder, self.tokenizer, scheduler, **self.second_text_encoder()
         )
