@@ -2,15 +2,22 @@
 
     python -m benchmarks.multi_condition [--quick] [--no-write] [--jobs 2] [--out DIR] [--seeds 0 1]
 
-Three OFT-Control runs per seed through ``python -m src.train`` in the race's setting (``experiment=race``:
-the toy backbone, the SD1.5 presets carried over by the race's rule, batch 8, cosine decay to 0, clipping
-at 1), with checkpoints kept, all on the same toy-world shards holding both members (``data_prep.demo``
-task ``canny+seg``: 16,384 training scenes, validation shards of 64): canny alone, segmentation alone and
-both jointly (``task=canny_segmentation``, each condition dropped with probability 0.3). Every model then
-draws the race's 64 reported conditions (``val-000001``; DDIM 20, guidance 9, seed 0): each single run from
-its own condition, the joint model from both and from each alone, and the composition of the two single runs
-of a seed (``src.models.multi.compose_runs``) from both. Scores per condition: canny F1 of the image against
-the target's edges and the toy judge's shape mIoU, with 95% bootstrap intervals over seeds and conditions.
+OFT-Control runs through ``python -m src.train`` in the race's setting (``experiment=race``: the toy backbone,
+the SD1.5 presets carried over by the race's rule, batch 8, cosine decay to 0 over the run, clipping at 1),
+with checkpoints kept, all on the same toy-world shards holding both members (``data_prep.demo`` task
+``canny+seg``: 16,384 training scenes, validation shards of 64): canny alone and segmentation alone at the lrs
+the race chose for OFT-Control, and both jointly (``task=canny_segmentation``, each condition dropped with
+probability 0.3) at an lr chosen here by the race's rule: every joint lr is trained to the reported horizon
+(seed 0) and scored on the 64 selection conditions (``val-000000``, disjoint from the reported ones), each
+condition's metric as a fraction of its single run's on the same conditions; the lr whose smaller fraction
+is largest wins, and the quarter-decade grid (starting at the two single lrs' geometric mean and its
+neighbours) is extended until the winner is inside it.
+
+Every model of each seed then draws the race's 64 reported conditions (``val-000001``; DDIM 20, guidance 9,
+seed 0): each single run from its own condition, the joint model from both and from each alone, and the
+composition of the two single runs of a seed (``src.models.multi.compose_runs``) from both. Scores per
+condition: canny F1 of the image against the target's edges and the toy judge's shape mIoU, with 95%
+bootstrap intervals over seeds and conditions.
 
 Disagreement: each condition's edges paired with the next condition's segmentation (another scene); with
 canny at strength 1 the segmentation's strength goes from 0 to 2, and the plot shows the canny F1 against
@@ -72,33 +79,36 @@ def overrides(run: str, lr: float, seed: int, steps: int, quick: bool) -> list[s
 
 
 def race_lrs(race: Path, default: float) -> dict[str, float]:
-    """OFT-Control's lr as the race chose it for canny and for segmentation (``race.json``), and for the joint
-    run their geometric mean (not tuned on the joint run); ``default`` where the race has no choice."""
+    """OFT-Control's lr as the race chose it for canny and for segmentation (``race.json``); ``default`` where
+    the race has no choice."""
     chosen = {}
     if (race / "race.json").is_file():
         rows = json.loads((race / "race.json").read_text())["rows"]
         chosen = {r["task"]: r["chosen"] for r in rows if r["method"] == "oft_control" and r["chosen"]}
-    canny, seg = chosen.get("canny", default), chosen.get("segmentation", default)
-    return {"canny": canny, "seg": seg, "joint": math.sqrt(canny * seg)}
+    return {"canny": chosen.get("canny", default), "seg": chosen.get("segmentation", default)}
 
 
-def train_all(
-    out: Path, lrs: dict[str, float], seeds: list[int], steps: int, args: argparse.Namespace
-) -> None:
-    """Train every (run, seed) not yet finished, ``--jobs`` processes at a time (in-process with --quick)."""
+def folder_name(run: str, seed: int, lr: float) -> str:
+    """A run's folder: the single runs have one lr each, the joint runs one folder per lr tried."""
+    return f"joint-lr{lr:.3g}_s{seed}" if run == "joint" else f"{run}_s{seed}"
+
+
+def train_all(out: Path, jobs: list[tuple[str, float, int]], steps: int, args: argparse.Namespace) -> None:
+    """Train every (run, lr, seed) of ``jobs`` not yet finished, ``--jobs`` processes at a time (in-process
+    with --quick)."""
     pending = [
-        (run, seed)
-        for seed in seeds
-        for run in TASKS
-        if not (out / f"{run}_s{seed}" / "checkpoints" / "last.ckpt").is_file()
+        (run, lr, seed)
+        for run, lr, seed in jobs
+        if not (out / folder_name(run, seed, lr) / "checkpoints" / "last.ckpt").is_file()
     ]
+    args.trained = getattr(args, "trained", 0) + len(pending)
     running: list[tuple[subprocess.Popen, str]] = []
     while pending or running:
         while pending and len(running) < args.jobs:
-            run, seed = pending.pop(0)
-            folder = out / f"{run}_s{seed}"
+            run, lr, seed = pending.pop(0)
+            folder = out / folder_name(run, seed, lr)
             folder.mkdir(parents=True, exist_ok=True)
-            command = overrides(run, lrs[run], seed, steps, args.quick) + [f"threads={args.threads}"]
+            command = overrides(run, lr, seed, steps, args.quick) + [f"threads={args.threads}"]
             if args.quick:
                 train_inline(command, folder)
                 continue
@@ -121,6 +131,55 @@ def train_all(
         time.sleep(0.5 if running else 0)
 
 
+def select_joint_lr(
+    out: Path, lrs: dict[str, float], steps: int, args: argparse.Namespace, inputs: list, sampling: dict
+) -> tuple[float, list[dict]]:
+    """The joint run's lr by the race's rule (module docstring): seed 0 at the reported horizon, scored on the
+    selection conditions against the single runs there; the grid grows by a quarter decade on the side of
+    a winner at its edge (at most ``--max-extend`` times). Scores are cached in ``selection.json``."""
+    from src.models.inference import load_controlled
+
+    cache_file = out / "selection.json"
+    cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+    conditions = torch.stack([item.condition for item in inputs])
+    targets = torch.stack([item.target for item in inputs])
+    prompts = [item.caption for item in inputs]
+
+    def score(name: str, model_runs, condition, strength, metric: str) -> float:
+        if name not in cache:
+            images = draw(load_controlled(model_runs), condition, prompts, strength, sampling)
+            cache[name] = float(np.mean(scores(images, targets)[metric]))
+            cache_file.write_text(json.dumps(cache, indent=1))
+        return cache[name]
+
+    step = 10**0.25
+    grid = [math.sqrt(lrs["canny"] * lrs["seg"]) * step**k for k in (-1, 0, 1)]
+    extended = 0
+    while True:
+        jobs = [("canny", lrs["canny"], 0), ("seg", lrs["seg"], 0)] + [("joint", lr, 0) for lr in grid]
+        train_all(out, jobs, steps, args)
+        single = {
+            "canny_f1": score("canny_s0", out / "canny_s0", conditions[:, :3], 1.0, "canny_f1"),
+            "seg_miou": score("seg_s0", out / "seg_s0", conditions[:, 3:], 1.0, "seg_miou"),
+        }
+        rows = []
+        for lr in grid:
+            name = folder_name("joint", 0, lr)
+            both = {"canny": 1.0, "seg": 1.0}
+            found = {m: score(f"{name}:{m}", out / name, conditions, both, m) for m in single}
+            ratios = {m: found[m] / single[m] if single[m] else float("nan") for m in single}
+            rows.append({"lr": lr, **found, **{f"{m}_ratio": r for m, r in ratios.items()}})
+            rows[-1]["score"] = min(ratios.values())
+        best = max(range(len(grid)), key=lambda i: rows[i]["score"])
+        at_edge = best in (0, len(grid) - 1)
+        if not at_edge or extended >= args.max_extend:
+            for row in rows:
+                row["single"] = single
+            return grid[best], rows
+        grid = [grid[0] / step] + grid if best == 0 else grid + [grid[-1] * step]
+        extended += 1
+
+
 # ------------------------------------------------------------------------------------------------ scoring
 def scores(
     images: torch.Tensor, targets: torch.Tensor, conditions=("canny", "seg")
@@ -141,7 +200,7 @@ def draw(model, conditions: torch.Tensor, prompts: list[str], strength, sampling
     return generate_images(model, conditions, prompts, options)[:, 0]
 
 
-def evaluate_seed(out: Path, seed: int, inputs: list, sampling: dict) -> dict:
+def evaluate_seed(out: Path, seed: int, lrs: dict[str, float], inputs: list, sampling: dict) -> dict:
     """Every model of one seed on the reported conditions, and the disagreement sweep."""
     from src.models.inference import load_controlled
 
@@ -149,7 +208,7 @@ def evaluate_seed(out: Path, seed: int, inputs: list, sampling: dict) -> dict:
     targets = torch.stack([item.target for item in inputs])
     prompts = [item.caption for item in inputs]
     canny, seg = conditions[:, :3], conditions[:, 3:]
-    runs = {name: out / f"{name}_s{seed}" for name in TASKS}
+    runs = {name: out / folder_name(name, seed, lrs[name]) for name in TASKS}
     images, result = {}, {}
     images["canny alone"] = draw(load_controlled(runs["canny"]), canny, prompts, 1.0, sampling)
     images["seg alone"] = draw(load_controlled(runs["seg"]), seg, prompts, 1.0, sampling)
@@ -258,7 +317,24 @@ def plots(per_seed: list[dict], folder: Path) -> list[Path]:
     return [grid, disagreement]
 
 
-def render(per_seed: list[dict], markdown: str, info: dict, meta: dict) -> str:
+def selection_table(rows: list[dict], chosen: float) -> str:
+    """The joint lr's selection: each lr's scores on the selection conditions, as fractions of the single runs'."""
+    single = rows[0]["single"]
+    lines = [
+        f"| joint lr | canny F1 (canny alone {single['canny_f1']:.3f}) | shape mIoU (seg alone "
+        f"{single['seg_miou']:.3f}) | smaller fraction |",
+        "|---|---|---|---|",
+    ]
+    for row in rows:
+        mark = " (chosen)" if row["lr"] == chosen else ""
+        lines.append(
+            f"| {row['lr']:.3g}{mark} | {row['canny_f1']:.3f} ({row['canny_f1_ratio']:.0%}) | "
+            f"{row['seg_miou']:.3f} ({row['seg_miou_ratio']:.0%}) | {row['score']:.0%} |"
+        )
+    return "\n".join(lines)
+
+
+def render(per_seed: list[dict], markdown: str, info: dict, meta: dict, selected: list[dict]) -> str:
     single, rows = info["single"], info["rows"]
     joint = {m: rows["joint, both"][m][1] / single[m] for m in single}
     composed = {m: rows["composed, both"][m][1] / single[m] for m in single}
@@ -271,10 +347,23 @@ def render(per_seed: list[dict], markdown: str, info: dict, meta: dict) -> str:
         [
             "## Several conditions at once",
             "",
-            f"Measured {meta['date']} with `{meta['command']}` in {meta['minutes']:.0f} minutes on {meta['machine']}.",
-            f"{meta['steps']} steps per run at lr {meta['lrs']} (the race's OFT-Control choices; joint: their "
-            f"geometric mean), seeds {meta['seeds']}, {meta['conditions']} reported "
-            "conditions (the race's `val-000001`); intervals are 95% bootstrap intervals over seeds and conditions.",
+            f"Measured {meta['date']} with `{meta['command']}` in {meta['minutes']:.0f} minutes on {meta['machine']}, "
+            f"which trained {meta['trained']} of the {meta['runs']} runs and reused the rest from an earlier "
+            "invocation in the same folder."
+            if meta["trained"] < meta["runs"]
+            else f"Measured {meta['date']} with `{meta['command']}` in {meta['minutes']:.0f} minutes on "
+            f"{meta['machine']}.",
+            f"{meta['steps']} steps per run at lr {meta['lrs']} (canny and segmentation alone: the race's "
+            "OFT-Control choices; joint: chosen below), seeds "
+            f"{meta['seeds']}, {meta['conditions']} reported conditions (the race's `val-000001`); intervals are "
+            "95% bootstrap intervals over seeds and conditions.",
+            "",
+            "The joint run's lr, chosen like the race's: seed 0 trained to the same horizon at each lr, scored "
+            "with both conditions on the 64 selection conditions (`val-000000`, disjoint from the reported "
+            "ones) as fractions of the single runs' scores there; the lr with the largest smaller fraction "
+            "wins, and the grid grows until it is inside.",
+            "",
+            selection_table(selected, meta["joint_lr"]),
             "",
             markdown,
             "",
@@ -304,22 +393,30 @@ def main(argv: list[str] | None = None) -> dict:
         "--race", type=Path, default=ROOT / "outputs" / "race", help="the race whose lrs to use"
     )
     parser.add_argument("--lr", type=float, default=1e-2, help="lr of a run the race has no choice for")
+    parser.add_argument(
+        "--max-extend", type=int, default=3, help="grid extensions of the joint lr's selection (default 3)"
+    )
     args = parser.parse_args(argv)
     steps, seeds = (2, [0]) if args.quick else (args.steps, args.seeds)
     out = args.out or (DEFAULT_OUT.with_name("multi_condition-quick") if args.quick else DEFAULT_OUT)
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     lrs = race_lrs(args.race, args.lr)
-    train_all(out, lrs, seeds, steps, args)
+    singles = [(run, lrs[run], seed) for seed in seeds for run in ("canny", "seg")]
+    train_all(out, singles, steps, args)  # and builds the shards
     from omegaconf import OmegaConf
 
     from src.data.inputs import collect_inputs
 
-    root = OmegaConf.load(out / f"joint_s{seeds[0]}" / "config.yaml").data.root
+    root = OmegaConf.load(out / "canny_s0" / "config.yaml").data.root
+    torch.set_num_threads(max(1, args.threads * args.jobs))
+    sampling = SAMPLING | ({"num_inference_steps": 2} if args.quick else {})
+    selection = collect_inputs(f"{root}/canny+seg/val-000000.tar", "canny+seg", 64)
+    lrs["joint"], selected = select_joint_lr(out, lrs, steps, args, selection, sampling)
+    train_all(out, [(run, lrs[run], seed) for seed in seeds for run in TASKS], steps, args)
     torch.set_num_threads(max(1, args.threads * args.jobs))
     inputs = collect_inputs(f"{root}/canny+seg/val-000001.tar", "canny+seg", 64)
-    sampling = SAMPLING | ({"num_inference_steps": 2} if args.quick else {})
-    per_seed = [evaluate_seed(out, seed, inputs, sampling) for seed in seeds]
+    per_seed = [evaluate_seed(out, seed, lrs, inputs, sampling) for seed in seeds]
     markdown, info = table(per_seed)
     command = "python -m benchmarks.multi_condition" + (" --quick" if args.quick else "")
     command += "" if args.quick or seeds == [0, 1] else " --seeds " + " ".join(map(str, seeds))
@@ -332,15 +429,18 @@ def main(argv: list[str] | None = None) -> dict:
         lrs=", ".join(f"{name} {lr:.3g}" for name, lr in lrs.items()),
         seeds=seeds,
         conditions=len(inputs),
+        joint_lr=lrs["joint"],
+        trained=args.trained,
+        runs=2 * len(seeds) + len(selected) + len(seeds) - 1,
     )
-    text = render(per_seed, markdown, info, meta)
+    text = render(per_seed, markdown, info, meta, selected)
     write = not (args.quick or args.no_write)
     paths = plots(per_seed, Path(__file__).parent if write else out)
     if write:
         readme.write_section(text, start=START, end=END)
     (out / "report.md").write_text(text + "\n")
     print(text)
-    return {"markdown": text, "info": info, "per_seed": per_seed, "plots": paths}
+    return {"markdown": text, "info": info, "per_seed": per_seed, "plots": paths, "selection": selected}
 
 
 if __name__ == "__main__":

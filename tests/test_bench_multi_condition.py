@@ -40,9 +40,18 @@ def test_table_ratios_are_to_the_single_run_of_the_same_condition() -> None:
     assert info["chance"]["canny_f1"] == pytest.approx((0.1, 0.1, 0.1))
 
 
-def test_quick_protocol_trains_three_runs_and_reports_every_model(tmp_path, offline_cache) -> None:
-    result = bench.main(["--quick", "--out", str(tmp_path)])
-    for run in ("canny_s0", "seg_s0", "joint_s0"):
+def test_quick_protocol_selects_the_joint_lr_and_reports_every_model(tmp_path, offline_cache) -> None:
+    result = bench.main(["--quick", "--out", str(tmp_path), "--max-extend", "0"])
+    selected = result["selection"]
+    assert len(selected) == 3  # the geometric mean of the single lrs and its two quarter-decade neighbours
+    lrs = [row["lr"] for row in selected]
+    assert lrs[1] == pytest.approx((lrs[0] * lrs[2]) ** 0.5) and lrs[2] / lrs[1] == pytest.approx(10**0.25)
+    for row in selected:  # each lr's score is the smaller of its two fractions of the single runs' scores
+        fractions = [row[m] / row["single"][m] for m in ("canny_f1", "seg_miou") if row["single"][m]]
+        assert row["score"] == pytest.approx(min(fractions))
+    chosen = max(selected, key=lambda row: row["score"])["lr"]
+    assert f"| {chosen:.3g} (chosen) |" in result["markdown"]
+    for run in ("canny_s0", "seg_s0", bench.folder_name("joint", 0, chosen)):
         assert (tmp_path / run / "checkpoints" / "last.ckpt").is_file()
     (scores,) = [seed["scores"] for seed in result["per_seed"]]
     assert set(scores) == {
