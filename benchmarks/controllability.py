@@ -4,12 +4,12 @@
                                          [--model-path DIR] [--data-root DIR] [--report-only]
 
 A thin driver over ``python -m src.train`` (``conf/experiment/race.yaml`` plus task, method, lr, seed, horizon
-and validation shard per run), one process per run (one torch thread, ``--jobs`` at once) in its own folder
-under ``--out``; finished runs are not rerun, so an interrupted race resumes. Per (task, method): (1) each
-lr of the grid trains ``select_steps`` with the reported schedule scaled to that horizon, scored on the
-selection conditions (validation shard 0), the grid extended beyond an end while the best is there
-(``next_lr``); (2) on the first task, methods with two parameter groups train their adapter at lr / f and
-lr * f; (3) the chosen lr trains ``steps`` for every seed on the reported conditions (shard 1).
+and validation shard per run), one process per run (one torch thread, ``--jobs`` at once) under ``--out``;
+finished runs are not rerun, so a race resumes. Per (task, method): (1) each lr of the grid trains
+``select_steps`` (the reported schedule scaled), scored on the selection conditions (shard 0), the grid extended
+beyond an end while the best is there (``next_lr``), and tried again at the reported horizon where the best's
+interval does not clear chance (``beats_chance``); (2) on the first task, methods with two parameter groups
+train their adapter at lr / f and lr * f; (3) the chosen lr trains ``steps`` per seed on the reported shard 1.
 ``benchmarks.race_report`` writes the table and plots (benchmarks/README.md, "Controllability on the toy
 world", has the protocol and its time budget). ``--quick``: the same phases in-process on a tiny protocol.
 """
@@ -76,9 +76,6 @@ QUICK_OVERRIDES = (
 )
 QUICK = Protocol(batch_size=2, steps=2, eval_every=1, select_steps=1, grid=(1e-4, 1e-3, 1e-2))
 QUICK = replace(QUICK, max_extend=1, extra=tuple(QUICK_OVERRIDES.split()))
-#: measured step seconds at batch 8, one thread, two runs at a time (the pilot of benchmarks/README.md)
-STEP_SECONDS = dict(zip(ROWS["canny"], (0.19, 0.12, 0.14, 0.15, 0.14, 0.08), strict=True))
-EVAL_SECONDS, START_SECONDS = 10.0, 12.0  # one evaluation of 64 conditions (DDIM 20); a run's start-up
 
 
 @dataclass(frozen=True)
@@ -87,7 +84,7 @@ class Run:
     method: str
     lr: float
     seed: int
-    phase: str  # select, adapter, report
+    phase: str  # select (select_steps), horizon (select at the reported horizon), adapter, report
     steps: int
     eval_every: int
     adapter_lr: float | None = None
@@ -136,6 +133,15 @@ def run_score(run_dir: Path, task: str) -> float:
     return float(sum(values) / len(values))
 
 
+def beats_chance(run_dir: Path, task: str) -> bool:
+    """The last evaluation's 95% interval (over conditions) lies wholly above the mean chance level."""
+    from benchmarks.race_report import bootstrap, last_conditions
+
+    found = last_conditions(run_dir)
+    chance = found[f"{SCORE[task]}_chance"]
+    return bootstrap([found[SCORE[task]]])[0] > sum(chance) / len(chance)
+
+
 @dataclass
 class Row:
     task: str  # one (task, method)'s selection state
@@ -144,6 +150,7 @@ class Row:
     tried: list[float] = field(default_factory=list)
     chosen: float | None = None
     at_edge: bool = False
+    short: list | None = None  # the select_steps (lr, score) where none beat chance
 
 
 class Race:
@@ -158,8 +165,9 @@ class Race:
 
     def select_run(self, row: Row, lr: float) -> Run:
         row.tried.append(lr)
-        p = self.protocol
-        return Run(row.task, row.method, lr, p.seeds[0], "select", p.select_steps, p.select_steps)
+        p, long = self.protocol, row.short is not None
+        phase, steps = ("horizon", p.steps) if long else ("select", p.select_steps)
+        return Run(row.task, row.method, lr, p.seeds[0], phase, steps, steps)
 
     def first_runs(self) -> list[Run]:
         return [self.select_run(row, lr) for row in self.rows.values() for lr in self.protocol.grid]
@@ -168,7 +176,7 @@ class Race:
         """Record a finished run; the runs it makes due."""
         p = self.protocol
         row = self.rows[(run.task, run.method)]
-        if run.phase != "select":
+        if run.phase not in ("select", "horizon"):
             return []
         row.scores[run.lr] = score
         if len(row.scores) < len(row.tried):
@@ -179,6 +187,11 @@ class Race:
             return [self.select_run(row, following)]
         row.at_edge = following is not None
         row.chosen = max(sorted(row.scores), key=lambda lr: row.scores[lr])
+        chosen_dir = self.out / replace(run, lr=row.chosen).name
+        learnt = math.isfinite(row.scores[row.chosen]) and beats_chance(chosen_dir, run.task)
+        if row.short is None and not learnt:  # nothing learnt yet at select_steps: select again
+            row.short, row.scores, row.tried, row.chosen = sorted(row.scores.items()), {}, [], None
+            return [self.select_run(row, lr) for lr in p.grid]
         reports = [Run(run.task, run.method, row.chosen, s, "report", p.steps, p.eval_every) for s in p.seeds]
         check = p.adapter_check and run.method in TWO_GROUPS and run.task == p.tasks[0]
         adapter = [
@@ -211,7 +224,7 @@ class Race:
         record = folder / "race_run.json"
         if seconds is not None:
             record.write_text(json.dumps({**asdict(run), "seconds": seconds, "failed": failed}) + "\n")
-        info = {**json.loads(record.read_text()), "dir": run.name}
+        info = {**json.loads(record.read_text()), "dir": run.name, "reused": seconds is None}
         info["score"] = -math.inf if info.get("failed") else run_score(folder, run.task)
         self.runs.append(info)
         print(f"[race] {run.name}: score {info['score']:.4f} ({info['seconds']:.0f} s)", flush=True)
@@ -276,18 +289,6 @@ def train_inline(overrides: list[str], folder: Path) -> None:
     train(cfg)
 
 
-def estimate_minutes(protocol: Protocol, jobs: int, extensions: int = 8) -> float:
-    """Wall minutes of the race's runs from the pilot's step times, with ``extensions`` grid extensions."""
-    p, total = protocol, 0.0
-    for task, method in ((t, m) for t in p.tasks for m in ROWS[t]):
-        select = p.select_steps * STEP_SECONDS[method] + EVAL_SECONDS + START_SECONDS
-        checks = 2 if p.adapter_check and method in TWO_GROUPS and task == p.tasks[0] else 0
-        report = p.steps * STEP_SECONDS[method] + p.steps // p.eval_every * EVAL_SECONDS + START_SECONDS
-        total += (len(p.grid) + checks) * select + len(p.seeds) * report
-    total += extensions * (p.select_steps * 0.14 + EVAL_SECONDS + START_SECONDS)
-    return total / jobs / 60
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--quick", action="store_true", help="the tiny protocol in-process; no README")
@@ -311,9 +312,6 @@ def main(argv: list[str] | None = None) -> dict:
         race = json.loads((out / "race.json").read_text())
     else:
         command = "python -m benchmarks.controllability" + (" --quick" if args.quick else "")
-        if not args.quick:
-            minutes = estimate_minutes(protocol, args.jobs)
-            print(f"[race] {out}: about {minutes:.0f} min of training (pilot step times)", flush=True)
         race_ = Race(protocol, out, args)
         started = time.monotonic()
         race_.run_all()

@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- controllability:start -->", "<!-- controllability:end -->"
 CURVES_PLOT, LR_PLOT = "controllability_curves.png", "controllability_lr.png"
 RESAMPLES = 2000
+VS = {None: "-", 1: "above", -1: "below", 0: "overlaps"}  # an interval against OFT-Control's
 NAMES = {
     "oft_control": "OFT-Control",
     "encoder_only": "encoder only",
@@ -103,6 +104,7 @@ def rows(race: dict, out: Path) -> list[dict]:
         grid = sorted(lr for lr, _ in row["scores"])
         found = dict(task=row["task"], method=row["method"], lr=row["chosen"], grid=grid, seeds=len(runs))
         found |= dict(inside=grid[0] < row["chosen"] < grid[-1], selection=row["scores"], curve=curve)
+        found["horizon"] = bool(row.get("short"))  # selected at the reported horizon
         found |= dict(final=curve[steps[-1]], conditions=len(per_seed[0][steps[-1]][name]))
         last = [c[steps[-1]] for c in per_seed]
         found["chance"] = bootstrap(np.array([c[f"{name}_chance"] for c in last]))
@@ -213,10 +215,6 @@ def faithfulness_table(found: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _vs(value: int | None) -> str:
-    return "-" if value is None else {1: "above", -1: "below", 0: "overlaps"}[value]
-
-
 def _movement(logged: dict, spread: dict) -> str:
     """Max Q/radius, mean ||R - I|| and max angle at the last evaluation: seeds' mean [lowest, highest]."""
     formats = (".2f", ".3g", ".1f")
@@ -237,27 +235,31 @@ def table(found: list[dict]) -> str:
     ]
     for r in found:
         grid = ", ".join(f"{lr:.2g}" for lr in r["grid"])
-        edge = "" if r["inside"] else " **at the grid's edge**"
+        edge = " at the horizon" * r["horizon"] + " **at the grid's edge**" * (not r["inside"])
         curve = ", ".join(f"{_ci(v)} @{s}" for s, v in r["curve"].items())
         logged, caption = r["logged"], " / ".join(map(_ci, r["caption"]))
         lines.append(
             f"| {r['task']} | {NAMES[r['method']]} | {r['lr']:.2g} ({grid}){edge} | {curve} | {_ci(r['final'])} | "
-            f"{_ci(r['chance'])} | {'yes' if r['plateau'] else 'no'} | {_vs(r['vs_oft'])} | {caption} | {_movement(logged, r['logged_range'])} |"
+            f"{_ci(r['chance'])} | {'yes' if r['plateau'] else 'no'} | {VS[r['vs_oft']]} | {caption} | {_movement(logged, r['logged_range'])} |"
         )
     return "\n".join(lines)
 
 
 def render(race: dict, found: list[dict], faith: list[dict], checks: list[str]) -> str:
     p = race["protocol"]
-    minutes = race["seconds"] / 60
+    minutes, reused = race["seconds"] / 60, sum(r.get("reused", False) for r in race["runs"])
+    resumed = f" (resumed: {reused} of its {len(race['runs'])} runs from an earlier invocation)" * bool(
+        reused
+    )
     head = (
-        f"Measured {race['date']} with `{race['command']}` in {minutes:.1f} minutes on {readme.machine()} "
+        f"Measured {race['date']} with `{race['command']}` in {minutes:.1f} minutes{resumed} on {readme.machine()} "
         f"({race['jobs']} runs at a time, one torch thread each). Batch {p['batch_size']}, {p['steps']} steps "
         f"(evaluations every {p['eval_every']}), seeds {', '.join(map(str, p['seeds']))}, "
         f"{found[0]['conditions'] if found else 0} reported conditions per seed; lr chosen after "
         f"{p['select_steps']} steps (the same cosine decay, scaled) on as many disjoint selection conditions, "
-        f"grid extended by x{p['factor']:.3g} while its best is at an end. Scores: canny F1 / toy-judge shape "
-        "mIoU per condition, mean [95% bootstrap interval over conditions and seeds]; rotation movement at the "
+        f"grid extended by x{p['factor']:.3g} while its best is at an end; where the best's interval did not "
+        f"clear chance, the grid was tried again at {p['steps']} steps (at the horizon). Scores: canny F1 / "
+        "toy-judge shape mIoU per condition, mean [95% bootstrap interval over conditions and seeds]; rotation movement at the "
         "last evaluation, mean over seeds [lowest, highest seed] (`oft/q_over_radius_max`, "
         "`oft/rotation_distance`, `oft/plane_angle_max_deg`)."
     )
