@@ -49,6 +49,13 @@ from benchmarks.race_report import bootstrap
 DEFAULT_OUT = ROOT / "outputs" / "multi_condition"
 START, END = "<!-- multi_condition:start -->", "<!-- multi_condition:end -->"
 TASKS = {"canny": "canny", "seg": "segmentation", "joint": "canny_segmentation"}
+DROPOUT = 0.3  # module.condition_dropout's default (conf/train.yaml)
+DROPOUTS = (
+    0.05,
+    0.1,
+    0.2,
+    DROPOUT,
+)  # tried at the chosen lr; at least 0.05, so each condition is trained alone
 STRENGTHS = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0)  # the segmentation's, canny at 1, in the disagreement plot
 SAMPLING = dict(scheduler="ddim", num_inference_steps=20, guidance_scale=9.0, seed=0, batch_size=16)
 KEEP_CHECKPOINTS = (
@@ -58,7 +65,7 @@ KEEP_CHECKPOINTS = (
 )
 
 
-def overrides(run: str, lr: float, seed: int, steps: int, quick: bool) -> list[str]:
+def overrides(run: str, lr: float, seed: int, steps: int, quick: bool, dropout: float = DROPOUT) -> list[str]:
     """``src.train`` overrides of one run: the race's setting on the two-member shards."""
     shards = "${data.root}/canny+seg"
     return [
@@ -74,6 +81,7 @@ def overrides(run: str, lr: float, seed: int, steps: int, quick: bool) -> list[s
         f"data.val_shards={shards}/val-000001.tar",
         "data.prepare.task=canny+seg",
         *KEEP_CHECKPOINTS,
+        *([f"module.condition_dropout={dropout}"] if run == "joint" else []),
         *(QUICK_OVERRIDES.split() + ["data.batch_size=2"] if quick else ["data.batch_size=8"]),
     ]
 
@@ -88,27 +96,25 @@ def race_lrs(race: Path, default: float) -> dict[str, float]:
     return {"canny": chosen.get("canny", default), "seg": chosen.get("segmentation", default)}
 
 
-def folder_name(run: str, seed: int, lr: float) -> str:
-    """A run's folder: the single runs have one lr each, the joint runs one folder per lr tried."""
-    return f"joint-lr{lr:.3g}_s{seed}" if run == "joint" else f"{run}_s{seed}"
+def folder_name(run: str, seed: int, lr: float, dropout: float = DROPOUT) -> str:
+    """A run's folder: the single runs have one lr each, the joint runs one folder per lr and dropout tried."""
+    if run != "joint":
+        return f"{run}_s{seed}"
+    return f"joint-lr{lr:.3g}" + (f"-drop{dropout:g}" if dropout != DROPOUT else "") + f"_s{seed}"
 
 
-def train_all(out: Path, jobs: list[tuple[str, float, int]], steps: int, args: argparse.Namespace) -> None:
-    """Train every (run, lr, seed) of ``jobs`` not yet finished, ``--jobs`` processes at a time (in-process
-    with --quick)."""
-    pending = [
-        (run, lr, seed)
-        for run, lr, seed in jobs
-        if not (out / folder_name(run, seed, lr) / "checkpoints" / "last.ckpt").is_file()
-    ]
+def train_all(out: Path, jobs: list[tuple], steps: int, args: argparse.Namespace) -> None:
+    """Train every (run, lr, seed[, condition dropout]) of ``jobs`` not yet finished, ``--jobs`` processes at a
+    time (in-process with --quick)."""
+    pending = [job for job in jobs if not (out / folder_name(*job) / "checkpoints" / "last.ckpt").is_file()]
     args.trained = getattr(args, "trained", 0) + len(pending)
     running: list[tuple[subprocess.Popen, str]] = []
     while pending or running:
         while pending and len(running) < args.jobs:
-            run, lr, seed = pending.pop(0)
-            folder = out / folder_name(run, seed, lr)
+            run, seed, lr, *dropout = pending.pop(0)
+            folder = out / folder_name(run, seed, lr, *dropout)
             folder.mkdir(parents=True, exist_ok=True)
-            command = overrides(run, lr, seed, steps, args.quick) + [f"threads={args.threads}"]
+            command = overrides(run, lr, seed, steps, args.quick, *dropout) + [f"threads={args.threads}"]
             if args.quick:
                 train_inline(command, folder)
                 continue
@@ -131,12 +137,13 @@ def train_all(out: Path, jobs: list[tuple[str, float, int]], steps: int, args: a
         time.sleep(0.5 if running else 0)
 
 
-def select_joint_lr(
+def select_joint(
     out: Path, lrs: dict[str, float], steps: int, args: argparse.Namespace, inputs: list, sampling: dict
-) -> tuple[float, list[dict]]:
-    """The joint run's lr by the race's rule (module docstring): seed 0 at the reported horizon, scored on the
-    selection conditions against the single runs there; the grid grows by a quarter decade on the side of
-    a winner at its edge (at most ``--max-extend`` times). Scores are cached in ``selection.json``."""
+) -> tuple[tuple[float, float], list[dict]]:
+    """The joint run's (lr, condition dropout), seed 0 at the reported horizon, scored on the selection
+    conditions against the single runs there (the module docstring): first the lr at the default dropout, the
+    grid growing by a quarter decade on the side of a winner at its edge (at most ``--max-extend`` times); then
+    the dropouts ``DROPOUTS`` at that lr. Scores are cached in ``selection.json``."""
     from src.models.inference import load_controlled
 
     cache_file = out / "selection.json"
@@ -145,39 +152,44 @@ def select_joint_lr(
     targets = torch.stack([item.target for item in inputs])
     prompts = [item.caption for item in inputs]
 
-    def score(name: str, model_runs, condition, strength, metric: str) -> float:
-        if name not in cache:
-            images = draw(load_controlled(model_runs), condition, prompts, strength, sampling)
-            cache[name] = float(np.mean(scores(images, targets)[metric]))
+    def score(name: str, condition, strength, metric: str) -> float:
+        key = f"{name}:{metric}" if name.startswith("joint") else name
+        if key not in cache:
+            images = draw(load_controlled(out / name), condition, prompts, strength, sampling)
+            cache[key] = float(np.mean(scores(images, targets)[metric]))
             cache_file.write_text(json.dumps(cache, indent=1))
-        return cache[name]
+        return cache[key]
 
+    def rows_of(points: list[tuple[float, float]]) -> list[dict]:
+        train_all(out, [("joint", 0, lr, dropout) for lr, dropout in points], steps, args)
+        rows = []
+        for lr, dropout in points:
+            name = folder_name("joint", 0, lr, dropout)
+            found = {m: score(name, conditions, {"canny": 1.0, "seg": 1.0}, m) for m in single}
+            ratios = {m: found[m] / single[m] if single[m] else float("nan") for m in single}
+            rows.append(
+                {"lr": lr, "dropout": dropout, **found, "single": single, "score": min(ratios.values())}
+            )
+            rows[-1] |= {f"{m}_ratio": r for m, r in ratios.items()}
+        return rows
+
+    train_all(out, [("canny", 0, lrs["canny"]), ("seg", 0, lrs["seg"])], steps, args)
+    single = {
+        "canny_f1": score("canny_s0", conditions[:, :3], 1.0, "canny_f1"),
+        "seg_miou": score("seg_s0", conditions[:, 3:], 1.0, "seg_miou"),
+    }
     step = 10**0.25
     grid = [math.sqrt(lrs["canny"] * lrs["seg"]) * step**k for k in (-1, 0, 1)]
-    extended = 0
-    while True:
-        jobs = [("canny", lrs["canny"], 0), ("seg", lrs["seg"], 0)] + [("joint", lr, 0) for lr in grid]
-        train_all(out, jobs, steps, args)
-        single = {
-            "canny_f1": score("canny_s0", out / "canny_s0", conditions[:, :3], 1.0, "canny_f1"),
-            "seg_miou": score("seg_s0", out / "seg_s0", conditions[:, 3:], 1.0, "seg_miou"),
-        }
-        rows = []
-        for lr in grid:
-            name = folder_name("joint", 0, lr)
-            both = {"canny": 1.0, "seg": 1.0}
-            found = {m: score(f"{name}:{m}", out / name, conditions, both, m) for m in single}
-            ratios = {m: found[m] / single[m] if single[m] else float("nan") for m in single}
-            rows.append({"lr": lr, **found, **{f"{m}_ratio": r for m, r in ratios.items()}})
-            rows[-1]["score"] = min(ratios.values())
+    for extended in range(args.max_extend + 1):
+        rows = rows_of([(lr, DROPOUT) for lr in grid])
         best = max(range(len(grid)), key=lambda i: rows[i]["score"])
-        at_edge = best in (0, len(grid) - 1)
-        if not at_edge or extended >= args.max_extend:
-            for row in rows:
-                row["single"] = single
-            return grid[best], rows
+        if best not in (0, len(grid) - 1) or extended == args.max_extend:
+            break
         grid = [grid[0] / step] + grid if best == 0 else grid + [grid[-1] * step]
-        extended += 1
+    lr = grid[best]
+    rows += rows_of([(lr, dropout) for dropout in DROPOUTS if dropout != DROPOUT])
+    chosen = max(rows, key=lambda row: row["score"] if row["lr"] == lr else -math.inf)
+    return (chosen["lr"], chosen["dropout"]), rows
 
 
 # ------------------------------------------------------------------------------------------------ scoring
@@ -200,7 +212,9 @@ def draw(model, conditions: torch.Tensor, prompts: list[str], strength, sampling
     return generate_images(model, conditions, prompts, options)[:, 0]
 
 
-def evaluate_seed(out: Path, seed: int, lrs: dict[str, float], inputs: list, sampling: dict) -> dict:
+def evaluate_seed(
+    out: Path, seed: int, lrs: dict[str, float], dropout: float, inputs: list, sampling: dict
+) -> dict:
     """Every model of one seed on the reported conditions, and the disagreement sweep."""
     from src.models.inference import load_controlled
 
@@ -208,7 +222,7 @@ def evaluate_seed(out: Path, seed: int, lrs: dict[str, float], inputs: list, sam
     targets = torch.stack([item.target for item in inputs])
     prompts = [item.caption for item in inputs]
     canny, seg = conditions[:, :3], conditions[:, 3:]
-    runs = {name: out / folder_name(name, seed, lrs[name]) for name in TASKS}
+    runs = {name: out / folder_name(name, seed, lrs[name], dropout) for name in TASKS}
     images, result = {}, {}
     images["canny alone"] = draw(load_controlled(runs["canny"]), canny, prompts, 1.0, sampling)
     images["seg alone"] = draw(load_controlled(runs["seg"]), seg, prompts, 1.0, sampling)
@@ -317,18 +331,19 @@ def plots(per_seed: list[dict], folder: Path) -> list[Path]:
     return [grid, disagreement]
 
 
-def selection_table(rows: list[dict], chosen: float) -> str:
-    """The joint lr's selection: each lr's scores on the selection conditions, as fractions of the single runs'."""
+def selection_table(rows: list[dict], chosen: tuple[float, float]) -> str:
+    """The joint run's selection: each (lr, dropout)'s scores on the selection conditions, as fractions of the
+    single runs' there."""
     single = rows[0]["single"]
     lines = [
-        f"| joint lr | canny F1 (canny alone {single['canny_f1']:.3f}) | shape mIoU (seg alone "
-        f"{single['seg_miou']:.3f}) | smaller fraction |",
-        "|---|---|---|---|",
+        f"| joint lr | condition dropout | canny F1 (canny alone {single['canny_f1']:.3f}) | shape mIoU (seg "
+        f"alone {single['seg_miou']:.3f}) | smaller fraction |",
+        "|---|---|---|---|---|",
     ]
     for row in rows:
-        mark = " (chosen)" if row["lr"] == chosen else ""
+        mark = " (chosen)" if (row["lr"], row["dropout"]) == chosen else ""
         lines.append(
-            f"| {row['lr']:.3g}{mark} | {row['canny_f1']:.3f} ({row['canny_f1_ratio']:.0%}) | "
+            f"| {row['lr']:.3g}{mark} | {row['dropout']:g} | {row['canny_f1']:.3f} ({row['canny_f1_ratio']:.0%}) | "
             f"{row['seg_miou']:.3f} ({row['seg_miou_ratio']:.0%}) | {row['score']:.0%} |"
         )
     return "\n".join(lines)
@@ -353,17 +368,18 @@ def render(per_seed: list[dict], markdown: str, info: dict, meta: dict, selected
             if meta["trained"] < meta["runs"]
             else f"Measured {meta['date']} with `{meta['command']}` in {meta['minutes']:.0f} minutes on "
             f"{meta['machine']}.",
-            f"{meta['steps']} steps per run at lr {meta['lrs']} (canny and segmentation alone: the race's "
-            "OFT-Control choices; joint: chosen below), seeds "
+            f"{meta['steps']} steps per run at lr {meta['lrs']}, the joint run's condition dropout "
+            f"{meta['joint'][1]:g} (canny and segmentation alone: the race's OFT-Control lrs; joint: chosen below), seeds "
             f"{meta['seeds']}, {meta['conditions']} reported conditions (the race's `val-000001`); intervals are "
             "95% bootstrap intervals over seeds and conditions.",
             "",
-            "The joint run's lr, chosen like the race's: seed 0 trained to the same horizon at each lr, scored "
-            "with both conditions on the 64 selection conditions (`val-000000`, disjoint from the reported "
-            "ones) as fractions of the single runs' scores there; the lr with the largest smaller fraction "
-            "wins, and the grid grows until it is inside.",
+            "The joint run's lr and condition dropout, chosen like the race's lrs: seed 0 trained to the same "
+            "horizon at each, scored with both conditions on the 64 selection conditions (`val-000000`, "
+            "disjoint from the reported ones) as fractions of the single runs' scores there; the largest "
+            "smaller fraction wins. First the lr at the default dropout 0.3 (the grid grows until its best is "
+            "inside), then the dropout at that lr (at least 0.05, so that each condition is also trained alone).",
             "",
-            selection_table(selected, meta["joint_lr"]),
+            selection_table(selected, meta["joint"]),
             "",
             markdown,
             "",
@@ -402,7 +418,7 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     lrs = race_lrs(args.race, args.lr)
-    singles = [(run, lrs[run], seed) for seed in seeds for run in ("canny", "seg")]
+    singles = [(run, seed, lrs[run]) for seed in seeds for run in ("canny", "seg")]
     train_all(out, singles, steps, args)  # and builds the shards
     from omegaconf import OmegaConf
 
@@ -412,11 +428,11 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(max(1, args.threads * args.jobs))
     sampling = SAMPLING | ({"num_inference_steps": 2} if args.quick else {})
     selection = collect_inputs(f"{root}/canny+seg/val-000000.tar", "canny+seg", 64)
-    lrs["joint"], selected = select_joint_lr(out, lrs, steps, args, selection, sampling)
-    train_all(out, [(run, lrs[run], seed) for seed in seeds for run in TASKS], steps, args)
+    (lrs["joint"], dropout), selected = select_joint(out, lrs, steps, args, selection, sampling)
+    train_all(out, [(run, seed, lrs[run], dropout) for seed in seeds for run in TASKS], steps, args)
     torch.set_num_threads(max(1, args.threads * args.jobs))
     inputs = collect_inputs(f"{root}/canny+seg/val-000001.tar", "canny+seg", 64)
-    per_seed = [evaluate_seed(out, seed, lrs, inputs, sampling) for seed in seeds]
+    per_seed = [evaluate_seed(out, seed, lrs, dropout, inputs, sampling) for seed in seeds]
     markdown, info = table(per_seed)
     command = "python -m benchmarks.multi_condition" + (" --quick" if args.quick else "")
     command += "" if args.quick or seeds == [0, 1] else " --seeds " + " ".join(map(str, seeds))
@@ -429,7 +445,7 @@ def main(argv: list[str] | None = None) -> dict:
         lrs=", ".join(f"{name} {lr:.3g}" for name, lr in lrs.items()),
         seeds=seeds,
         conditions=len(inputs),
-        joint_lr=lrs["joint"],
+        joint=(lrs["joint"], dropout),
         trained=args.trained,
         runs=2 * len(seeds) + len(selected) + len(seeds) - 1,
     )

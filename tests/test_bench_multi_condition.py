@@ -43,16 +43,27 @@ def test_table_ratios_are_to_the_single_run_of_the_same_condition() -> None:
 def test_quick_protocol_selects_the_joint_lr_and_reports_every_model(tmp_path, offline_cache) -> None:
     result = bench.main(["--quick", "--out", str(tmp_path), "--max-extend", "0"])
     selected = result["selection"]
-    assert len(selected) == 3  # the geometric mean of the single lrs and its two quarter-decade neighbours
-    lrs = [row["lr"] for row in selected]
+    # first the lr: the geometric mean of the single lrs and its two quarter-decade neighbours, at dropout 0.3
+    lrs = [row["lr"] for row in selected[:3]]
     assert lrs[1] == pytest.approx((lrs[0] * lrs[2]) ** 0.5) and lrs[2] / lrs[1] == pytest.approx(10**0.25)
-    for row in selected:  # each lr's score is the smaller of its two fractions of the single runs' scores
+    assert {row["dropout"] for row in selected[:3]} == {bench.DROPOUT}
+    best_lr = max(selected[:3], key=lambda row: row["score"])["lr"]
+    # then the other dropouts at that lr
+    assert [(row["lr"], row["dropout"]) for row in selected[3:]] == [
+        (best_lr, 0.05),
+        (best_lr, 0.1),
+        (best_lr, 0.2),
+    ]
+    for row in selected:  # each score is the smaller of the two fractions of the single runs' scores
         fractions = [row[m] / row["single"][m] for m in ("canny_f1", "seg_miou") if row["single"][m]]
         assert row["score"] == pytest.approx(min(fractions))
-    chosen = max(selected, key=lambda row: row["score"])["lr"]
-    assert f"| {chosen:.3g} (chosen) |" in result["markdown"]
-    for run in ("canny_s0", "seg_s0", bench.folder_name("joint", 0, chosen)):
+    chosen = max((row for row in selected if row["lr"] == best_lr), key=lambda row: row["score"])
+    assert f"| {chosen['lr']:.3g} (chosen) | {chosen['dropout']:g} |" in result["markdown"]
+    joint = bench.folder_name("joint", 0, chosen["lr"], chosen["dropout"])
+    for run in ("canny_s0", "seg_s0", joint):
         assert (tmp_path / run / "checkpoints" / "last.ckpt").is_file()
+    config = (tmp_path / joint / "config.yaml").read_text()
+    assert f"condition_dropout: {chosen['dropout']}" in config
     (scores,) = [seed["scores"] for seed in result["per_seed"]]
     assert set(scores) == {
         "canny alone",
