@@ -6,12 +6,13 @@ OFT-Control runs through ``python -m src.train`` in the race's setting (``experi
 the SD1.5 presets carried over by the race's rule, batch 8, cosine decay to 0 over the run, clipping at 1),
 with checkpoints kept, all on the same toy-world shards holding both members (``data_prep.demo`` task
 ``canny+seg``: 16,384 training scenes, validation shards of 64): canny alone and segmentation alone at the lrs
-the race chose for OFT-Control, and both jointly (``task=canny_segmentation``, each condition dropped with
-probability 0.3) at an lr chosen here by the race's rule: every joint lr is trained to the reported horizon
-(seed 0) and scored on the 64 selection conditions (``val-000000``, disjoint from the reported ones), each
-condition's metric as a fraction of its single run's on the same conditions; the lr whose smaller fraction
-is largest wins, and the quarter-decade grid (starting at the two single lrs' geometric mean and its
-neighbours) is extended until the winner is inside it.
+the race chose for OFT-Control, and both jointly (``task=canny_segmentation``, each condition dropped
+independently) with its lr and condition dropout chosen here by the race's rule: every candidate is trained
+to the reported horizon (seed 0) and scored with both conditions on the 64 selection conditions
+(``val-000000``, disjoint from the reported ones), each condition's metric as a fraction of its single run's
+on the same conditions, and the largest smaller fraction wins. First the lr at dropout 0.3, on a
+quarter-decade grid starting at the two single lrs' geometric mean and its neighbours, extended until the
+winner is inside it; then the dropouts ``DROPOUTS`` at that lr.
 
 Every model of each seed then draws the race's 64 reported conditions (``val-000001``; DDIM 20, guidance 9,
 seed 0): each single run from its own condition, the joint model from both and from each alone, and the
@@ -50,12 +51,8 @@ DEFAULT_OUT = ROOT / "outputs" / "multi_condition"
 START, END = "<!-- multi_condition:start -->", "<!-- multi_condition:end -->"
 TASKS = {"canny": "canny", "seg": "segmentation", "joint": "canny_segmentation"}
 DROPOUT = 0.3  # module.condition_dropout's default (conf/train.yaml)
-DROPOUTS = (
-    0.05,
-    0.1,
-    0.2,
-    DROPOUT,
-)  # tried at the chosen lr; at least 0.05, so each condition is trained alone
+# the joint run's dropouts tried at its chosen lr; at least 0.05, so that each condition is also trained alone
+DROPOUTS = (0.05, 0.1, 0.2, DROPOUT)
 STRENGTHS = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0)  # the segmentation's, canny at 1, in the disagreement plot
 SAMPLING = dict(scheduler="ddim", num_inference_steps=20, guidance_scale=9.0, seed=0, batch_size=16)
 KEEP_CHECKPOINTS = (
@@ -104,7 +101,7 @@ def folder_name(run: str, seed: int, lr: float, dropout: float = DROPOUT) -> str
 
 
 def train_all(out: Path, jobs: list[tuple], steps: int, args: argparse.Namespace) -> None:
-    """Train every (run, lr, seed[, condition dropout]) of ``jobs`` not yet finished, ``--jobs`` processes at a
+    """Train every (run, seed, lr[, condition dropout]) of ``jobs`` not yet finished, ``--jobs`` processes at a
     time (in-process with --quick)."""
     pending = [job for job in jobs if not (out / folder_name(*job) / "checkpoints" / "last.ckpt").is_file()]
     args.trained = getattr(args, "trained", 0) + len(pending)
@@ -430,7 +427,6 @@ def main(argv: list[str] | None = None) -> dict:
     selection = collect_inputs(f"{root}/canny+seg/val-000000.tar", "canny+seg", 64)
     (lrs["joint"], dropout), selected = select_joint(out, lrs, steps, args, selection, sampling)
     train_all(out, [(run, seed, lrs[run], dropout) for seed in seeds for run in TASKS], steps, args)
-    torch.set_num_threads(max(1, args.threads * args.jobs))
     inputs = collect_inputs(f"{root}/canny+seg/val-000001.tar", "canny+seg", 64)
     per_seed = [evaluate_seed(out, seed, lrs, dropout, inputs, sampling) for seed in seeds]
     markdown, info = table(per_seed)
