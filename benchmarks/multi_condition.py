@@ -164,10 +164,9 @@ def select_joint(
             name = folder_name("joint", 0, lr, dropout)
             found = {m: score(name, conditions, {"canny": 1.0, "seg": 1.0}, m) for m in single}
             ratios = {m: found[m] / single[m] if single[m] else float("nan") for m in single}
-            rows.append(
-                {"lr": lr, "dropout": dropout, **found, "single": single, "score": min(ratios.values())}
-            )
-            rows[-1] |= {f"{m}_ratio": r for m, r in ratios.items()}
+            ratio_columns = {f"{m}_ratio": r for m, r in ratios.items()}
+            rows.append({"lr": lr, "dropout": dropout, **found, **ratio_columns, "single": single})
+            rows[-1]["score"] = min(ratios.values())
         return rows
 
     train_all(out, [("canny", 0, lrs["canny"]), ("seg", 0, lrs["seg"])], steps, args)

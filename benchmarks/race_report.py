@@ -248,9 +248,8 @@ def table(found: list[dict]) -> str:
 def render(race: dict, found: list[dict], faith: list[dict], checks: list[str]) -> str:
     p = race["protocol"]
     minutes, reused = race["seconds"] / 60, sum(r.get("reused", False) for r in race["runs"])
-    resumed = f" (resumed: {reused} of its {len(race['runs'])} runs from an earlier invocation)" * bool(
-        reused
-    )
+    runs = len(race["runs"])
+    resumed = f" (resumed: {reused} of its {runs} runs from an earlier invocation)" if reused else ""
     head = (
         f"Measured {race['date']} with `{race['command']}` in {minutes:.1f} minutes{resumed} on {readme.machine()} "
         f"({race['jobs']} runs at a time, one torch thread each). Batch {p['batch_size']}, {p['steps']} steps "
