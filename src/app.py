@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 from src.app_ui.blocks import build_app, launch
 from src.app_ui.examples import multi_examples, validation_inputs, write_examples
 from src.errors import InputError, one_line, take_debug_flag, user_errors
-from src.models.inference import ControlledModel, load_controlled, run_source
+from src.models.inference import ControlledModel, load_controlled, rotation_scale_of, run_source
 from src.models.multi import is_multi
 from src.models.sampling import sampling_options
 
@@ -37,7 +37,8 @@ def load_or_exit(cfg: DictConfig) -> ControlledModel:
     point prints it and exits with status 2, before any server starts)."""
     source = run_source(cfg.run)
     try:
-        return load_controlled(source, cfg.get("checkpoint"), cfg.get("model_path")).to(cfg.device)
+        scales = rotation_scale_of(cfg)
+        return load_controlled(source, cfg.get("checkpoint"), cfg.get("model_path"), scales).to(cfg.device)
     except Exception as error:  # whatever the cause, the user gets one line and no server
         shown = source if isinstance(source, str) else "[" + ",".join(source) + "]"
         raise InputError(f"cannot load run '{shown}': {one_line(error)}") from None

@@ -29,7 +29,13 @@ from src.data.inputs import batched, iter_shard_inputs
 from src.data.pipeline import SkipCounter, resolve_shards
 from src.errors import ConfigError, DataError, take_debug_flag, user_errors
 from src.metrics.evaluation import CaseKeeper, build_scorers, eval_samples, score_batch, write_report
-from src.models.inference import describe_source, generate_images, load_controlled, run_source
+from src.models.inference import (
+    describe_source,
+    generate_images,
+    load_controlled,
+    rotation_scale_of,
+    run_source,
+)
 from src.models.run import validation_shards
 from src.models.sampling import sampling_options
 
@@ -49,7 +55,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         else validation_shards(run, cfg.checkpoint)
     )
     scorers = build_scorers(cfg, condition)
-    model = load_controlled(run, cfg.checkpoint, cfg.model_path).to(cfg.device)
+    model = load_controlled(run, cfg.checkpoint, cfg.model_path, rotation_scale_of(cfg)).to(cfg.device)
     keeper = CaseKeeper(cfg.cases, scorers[0].higher_is_better)
     skips, records = SkipCounter("eval"), []
     stream = itertools.islice(iter_shard_inputs(urls, condition, resolution, skips), cfg.max_samples)

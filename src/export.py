@@ -7,7 +7,8 @@ formats are described in `src.models.exported` and `src.formats`):
 
 - `diffusers/`: a `StableDiffusionPipeline` folder with the rotations merged into the UNet (`W R`) and the
   control encoder in `control_encoder/`: `python -m src.generate run=exports/canny/diffusers ...` or
-  `src.models.exported.load_exported`. `--run A B` composes runs on one backbone into this folder alone.
+  `src.models.exported.load_exported`. `--run A B` composes runs on one backbone into this folder alone
+  (`--rotation_scale canny=0.5` scales one run's rotations; 1 as trained, 0 its encoder only).
 - `peft/`: the UNet rotations as a peft OFT adapter for the base UNet: `PeftModel.from_pretrained(
   UNet2DConditionModel.from_pretrained(base, subfolder="unet"), "exports/canny/peft")`.
 - `control_encoder/`: the control encoder alone, `model.safetensors` plus `config.json`.
@@ -30,7 +31,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from src.errors import ConfigError, OutputError, run_cli
@@ -66,20 +67,24 @@ def export(
     model_path: str | None = None,
     overwrite: bool = False,
     report: Callable[[str], None] = print,
+    rotation_scale: Mapping[str, float] | None = None,
 ) -> dict[str, Path]:
     """Export `run` (a run directory or checkpoint) to `out_dir/<format>` for each format; returns the folders.
 
     `formats=None` writes every format the backbone can host and `report`s the others with the reason; a
     format asked for by name that the backbone cannot host stops the export (one line) before any is written.
+    Several runs compose, each run's rotation scaled by `rotation_scale` (by condition name).
     """
     runs, several = ([run], False) if isinstance(run, str | os.PathLike) else (list(run), len(run) > 1)
     if several and ((formats and set(formats) != {"diffusers"}) or checkpoint):
         raise ConfigError("several --run compose into one diffusers folder: drop --formats, --checkpoint")
+    if rotation_scale and not several:
+        raise ConfigError("--rotation_scale scales the runs of a composition: give several --run, or drop it")
     names = ["diffusers"] if several else list(formats or FORMATS)
     targets = prepare_out_dir(Path(out_dir).expanduser(), names, overwrite)
     if several:  # composed on their common backbone (src.models.multi)
         composed = [load_run(source, None, model_path) for source in runs]
-        return {"diffusers": export_composed(composed, targets["diffusers"])}
+        return {"diffusers": export_composed(composed, targets["diffusers"], rotation_scale)}
     trained = load_run(runs[0], checkpoint, model_path)
     reasons = {name: why for name in targets if (why := unsupported(trained, name))}
     if formats and reasons:
@@ -89,6 +94,14 @@ def export(
         if name != "ecosystem" or "ecosystem" in (formats or ()):  # OFT-Control's formats are the others
             report(f"{name}: skipped: {why}")
     return {name: WRITERS[name](trained, path) for name, path in targets.items() if name not in reasons}
+
+
+def parse_assignment(item: str, flag: str) -> tuple[str, str]:
+    """`NAME=VALUE` of a command-line flag (the value is checked where it is used)."""
+    name, sep, value = item.partition("=")
+    if not sep or not name or not value:
+        raise ConfigError(f"{flag} {item!r}: write CONDITION=SCALE, e.g. {flag} canny=0.5")
+    return name, value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,6 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--model_path", default=None, help="the frozen backbone's folder, if it moved since training"
     )
     parser.add_argument("--overwrite", action="store_true", help="replace existing export folders")
+    parser.add_argument(
+        "--rotation_scale",
+        nargs="+",
+        default=[],
+        metavar="CONDITION=SCALE",
+        help="with several --run: scale a run's rotations (1: as trained, 0: its encoder only), e.g. canny=0.5",
+    )
     parser.epilog = "Errors print one line (exit status 2); --debug shows the traceback."
     return parser
 
@@ -116,7 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict[str, Path]:
     """Entry point of `python -m src.export`."""
     args = build_parser().parse_args(argv)
-    written = export(args.run, args.out_dir, args.formats, args.checkpoint, args.model_path, args.overwrite)
+    scales = dict(parse_assignment(item, "--rotation_scale") for item in args.rotation_scale)
+    written = export(
+        args.run, args.out_dir, args.formats, args.checkpoint, args.model_path, args.overwrite, print, scales
+    )
     for name, path in written.items():
         print(f"{name}: {path}")
     return written

@@ -31,7 +31,14 @@ from src.data.inputs import ConditionInput, assign_prompts, collect_inputs
 from src.data.schema import key_path
 from src.errors import take_debug_flag, user_errors
 from src.grids import condition_columns, image_grid
-from src.models.inference import describe_source, generate_images, load_controlled, multi_inputs, run_source
+from src.models.inference import (
+    describe_source,
+    generate_images,
+    load_controlled,
+    multi_inputs,
+    rotation_scale_of,
+    run_source,
+)
 from src.models.multi import is_multi
 from src.models.sampling import SamplingOptions, sampling_options
 
@@ -85,7 +92,8 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
     else:
         inputs = collect_inputs(cfg.condition, condition, resolution, cfg.get("limit"))
     prompts = assign_prompts(inputs, prompt)
-    model = load_controlled(run, cfg.get("checkpoint"), cfg.get("model_path")).to(cfg.device)
+    model = load_controlled(run, cfg.get("checkpoint"), cfg.get("model_path"), rotation_scale_of(cfg))
+    model = model.to(cfg.device)
     conditions = torch.stack([item.condition for item in inputs])
     images = generate_images(model, conditions, prompts, options)
     out_dir = Path(cfg.out_dir)

@@ -4,6 +4,7 @@ of runs and its refusals, one encoder per condition in joint training."""
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,27 @@ def test_composed_rotations_are_orthogonal_and_equal_the_layers_one_after_the_ot
     # order matters: R1 R2 is not R2 R1
     assert not torch.allclose(
         composed_rotation([second, first]), composed_rotation([first, second]), atol=1e-4
+    )
+
+
+def test_a_rotation_scale_scales_the_generator_and_keeps_the_composition_orthogonal() -> None:
+    torch.manual_seed(0)
+    base = nn.Linear(16, 8)
+    first, second = random_oft(copy.deepcopy(base), 1), random_oft(copy.deepcopy(base), 2)
+    half = random_oft(copy.deepcopy(base), 1, scale=0.15)  # the same generator set at half its size
+    assert torch.allclose(first.rotation(0.5), half.rotation(), atol=1e-6)
+    assert torch.equal(first.rotation(1.0), first.rotation())
+    eye = torch.eye(4).expand(first.n_blocks, 4, 4)
+    assert torch.allclose(first.rotation(0.0), eye)  # scale 0: no rotation
+    for scales in ([0.0, 1.0], [0.5, 1.0], [2.0, -1.0]):
+        blocks = composed_rotation([first, second], scales).double()
+        assert torch.allclose(blocks.transpose(1, 2) @ blocks, eye.double(), atol=1e-5)
+    assert torch.allclose(composed_rotation([first, second], [0.0, 1.0]), second.rotation(), atol=1e-6)
+    model = nn.Sequential()
+    model.add_module("layer", first)
+    merge_composed(model, [{"layer": first}, {"layer": second}], [0.5, 1.0])
+    assert torch.allclose(
+        hyperspherical_energy(model.layer.weight), hyperspherical_energy(base.weight), rtol=1e-6
     )
 
 
@@ -138,6 +160,20 @@ def test_composed_runs_multiply_rotations_and_add_embeddings(canny_and_seg_runs)
     assert not any(True for _ in oft_layers(composed.module.unet))  # every rotation merged
     assert composed.encoder.names == ["canny", "seg"]
     assert composed.encoder.encoders["seg"] is seg_run.module.method.encoder
+
+    # canny's rotations at scale 0: the layer is the base rotated by the segmentation run's alone
+    canny_run, seg_run = load_run(canny_dir), load_run(seg_dir)
+    b = dict(oft_layers(seg_run.module.unet))[name]
+    seg_only = b.base.weight.reshape(expected.shape) @ torch.block_diag(*b.rotation())
+    scaled = compose_runs([canny_run, seg_run], {"canny": 0.0}).module.unet.get_submodule(name)
+    assert torch.allclose(scaled.weight.reshape(expected.shape), seg_only, atol=1e-6)
+    assert not torch.allclose(seg_only, expected, atol=1e-6)
+    with pytest.raises(
+        ConfigError, match=r"rotation_scale.depth: the composed runs' conditions are \['canny', 'seg'\]"
+    ):
+        compose_runs([load_run(canny_dir), load_run(seg_dir)], {"depth": 0.5})
+    with pytest.raises(ConfigError, match=r"rotation_scale.canny='half': give a number \(1: as trained"):
+        compose_runs([load_run(canny_dir), load_run(seg_dir)], {"canny": "half"})
 
 
 def test_composition_refuses_another_backbone_method_or_a_repeated_condition(
@@ -228,6 +264,23 @@ def test_generate_composes_runs_with_a_strength_per_condition(canny_and_seg_runs
         run("bad", f"+condition.depth={edges}")
     with pytest.raises(ConfigError, match=r"one image source but this model reads \['canny', 'seg'\]"):
         run("one", f"condition={edges}")
+    no_canny_rotation = run(
+        "scaled", f"+condition.canny={edges}", f"+condition.seg={edges}", "+rotation_scale.canny=0"
+    )
+    assert (pixels("scaled", no_canny_rotation).float() - pixels("both", both).float()).abs().max() > 0
+    with pytest.raises(
+        ConfigError, match=r"rotation_scale=\{'canny': 0.5\} scales the runs of a composition"
+    ):
+        generate(
+            compose_config(
+                f"run={canny_dir}",
+                f"condition={edges}",
+                "prompt=a red circle",
+                "+rotation_scale.canny=0.5",
+                name="generate",
+                output_dir=tmp_path / "single",
+            )
+        )
 
 
 def test_export_of_composed_runs_loads_back_and_samples_as_the_composition(
@@ -238,7 +291,7 @@ def test_export_of_composed_runs_loads_back_and_samples_as_the_composition(
 
     from src.export import main as export_main
     from src.generate import generate
-    from src.models.exported import load_exported
+    from src.models.exported import EXPORT_INFO, load_exported
 
     canny_dir, seg_dir = canny_and_seg_runs
     written = export_main(["--run", str(canny_dir), str(seg_dir), "--out_dir", str(tmp_path / "export")])
@@ -267,6 +320,16 @@ def test_export_of_composed_runs_loads_back_and_samples_as_the_composition(
         run("exported", str(folder)), run("runs", f"[{canny_dir},{seg_dir}]"), strict=True
     ):
         assert abs(exported - composed).max() <= 1  # merged weights saved and loaded: within one level
+    scaled = export_main(
+        ["--run", str(canny_dir), str(seg_dir), "--out_dir", str(tmp_path / "scaled")]
+        + ["--rotation_scale", "canny=0.25"]
+    )["diffusers"]
+    assert json.loads((scaled / EXPORT_INFO).read_text())["rotation_scales"] == [0.25, 1.0]
+    with pytest.raises(ConfigError, match="--rotation_scale 'canny': write CONDITION=SCALE"):
+        export_main(
+            ["--run", str(canny_dir), str(seg_dir), "--out_dir", str(tmp_path / "y")]
+            + ["--rotation_scale", "canny"]
+        )
     with pytest.raises(ConfigError, match="several --run compose into one diffusers folder"):
         export_main(
             ["--run", str(canny_dir), str(seg_dir), "--out_dir", str(tmp_path / "x"), "--formats", "peft"]

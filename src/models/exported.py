@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from src.formats.controlnet_xs import check_controlnet_xs, export_controlnet_xs,
 from src.formats.lora_diff import export_lora
 from src.formats.single_file import check_single_file, export_single_file
 from src.models.control import ControlEncoder
-from src.models.multi import MultiEncoder, compose_runs
+from src.models.multi import MultiEncoder, compose_runs, rotation_scales
 from src.models.run import TrainedRun
 from src.oft import merge_oft, unmerge_oft
 from src.oft.peft_compat import peft_adapter
@@ -153,11 +153,14 @@ def export_diffusers(run: TrainedRun, folder: str | os.PathLike) -> Path:
     return folder
 
 
-def export_composed(runs: Sequence[TrainedRun], folder: str | os.PathLike) -> Path:
+def export_composed(
+    runs: Sequence[TrainedRun], folder: str | os.PathLike, rotation_scale: Mapping[str, Any] | None = None
+) -> Path:
     """A diffusers folder of runs composed on one backbone (`src.models.multi.compose_runs`): the product of
-    their rotations merged into the UNet and every run's control encoder in `control_encoder/`, one per
-    condition; `python -m src.generate run=<folder> +condition.<name>=...` samples it."""
-    composed, folder = compose_runs(runs), Path(folder)
+    their rotations (each scaled by `rotation_scale`) merged into the UNet and every run's control encoder in
+    `control_encoder/`, one per condition; `python -m src.generate run=<folder> +condition.<name>=...`
+    samples it."""
+    composed, folder = compose_runs(runs, rotation_scale), Path(folder)
     composed.module.pipeline("ddim").save_pretrained(folder, safe_serialization=True)  # rotations merged
     condition = composed.encoder.condition
     write_control_encoder(composed.encoder, condition, composed.resolution, folder / ENCODER_DIR)
@@ -165,6 +168,7 @@ def export_composed(runs: Sequence[TrainedRun], folder: str | os.PathLike) -> Pa
         "runs": [str(run.files.run_dir) for run in runs],
         "checkpoints": [str(run.files.checkpoint) for run in runs],
         "identities": [run.module.checkpoint_identity() for run in runs],
+        "rotation_scales": rotation_scales(runs, rotation_scale),
         "condition": condition,
         "resolution": composed.resolution,
     }

@@ -48,13 +48,20 @@ class ControlledModel:
 
 
 def load_controlled(
-    source: str | os.PathLike | Sequence[str], checkpoint: str | None = None, model_path: str | None = None
+    source: str | os.PathLike | Sequence[str],
+    checkpoint: str | None = None,
+    model_path: str | None = None,
+    rotation_scale: Mapping[str, Any] | None = None,
 ) -> ControlledModel:
     """From a run directory or checkpoint (rotations applied on the fly) or an exported folder (merged); a
     list of runs on one backbone is composed (`src.models.multi.compose_runs`: rotations multiplied and
-    merged, one control encoder per condition)."""
+    merged, one control encoder per condition, each run's rotation scaled by `rotation_scale`)."""
     if not isinstance(source, str | os.PathLike):
-        return load_composed(list(source), checkpoint, model_path)
+        return load_composed(list(source), checkpoint, model_path, rotation_scale)
+    if rotation_scale:
+        raise ConfigError(
+            f"rotation_scale={dict(rotation_scale)} scales the runs of a composition: give run=[A,B], or drop it"
+        )
     if is_exported(source):
         pipe, encoder, config = load_exported(source)
         return ControlledModel(
@@ -68,16 +75,29 @@ def load_controlled(
 
 
 def load_composed(
-    sources: Sequence[str], checkpoint: str | None = None, model_path: str | None = None
+    sources: Sequence[str],
+    checkpoint: str | None = None,
+    model_path: str | None = None,
+    rotation_scale: Mapping[str, Any] | None = None,
 ) -> ControlledModel:
     """Several runs composed on their common backbone (`src.models.multi`)."""
     if checkpoint is not None and len(sources) > 1:
         raise ConfigError("checkpoint= names one run's checkpoint: pass each run as <run>/checkpoints/<file>")
-    composed = compose_runs([load_run(source, checkpoint, model_path) for source in sources])
+    composed = compose_runs([load_run(source, checkpoint, model_path) for source in sources], rotation_scale)
     m, encoder = composed.module, composed.encoder
     return ControlledModel(
         m.pipeline("ddim"), encoder, encoder.condition, composed.resolution, m.noise_scheduler.config
     )
+
+
+def rotation_scale_of(cfg: Any) -> dict[str, Any] | None:
+    """A config's `rotation_scale` mapping (`rotation_scale.canny=0.5`), or None when it sets none."""
+    node = cfg.get("rotation_scale")
+    if node is None or (OmegaConf.is_dict(node) and not node):
+        return None
+    if not OmegaConf.is_dict(node):
+        raise ConfigError(f"rotation_scale={node}: give it per condition, e.g. +rotation_scale.canny=0.5")
+    return OmegaConf.to_container(node)
 
 
 def run_source(node: Any) -> str | list[str]:

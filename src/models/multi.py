@@ -11,7 +11,9 @@ Two ways to get such a model, both ending in a `MultiEncoder` over the UNet's `c
   per layer, `W R_1 R_2 ... R_n` in the order the runs are given (a product of orthogonal matrices is
   orthogonal, so the composed layer keeps the base layer's hyperspherical energy), and their control
   embeddings add. The result is a plain UNet with the composed rotations merged plus a `MultiEncoder` of
-  every run's encoders.
+  every run's encoders. A rotation scale per run (`rotation_scale.<condition>`, default 1) multiplies
+  that run's skew-symmetric generator before the Cayley transform: `R_i(a Q_i)` stays orthogonal, is the
+  identity at 0 (the run then brings its encoder only) and the trained rotation at 1.
 
 A condition whose strength is 0 (or that is not given) is not encoded at all: the model then is exactly
 the model without that encoder.
@@ -20,6 +22,7 @@ the model without that encoder.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -119,9 +122,11 @@ def condition_keep(
 
 
 # ---------------------------------------------------------------------------------------- composition
-def composed_rotation(layers: Sequence[nn.Module]) -> Tensor:
-    """The blocks of `R_1 R_2 ... R_n` of OFT layers with one block layout (`[n_blocks, b, b]`)."""
-    rotations = [layer.rotation().detach() for layer in layers]
+def composed_rotation(layers: Sequence[nn.Module], scales: Sequence[float] | None = None) -> Tensor:
+    """The blocks of `R_1 R_2 ... R_n` of OFT layers with one block layout (`[n_blocks, b, b]`); `scales`
+    (one per layer, default 1) scale each rotation's generator (`OFTLayer.rotation`)."""
+    scales = [1.0] * len(layers) if scales is None else list(scales)
+    rotations = [layer.rotation(scale).detach() for layer, scale in zip(layers, scales, strict=True)]
     shapes = {tuple(r.shape) for r in rotations}
     if len(shapes) != 1:
         raise ConfigError(f"rotations of one layer have different block layouts {sorted(shapes)}")
@@ -131,11 +136,14 @@ def composed_rotation(layers: Sequence[nn.Module]) -> Tensor:
     return result
 
 
-def merge_composed(unet: nn.Module, runs_layers: Sequence[Mapping[str, nn.Module]]) -> list[str]:
+def merge_composed(
+    unet: nn.Module, runs_layers: Sequence[Mapping[str, nn.Module]], scales: Sequence[float] | None = None
+) -> list[str]:
     """Replace every OFT layer of `unet` by a plain layer with `W R_1 ... R_n` baked in, in place.
 
     `runs_layers` are the OFT layers of each run by name (`dict(oft_layers(run_unet))`); the base weight `W`
-    is the first run's frozen base (every run's is the same backbone's). Returns the merged layer names.
+    is the first run's frozen base (every run's is the same backbone's); `scales` are the runs' rotation
+    scales (default 1). Returns the merged layer names.
     """
     names = list(runs_layers[0]) if runs_layers else []
     for other in runs_layers[1:]:
@@ -145,7 +153,7 @@ def merge_composed(unet: nn.Module, runs_layers: Sequence[Mapping[str, nn.Module
         layers = [run_layers[name] for run_layers in runs_layers]
         base = layers[0].base
         weight = base.weight
-        blocks = composed_rotation(layers).to(weight.dtype)
+        blocks = composed_rotation(layers, scales).to(weight.dtype)
         merged = copy.deepcopy(base)
         with torch.no_grad():
             merged.weight.copy_(rotate_weight(weight.reshape(weight.shape[0], -1), blocks).view_as(weight))
@@ -206,11 +214,39 @@ def run_encoders(run: TrainedRun) -> dict[str, nn.Module]:
     return {run.condition: encoder}
 
 
-def compose_runs(runs: Sequence[TrainedRun]) -> Composition:
-    """Compose runs (see the module docstring); the first rotating run's module carries the result."""
+def rotation_scales(runs: Sequence[TrainedRun], rotation_scale: Mapping[str, Any] | None) -> list[float]:
+    """Each run's rotation scale from a mapping by the runs' conditions (`canny`, or `canny+seg` for a joint
+    run); runs left out keep 1. Unknown names and values that are not finite numbers are refused."""
+    given = dict(rotation_scale or {})
+    conditions = [run.condition for run in runs]
+    unknown = sorted(set(given) - set(conditions))
+    if unknown:
+        raise ConfigError(
+            f"rotation_scale.{unknown[0]}: the composed runs' conditions are {conditions}; scale one of those"
+        )
+    scales = []
+    for condition in conditions:
+        value = given.get(condition, 1.0)
+        try:
+            scale = float(value)
+        except (TypeError, ValueError):
+            scale = math.nan
+        if not math.isfinite(scale):
+            raise ConfigError(
+                f"rotation_scale.{condition}={value!r}: give a number (1: as trained, 0: the encoder only)"
+            )
+        scales.append(scale)
+    return scales
+
+
+def compose_runs(runs: Sequence[TrainedRun], rotation_scale: Mapping[str, Any] | None = None) -> Composition:
+    """Compose runs (see the module docstring); the first rotating run's module carries the result.
+    `rotation_scale` scales runs' rotations by condition name (`rotation_scales`)."""
     check_composable(runs)
-    rotating = [run for run in runs if any(True for _ in oft_layers(run.module.unet))]
-    carrier = (rotating or list(runs))[0].module
-    merge_composed(carrier.unet, [dict(oft_layers(run.module.unet)) for run in rotating])
+    scales = rotation_scales(runs, rotation_scale)
+    rotating = [i for i, run in enumerate(runs) if any(True for _ in oft_layers(run.module.unet))]
+    carrier = runs[rotating[0] if rotating else 0].module
+    layers = [dict(oft_layers(runs[i].module.unet)) for i in rotating]
+    merge_composed(carrier.unet, layers, [scales[i] for i in rotating])
     encoders = {name: enc for run in runs for name, enc in run_encoders(run).items()}
     return Composition(carrier, MultiEncoder(encoders), runs[0].resolution)

@@ -54,9 +54,13 @@ class OFTLayer(nn.Module):
         """Dimension of the rotated space: the size of one row of the weight viewed as ``[out, -1]``."""
         return base.weight[0].numel()
 
-    def rotation(self) -> Tensor:
-        """The diagonal blocks of ``R``, ``[n_blocks, b, b]`` (a broadcast view when blocks are shared)."""
-        blocks = cayley(skew_from_params(self.oft_skew, self.block_size), self.cayley, self.neumann_terms)
+    def rotation(self, scale: float = 1.0) -> Tensor:
+        """The diagonal blocks of ``R``, ``[n_blocks, b, b]`` (a broadcast view when blocks are shared).
+
+        ``scale`` multiplies the skew-symmetric generator ``Q``: ``R(scale Q)`` is orthogonal for every scale,
+        the identity at 0 and the trained rotation at 1 (composition's per-run rotation scale)."""
+        skew = skew_from_params(self.oft_skew if scale == 1 else scale * self.oft_skew, self.block_size)
+        blocks = cayley(skew, self.cayley, self.neumann_terms)
         return blocks.expand(self.n_blocks, -1, -1) if self.block_share else blocks
 
     def rotated_weight(self) -> Tensor:
