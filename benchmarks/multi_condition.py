@@ -12,11 +12,13 @@ to the reported horizon (seed 0) and scored with both conditions on the 64 selec
 (``val-000000``, disjoint from the reported ones), each condition's metric as a fraction of its single run's
 on the same conditions, and the largest smaller fraction wins. First the lr at dropout 0.3, on a
 quarter-decade grid starting at the two single lrs' geometric mean and its neighbours, extended until the
-winner is inside it; then the dropouts ``DROPOUTS`` at that lr.
+winner is inside it; then the dropouts ``DROPOUTS`` at that lr. The composition's rotation scale per run
+(``+rotation_scale.<condition>``, ``ROTATION_SCALES`` each) is chosen by the same rule on the same conditions.
 
 Every model of each seed then draws the race's 64 reported conditions (``val-000001``; DDIM 20, guidance 9,
 seed 0): each single run from its own condition, the joint model from both and from each alone, and the
-composition of the two single runs of a seed (``src.models.multi.compose_runs``) from both. Scores per
+composition of the two single runs of a seed (``src.models.multi.compose_runs``, at the chosen rotation
+scales and, where those differ from 1, as trained) from both. Scores per
 condition: canny F1 of the image against the target's edges and the toy judge's shape mIoU, with 95%
 bootstrap intervals over seeds and conditions.
 
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import math
 import subprocess
@@ -53,6 +56,8 @@ TASKS = {"canny": "canny", "seg": "segmentation", "joint": "canny_segmentation"}
 DROPOUT = 0.3  # module.condition_dropout's default (conf/train.yaml)
 # the joint run's dropouts tried at its chosen lr; at least 0.05, so that each condition is also trained alone
 DROPOUTS = (0.05, 0.1, 0.2, DROPOUT)
+# the composition's rotation scales tried per run (`+rotation_scale.<condition>`: 1 as trained, 0 encoder only)
+ROTATION_SCALES = (0.0, 0.25, 0.5, 0.75, 1.0)
 STRENGTHS = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0)  # the segmentation's, canny at 1, in the disagreement plot
 SAMPLING = dict(scheduler="ddim", num_inference_steps=20, guidance_scale=9.0, seed=0, batch_size=16)
 KEEP_CHECKPOINTS = (
@@ -188,6 +193,35 @@ def select_joint(
     return (chosen["lr"], chosen["dropout"]), rows
 
 
+def select_composition(
+    out: Path, lrs: dict[str, float], inputs: list, sampling: dict
+) -> tuple[dict[str, float], dict[tuple[float, float], float]]:
+    """The composition's rotation scale per run, chosen on the selection conditions by the joint run's rule
+    (seed 0, both conditions, the smaller fraction of the single runs' scores there); every pair of
+    ``ROTATION_SCALES``. Returns the chosen ``{condition: scale}`` and each pair's smaller fraction."""
+    from src.models.inference import load_controlled
+
+    cache_file = out / "selection.json"
+    cache = json.loads(cache_file.read_text())
+    conditions = torch.stack([item.condition for item in inputs])
+    targets = torch.stack([item.target for item in inputs])
+    prompts = [item.caption for item in inputs]
+    runs = [str(out / folder_name(run, 0, lrs[run])) for run in ("canny", "seg")]
+    fractions = {}
+    for pair in itertools.product(ROTATION_SCALES, repeat=2):
+        key = f"composed-rc{pair[0]:g}-rs{pair[1]:g}"
+        if f"{key}:canny_f1" not in cache:
+            model = load_controlled(runs, rotation_scale=dict(zip(("canny", "seg"), pair, strict=True)))
+            found = scores(draw(model, conditions, prompts, {"canny": 1.0, "seg": 1.0}, sampling), targets)
+            cache.update({f"{key}:{metric}": float(np.mean(found[metric])) for metric in found})
+            cache_file.write_text(json.dumps(cache, indent=1))
+        fractions[pair] = min(
+            cache[f"{key}:canny_f1"] / cache["canny_s0"], cache[f"{key}:seg_miou"] / cache["seg_s0"]
+        )
+    best = max(fractions, key=fractions.get)
+    return dict(zip(("canny", "seg"), best, strict=True)), fractions
+
+
 # ------------------------------------------------------------------------------------------------ scoring
 def scores(
     images: torch.Tensor, targets: torch.Tensor, conditions=("canny", "seg")
@@ -209,9 +243,10 @@ def draw(model, conditions: torch.Tensor, prompts: list[str], strength, sampling
 
 
 def evaluate_seed(
-    out: Path, seed: int, lrs: dict[str, float], dropout: float, inputs: list, sampling: dict
+    out: Path, seed: int, lrs: dict[str, float], dropout: float, scales: dict, inputs: list, sampling: dict
 ) -> dict:
-    """Every model of one seed on the reported conditions, and the disagreement sweep."""
+    """Every model of one seed on the reported conditions, and the disagreement sweep; the composition at the
+    chosen rotation ``scales`` (and as trained, where those differ)."""
     from src.models.inference import load_controlled
 
     conditions = torch.stack([item.condition for item in inputs])  # [N, 6, H, W]: canny, seg
@@ -226,8 +261,12 @@ def evaluate_seed(
     images["joint, both"] = draw(joint, conditions, prompts, {"canny": 1.0, "seg": 1.0}, sampling)
     images["joint, canny only"] = draw(joint, conditions, prompts, {"canny": 1.0}, sampling)
     images["joint, seg only"] = draw(joint, conditions, prompts, {"seg": 1.0}, sampling)
-    composed = load_controlled([str(runs["canny"]), str(runs["seg"])])
-    images["composed, both"] = draw(composed, conditions, prompts, {"canny": 1.0, "seg": 1.0}, sampling)
+    both = {"canny": 1.0, "seg": 1.0}
+    if set(scales.values()) != {1.0}:
+        as_trained = load_controlled([str(runs["canny"]), str(runs["seg"])])
+        images["composed, both, rotations as trained"] = draw(as_trained, conditions, prompts, both, sampling)
+    composed = load_controlled([str(runs["canny"]), str(runs["seg"])], rotation_scale=scales)
+    images["composed, both"] = draw(composed, conditions, prompts, both, sampling)
     result["scores"] = {name: scores(batch, targets) for name, batch in images.items()}
     # disagreement: edges of scene i with the segmentation of scene i + 1
     other = torch.roll(torch.arange(len(inputs)), -1)
@@ -345,13 +384,30 @@ def selection_table(rows: list[dict], chosen: tuple[float, float]) -> str:
     return "\n".join(lines)
 
 
+def composition_table(fractions: dict[tuple[float, float], float], chosen: dict[str, float]) -> str:
+    """The smaller fraction of each pair of rotation scales (rows: canny's, columns: segmentation's)."""
+    lines = [
+        "| canny's rotation scale | " + " | ".join(f"seg {s:g}" for s in ROTATION_SCALES) + " |",
+        "|---" * (len(ROTATION_SCALES) + 1) + "|",
+    ]
+    best = (chosen["canny"], chosen["seg"])
+    for c in ROTATION_SCALES:
+        cells = [
+            f"**{fractions[c, s]:.0%}**" if (c, s) == best else f"{fractions[c, s]:.0%}"
+            for s in ROTATION_SCALES
+        ]
+        lines.append(f"| {c:g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def render(per_seed: list[dict], markdown: str, info: dict, meta: dict, selected: list[dict]) -> str:
     single, rows = info["single"], info["rows"]
     joint = {m: rows["joint, both"][m][1] / single[m] for m in single}
     composed = {m: rows["composed, both"][m][1] / single[m] for m in single}
     verdict = (
         f"Joint / single: canny {joint['canny_f1']:.0%}, segmentation {joint['seg_miou']:.0%} (target at least "
-        f"90% each); composed / single: canny {composed['canny_f1']:.0%}, segmentation "
+        f"90% each); composed (rotation scale canny {meta['scales']['canny']:g}, segmentation "
+        f"{meta['scales']['seg']:g}) / single: canny {composed['canny_f1']:.0%}, segmentation "
         f"{composed['seg_miou']:.0%} (target at least 80% each)."
     )
     return "\n".join(
@@ -376,6 +432,13 @@ def render(per_seed: list[dict], markdown: str, info: dict, meta: dict, selected
             "inside), then the dropout at that lr (at least 0.05, so that each condition is also trained alone).",
             "",
             selection_table(selected, meta["joint"]),
+            "",
+            "The composition's rotation scale per run (`+rotation_scale.<condition>`: each run's Cayley "
+            "generator scaled, so the product stays orthogonal; 1 is the rotation as trained, 0 the run's "
+            "encoder alone), chosen by the same rule on the same selection conditions (seed 0, both "
+            "conditions at strength 1); each cell is the smaller fraction:",
+            "",
+            composition_table(meta["fractions"], meta["scales"]),
             "",
             markdown,
             "",
@@ -425,9 +488,10 @@ def main(argv: list[str] | None = None) -> dict:
     sampling = SAMPLING | ({"num_inference_steps": 2} if args.quick else {})
     selection = collect_inputs(f"{root}/canny+seg/val-000000.tar", "canny+seg", 64)
     (lrs["joint"], dropout), selected = select_joint(out, lrs, steps, args, selection, sampling)
+    scales, fractions = select_composition(out, lrs, selection, sampling)
     train_all(out, [(run, seed, lrs[run], dropout) for seed in seeds for run in TASKS], steps, args)
     inputs = collect_inputs(f"{root}/canny+seg/val-000001.tar", "canny+seg", 64)
-    per_seed = [evaluate_seed(out, seed, lrs, dropout, inputs, sampling) for seed in seeds]
+    per_seed = [evaluate_seed(out, seed, lrs, dropout, scales, inputs, sampling) for seed in seeds]
     markdown, info = table(per_seed)
     command = "python -m benchmarks.multi_condition" + (" --quick" if args.quick else "")
     command += "" if args.quick or seeds == [0, 1] else " --seeds " + " ".join(map(str, seeds))
@@ -441,6 +505,8 @@ def main(argv: list[str] | None = None) -> dict:
         seeds=seeds,
         conditions=len(inputs),
         joint=(lrs["joint"], dropout),
+        scales=scales,
+        fractions=fractions,
         trained=args.trained,
         runs=2 * len(seeds) + len(selected) + len(seeds) - 1,
     )
@@ -451,7 +517,14 @@ def main(argv: list[str] | None = None) -> dict:
         readme.write_section(text, start=START, end=END)
     (out / "report.md").write_text(text + "\n")
     print(text)
-    return {"markdown": text, "info": info, "per_seed": per_seed, "plots": paths, "selection": selected}
+    return {
+        "markdown": text,
+        "info": info,
+        "per_seed": per_seed,
+        "plots": paths,
+        "selection": selected,
+        "rotation_scales": scales,
+    }
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import numpy as np
@@ -64,7 +65,22 @@ def test_quick_protocol_selects_the_joint_lr_and_reports_every_model(tmp_path, o
         assert (tmp_path / run / "checkpoints" / "last.ckpt").is_file()
     config = (tmp_path / joint / "config.yaml").read_text()
     assert f"condition_dropout: {chosen['dropout']}" in config
+    # the composition's rotation scales: every pair tried on the selection conditions, the best one chosen
+    cache = json.loads((tmp_path / "selection.json").read_text())
+    fractions = {
+        (c, g): min(
+            cache[f"composed-rc{c:g}-rs{g:g}:canny_f1"] / cache["canny_s0"],
+            cache[f"composed-rc{c:g}-rs{g:g}:seg_miou"] / cache["seg_s0"],
+        )
+        for c in bench.ROTATION_SCALES
+        for g in bench.ROTATION_SCALES
+    }
+    scales = result["rotation_scales"]
+    assert fractions[scales["canny"], scales["seg"]] == max(fractions.values())
+    assert "| canny's rotation scale | seg 0 | seg 0.25 |" in result["markdown"]
+    assert f"**{max(fractions.values()):.0%}**" in result["markdown"]
     (scores,) = [seed["scores"] for seed in result["per_seed"]]
+    as_trained = {"composed, both, rotations as trained"} if set(scales.values()) != {1.0} else set()
     assert set(scores) == {
         "canny alone",
         "seg alone",
@@ -72,7 +88,7 @@ def test_quick_protocol_selects_the_joint_lr_and_reports_every_model(tmp_path, o
         "joint, canny only",
         "joint, seg only",
         "composed, both",
-    }
+    } | as_trained
     n = len(scores["joint, both"]["canny_f1"])
     assert n == 4 and all(len(values) == n for entry in scores.values() for values in entry.values())
     for row in result["info"]["rows"].values():
