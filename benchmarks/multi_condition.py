@@ -55,7 +55,7 @@ START, END = "<!-- multi_condition:start -->", "<!-- multi_condition:end -->"
 TASKS = {"canny": "canny", "seg": "segmentation", "joint": "canny_segmentation"}
 DROPOUT = 0.3  # module.condition_dropout's default (conf/train.yaml)
 # the joint run's dropouts tried at its chosen lr; at least 0.05, so that each condition is also trained alone
-DROPOUTS = (0.05, 0.1, 0.2, DROPOUT)
+DROPOUTS = (0.05, 0.1, 0.2, DROPOUT, 0.5)
 # the composition's rotation scales tried per run (`+rotation_scale.<condition>`: 1 as trained, 0 encoder only)
 ROTATION_SCALES = (0.0, 0.25, 0.5, 0.75, 1.0)
 STRENGTHS = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0)  # the segmentation's, canny at 1, in the disagreement plot
@@ -154,8 +154,8 @@ def select_joint(
     targets = torch.stack([item.target for item in inputs])
     prompts = [item.caption for item in inputs]
 
-    def score(name: str, condition, strength, metric: str) -> float:
-        key = f"{name}:{metric}" if name.startswith("joint") else name
+    def score(name: str, condition, strength, metric: str, given: str = "") -> float:
+        key = f"{name}:{metric}{given}" if name.startswith("joint") else name
         if key not in cache:
             images = draw(load_controlled(out / name), condition, prompts, strength, sampling)
             cache[key] = float(np.mean(scores(images, targets)[metric]))
@@ -170,7 +170,14 @@ def select_joint(
             found = {m: score(name, conditions, {"canny": 1.0, "seg": 1.0}, m) for m in single}
             ratios = {m: found[m] / single[m] if single[m] else float("nan") for m in single}
             ratio_columns = {f"{m}_ratio": r for m, r in ratios.items()}
-            rows.append({"lr": lr, "dropout": dropout, **found, **ratio_columns, "single": single})
+            # each condition alone, for the table (not the rule): does the subset work?
+            alone = {
+                f"{m}_alone": score(name, conditions, {c: 1.0}, m, f"@{c}") / single[m]
+                if single[m]
+                else math.nan
+                for c, m in (("canny", "canny_f1"), ("seg", "seg_miou"))
+            }
+            rows.append({"lr": lr, "dropout": dropout, **found, **ratio_columns, **alone, "single": single})
             rows[-1]["score"] = min(ratios.values())
         return rows
 
@@ -372,14 +379,15 @@ def selection_table(rows: list[dict], chosen: tuple[float, float]) -> str:
     single = rows[0]["single"]
     lines = [
         f"| joint lr | condition dropout | canny F1 (canny alone {single['canny_f1']:.3f}) | shape mIoU (seg "
-        f"alone {single['seg_miou']:.3f}) | smaller fraction |",
-        "|---|---|---|---|---|",
+        f"alone {single['seg_miou']:.3f}) | smaller fraction | canny only | seg only |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         mark = " (chosen)" if (row["lr"], row["dropout"]) == chosen else ""
         lines.append(
             f"| {row['lr']:.3g}{mark} | {row['dropout']:g} | {row['canny_f1']:.3f} ({row['canny_f1_ratio']:.0%}) | "
-            f"{row['seg_miou']:.3f} ({row['seg_miou_ratio']:.0%}) | {row['score']:.0%} |"
+            f"{row['seg_miou']:.3f} ({row['seg_miou_ratio']:.0%}) | {row['score']:.0%} | "
+            f"{row['canny_f1_alone']:.0%} | {row['seg_miou_alone']:.0%} |"
         )
     return "\n".join(lines)
 
@@ -429,7 +437,9 @@ def render(per_seed: list[dict], markdown: str, info: dict, meta: dict, selected
             "horizon at each, scored with both conditions on the 64 selection conditions (`val-000000`, "
             "disjoint from the reported ones) as fractions of the single runs' scores there; the largest "
             "smaller fraction wins. First the lr at the default dropout 0.3 (the grid grows until its best is "
-            "inside), then the dropout at that lr (at least 0.05, so that each condition is also trained alone).",
+            "inside), then the dropout at that lr (at least 0.05, so that each condition is also trained alone). "
+            "The last two columns give each candidate one condition alone, as a fraction of that condition's "
+            "single run (shown, not part of the rule).",
             "",
             selection_table(selected, meta["joint"]),
             "",

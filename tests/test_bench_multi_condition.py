@@ -44,6 +44,7 @@ def test_table_ratios_are_to_the_single_run_of_the_same_condition() -> None:
 def test_quick_protocol_selects_the_joint_lr_and_reports_every_model(tmp_path, offline_cache) -> None:
     result = bench.main(["--quick", "--out", str(tmp_path), "--max-extend", "0"])
     selected = result["selection"]
+    cache = json.loads((tmp_path / "selection.json").read_text())
     # first the lr: the geometric mean of the single lrs and its two quarter-decade neighbours, at dropout 0.3
     lrs = [row["lr"] for row in selected[:3]]
     assert lrs[1] == pytest.approx((lrs[0] * lrs[2]) ** 0.5) and lrs[2] / lrs[1] == pytest.approx(10**0.25)
@@ -54,10 +55,15 @@ def test_quick_protocol_selects_the_joint_lr_and_reports_every_model(tmp_path, o
         (best_lr, 0.05),
         (best_lr, 0.1),
         (best_lr, 0.2),
+        (best_lr, 0.5),
     ]
     for row in selected:  # each score is the smaller of the two fractions of the single runs' scores
         fractions = [row[m] / row["single"][m] for m in ("canny_f1", "seg_miou") if row["single"][m]]
         assert row["score"] == pytest.approx(min(fractions))
+        name = bench.folder_name("joint", 0, row["lr"], row["dropout"])
+        for given, m in (("canny", "canny_f1"), ("seg", "seg_miou")):  # one condition given: shown, not ruled
+            if row["single"][m]:
+                assert row[f"{m}_alone"] == pytest.approx(cache[f"{name}:{m}@{given}"] / row["single"][m])
     chosen = max((row for row in selected if row["lr"] == best_lr), key=lambda row: row["score"])
     assert f"| {chosen['lr']:.3g} (chosen) | {chosen['dropout']:g} |" in result["markdown"]
     joint = bench.folder_name("joint", 0, chosen["lr"], chosen["dropout"])
@@ -66,7 +72,6 @@ def test_quick_protocol_selects_the_joint_lr_and_reports_every_model(tmp_path, o
     config = (tmp_path / joint / "config.yaml").read_text()
     assert f"condition_dropout: {chosen['dropout']}" in config
     # the composition's rotation scales: every pair tried on the selection conditions, the best one chosen
-    cache = json.loads((tmp_path / "selection.json").read_text())
     fractions = {
         (c, g): min(
             cache[f"composed-rc{c:g}-rs{g:g}:canny_f1"] / cache["canny_s0"],
@@ -81,14 +86,18 @@ def test_quick_protocol_selects_the_joint_lr_and_reports_every_model(tmp_path, o
     assert f"**{max(fractions.values()):.0%}**" in result["markdown"]
     (scores,) = [seed["scores"] for seed in result["per_seed"]]
     as_trained = {"composed, both, rotations as trained"} if set(scales.values()) != {1.0} else set()
-    assert set(scores) == {
-        "canny alone",
-        "seg alone",
-        "joint, both",
-        "joint, canny only",
-        "joint, seg only",
-        "composed, both",
-    } | as_trained
+    assert (
+        set(scores)
+        == {
+            "canny alone",
+            "seg alone",
+            "joint, both",
+            "joint, canny only",
+            "joint, seg only",
+            "composed, both",
+        }
+        | as_trained
+    )
     n = len(scores["joint, both"]["canny_f1"])
     assert n == 4 and all(len(values) == n for entry in scores.values() for values in entry.values())
     for row in result["info"]["rows"].values():
