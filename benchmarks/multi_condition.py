@@ -423,8 +423,8 @@ def render(per_seed: list[dict], markdown: str, info: dict, meta: dict, selected
             "## Several conditions at once",
             "",
             f"Measured {meta['date']} with `{meta['command']}` in {meta['minutes']:.0f} minutes on {meta['machine']}, "
-            f"which trained {meta['trained']} of the {meta['runs']} runs and reused the rest from an earlier "
-            "invocation in the same folder."
+            f"which reused {meta['runs'] - meta['trained']} of its {meta['runs']} training runs from earlier "
+            f"invocations in the same folder and trained {meta['trained']}."
             if meta["trained"] < meta["runs"]
             else f"Measured {meta['date']} with `{meta['command']}` in {meta['minutes']:.0f} minutes on "
             f"{meta['machine']}.",

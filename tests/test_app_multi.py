@@ -76,6 +76,22 @@ def canny_and_seg_runs(offline_cache: Path, tmp_path_factory: pytest.TempPathFac
     return make_trained_run(root / "canny"), make_trained_run(root / "seg", "task=segmentation")
 
 
+def test_the_app_composes_with_the_rotation_scales_of_its_config(canny_and_seg_runs):
+    from src.app import load_or_exit
+    from src.errors import InputError
+    from src.models.inference import load_controlled
+
+    canny_dir, seg_dir = canny_and_seg_runs
+    runs = f"run=[{canny_dir},{seg_dir}]"
+    scaled = load_or_exit(compose_config(runs, "+rotation_scale.canny=0", name="app")).pipe.unet.state_dict()
+    expected = load_controlled([str(canny_dir), str(seg_dir)], rotation_scale={"canny": 0.0})
+    as_trained = load_controlled([str(canny_dir), str(seg_dir)]).pipe.unet.state_dict()
+    assert all(torch.equal(scaled[k], v) for k, v in expected.pipe.unet.state_dict().items())
+    assert any(not torch.equal(scaled[k], v) for k, v in as_trained.items())
+    with pytest.raises(InputError, match=r"cannot load run .*: rotation_scale.depth: the composed runs'"):
+        load_or_exit(compose_config(runs, "+rotation_scale.depth=1", name="app"))
+
+
 @pytest.fixture(scope="module")
 def served(canny_and_seg_runs, tmp_path_factory):
     """The app over the two runs composed, in a subprocess on a free port, with 2 sampling steps by default."""
