@@ -5,13 +5,13 @@
 
 A thin driver over ``python -m src.train`` (``conf/experiment/race.yaml`` plus task, method, lr, seed, horizon
 and validation shard per run), one process per run (one torch thread, ``--jobs`` at once) under ``--out``;
-finished runs are not rerun, so a race resumes. Per (task, method): (1) each lr of the grid trains
-``select_steps`` (the reported schedule scaled), scored on the selection conditions (shard 0), the grid extended
-beyond an end while the best is there (``next_lr``), and tried again at the reported horizon where the best's
-interval does not clear chance (``beats_chance``); (2) on the first task, methods with two parameter groups
-train their adapter at lr / f and lr * f; (3) the chosen lr trains ``steps`` per seed on the reported shard 1.
-``benchmarks.race_report`` writes the table and plots (benchmarks/README.md, "Controllability on the toy
-world", has the protocol and its time budget). ``--quick``: the same phases in-process on a tiny protocol.
+finished runs are not rerun, so a race resumes. Per row (task and a method of ``ROWS``, or an OFT-Control lever
+of ``LEVERS``): (1) each lr of the grid trains ``select_steps`` (the reported schedule scaled), scored on the
+selection conditions (shard 0), the grid extended beyond an end while the best is there (``next_lr``), and
+tried again at the reported horizon where the best's interval does not clear chance (``beats_chance``); (2) on
+the first task, rows with two parameter groups train their adapter at lr / f and lr * f; (3) the chosen lr
+trains ``steps`` per seed on the reported shard 1. ``benchmarks.race_report`` writes the table and plots
+(benchmarks/README.md has the protocol and its time budget). ``--quick``: the phases in-process, tiny.
 """
 
 from __future__ import annotations
@@ -31,12 +31,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "outputs" / "race"
+#: OFT-Control levers, raced as rows of their own: row -> (method, its config overrides)
+LEVERS = {"oft_more_layers": ("oft_control", ("oft=toy_more_layers",))}
 ROWS = {
-    "canny": ("oft_control", "encoder_only", "lora", "full_finetune", "controlnet", "t2i_adapter"),
-    "segmentation": ("oft_control", "encoder_only", "lora", "controlnet", "t2i_adapter"),
+    "canny": ("oft_control", "encoder_only", "lora", "full_finetune", "controlnet", "t2i_adapter", *LEVERS),
+    "segmentation": ("oft_control", "encoder_only", "lora", "controlnet", "t2i_adapter", *LEVERS),
 }
 #: methods with both an `encoder` and an `adapter` parameter group (src.models.methods)
-TWO_GROUPS = ("oft_control", "lora", "full_finetune", "controlnet")
+TWO_GROUPS = ("oft_control", "lora", "full_finetune", "controlnet", *LEVERS)
 SCORE = {"canny": "canny_f1", "segmentation": "seg_miou"}
 SD15_WIDTH, SD15_ENCODER, SD15_EPS = 320, (16, 32, 96, 256), 1e-3
 
@@ -97,10 +99,12 @@ class Run:
     def overrides(self, protocol: Protocol) -> list[str]:
         shard = 1 if self.phase == "report" else 0
         extra = [f"method.conditioning_channels={toy_rule()['encoder_channels']}".replace(" ", "")]
+        method, preset = LEVERS.get(self.method, (self.method, ()))
         return [
             "experiment=race",
             f"task={self.task}",
-            f"method={self.method}",
+            f"method={method}",
+            *preset,
             f"optim.lr={self.lr!r}",
             f"seed={self.seed}",
             f"data.batch_size={protocol.batch_size}",

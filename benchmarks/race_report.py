@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- controllability:start -->", "<!-- controllability:end -->"
 CURVES_PLOT, LR_PLOT = "controllability_curves.png", "controllability_lr.png"
 RESAMPLES = 2000
+CAPTION = ("colour", "shape")  # caption accuracies logged by the controllability callback
 VS = {None: "-", 1: "above", -1: "below", 0: "overlaps"}  # an interval against OFT-Control's
 NAMES = {
     "oft_control": "OFT-Control",
@@ -29,6 +30,7 @@ NAMES = {
     "full_finetune": "full finetune",
     "controlnet": "ControlNet",
     "t2i_adapter": "T2I-Adapter",
+    "oft_more_layers": "OFT-Control, more layers",
 }
 
 
@@ -49,12 +51,9 @@ def last_conditions(run_dir: Path) -> dict:
 def last_metrics(run_dir: Path) -> dict[str, float]:
     """The last logged value of every column of the run's ``csv/metrics.csv``."""
     last: dict[str, float] = {}
-    path = run_dir / "csv" / "metrics.csv"
-    with path.open(newline="") as handle:
+    with (run_dir / "csv" / "metrics.csv").open(newline="") as handle:
         for row in csv.DictReader(handle):
-            last |= {
-                k: float(v) for k, v in row.items() if v not in ("", None) and k not in ("step", "epoch")
-            }
+            last |= {k: float(v) for k, v in row.items() if v and k not in ("step", "epoch")}
     return last
 
 
@@ -108,9 +107,7 @@ def rows(race: dict, out: Path) -> list[dict]:
         found |= dict(final=curve[steps[-1]], conditions=len(per_seed[0][steps[-1]][name]))
         last = [c[steps[-1]] for c in per_seed]
         found["chance"] = bootstrap(np.array([c[f"{name}_chance"] for c in last]))
-        found["caption"] = [
-            bootstrap(np.array([c[f"caption_{k}_acc"] for c in last])) for k in ("colour", "shape")
-        ]
+        found["caption"] = [bootstrap(np.array([c[f"caption_{k}_acc"] for c in last])) for k in CAPTION]
         found["plateau"] = len(steps) > 1 and plateaued(curve[steps[-2]], curve[steps[-1]])
         shared = [k for k in logged[0] if all(k in m for m in logged)]
         found["logged"] = {k: float(np.mean([m[k] for m in logged])) for k in shared}

@@ -290,7 +290,8 @@ def test_quick_rows_have_ordered_intervals_and_lrs_consistent_with_their_grids(q
 def test_quick_rotation_movement_only_for_rotations(quick):
     for row in quick["rows"]:
         has = "oft/q_over_radius_max" in row["logged"]
-        assert has == (row["method"] == "oft_control"), row["method"]
+        rotates = race.LEVERS.get(row["method"], (row["method"],))[0] == "oft_control"
+        assert has == rotates, row["method"]
         if has:
             assert 0.0 <= row["logged"]["oft/q_over_radius_max"] <= 1.0 + 1e-6  # COFT keeps it inside
 
@@ -321,3 +322,14 @@ def test_quick_per_condition_files_are_the_logged_metrics_on_disjoint_conditions
     assert chosen and not chosen & set(record["keys"])  # selection and reported conditions are disjoint
     seg = next(r for r in runs if r["phase"] == "report" and r["task"] == "segmentation")
     assert len(report.last_conditions(out / seg["dir"])["seg_miou"]) == 4
+
+
+def test_a_lever_row_trains_its_method_with_its_preset():
+    run = race.Run("canny", "oft_more_layers", 1e-2, 0, "report", 3000, 1000)
+    overrides = run.overrides(race.FULL)
+    assert "method=oft_control" in overrides and "oft=toy_more_layers" in overrides
+    assert run.name == "report/canny/oft_more_layers/lr0.01_s0"  # its own folder, apart from oft_control's
+    assert all(
+        "oft=" not in o
+        for o in race.Run("canny", "oft_control", 1e-2, 0, "report", 3000, 1000).overrides(race.FULL)
+    )

@@ -275,3 +275,23 @@ def test_fast_preset_on_sd15_unet(meta_unet):
     names = inject_oft(unet, preset("fast"))
     assert len(names) == 144
     assert all(layer.block_size == 32 and isinstance(layer, OFTLinear) for _, layer in oft_layers(unet))
+
+
+def test_more_layers_preset_adds_each_blocks_ff_output_and_projections(meta_unet):
+    unet = copy.deepcopy(meta_unet)
+    base_shapes = {
+        name: module.weight.shape for name, module in unet.named_modules() if hasattr(module, "weight")
+    }
+    more = preset("more_layers")
+    names = inject_oft(unet, more)
+    assert len(names) == 192
+    paper_names = inject_oft(copy.deepcopy(meta_unet), preset("paper"))
+    extra = sorted(set(names) - set(paper_names))
+    assert set(paper_names) < set(names) and len(extra) == 48  # 16 blocks' ff.net.2, proj_in and proj_out
+    assert {name.rsplit(".", 1)[-1] for name in extra} == {"2", "proj_in", "proj_out"}
+    # independently, from the base layers' shapes: r = 4 blocks of b = d / 4 rotated features, b(b-1)/2 each
+    rotated = [math.prod(base_shapes[name][1:]) for name in names]
+    expected = sum(4 * (d // 4) * (d // 4 - 1) // 2 for d in rotated)
+    assert oft_parameter_count(unet) == expected == 40_985_888
+    toy = preset("toy_more_layers")
+    assert toy.target_modules == more.target_modules and (toy.eps, more.eps) == (0.1, 1e-3)
