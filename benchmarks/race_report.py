@@ -32,6 +32,7 @@ NAMES = {
     "t2i_adapter": "T2I-Adapter",
     "oft_more_layers": "OFT-Control, more layers",
 }
+COLOR = {method: f"C{i}" for i, method in enumerate(NAMES)}  # one colour per method in every panel
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -277,10 +278,9 @@ def plot(race: dict, found: list[dict], folder: Path) -> list[Path]:
     figure, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4), squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=True):
         for r in (r for r in found if r["task"] == task):
-            steps = list(r["curve"])
-            lo, mid, hi = (np.array([r["curve"][s][i] for s in steps]) for i in range(3))
-            ax.plot(steps, mid, marker="o", label=NAMES[r["method"]])
-            ax.fill_between(steps, lo, hi, alpha=0.2)
+            steps, (lo, mid, hi) = list(r["curve"]), np.array(list(r["curve"].values())).T
+            ax.plot(steps, mid, marker="o", label=NAMES[r["method"]], color=COLOR[r["method"]])
+            ax.fill_between(steps, lo, hi, alpha=0.2, color=COLOR[r["method"]])
         chance = np.mean([r["chance"][1] for r in found if r["task"] == task])
         ax.axhline(chance, color="grey", ls="--", label="chance (mean)")
         ax.set(title=f"{task}: reported conditions (95% interval)", xlabel="step", ylabel="score")
@@ -292,7 +292,7 @@ def plot(race: dict, found: list[dict], folder: Path) -> list[Path]:
         for row in (row for row in race["rows"] if row["task"] == task):
             points = [(lr, score) for lr, score in row["scores"] if math.isfinite(score)]  # failed: -inf
             lrs, scores = zip(*points, strict=True) if points else ((), ())
-            (line,) = ax.plot(lrs, scores, marker="o", label=NAMES[row["method"]])
+            (line,) = ax.plot(lrs, scores, marker="o", label=NAMES[row["method"]], color=COLOR[row["method"]])
             if (chosen := row["chosen"]) is not None:
                 ax.plot([chosen], [dict(row["scores"])[chosen]], "*", ms=14, color=line.get_color())
         ax.set(xscale="log", title=f"{task}: lr selection (star: chosen)", xlabel="lr", ylabel="score")
