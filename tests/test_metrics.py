@@ -195,3 +195,25 @@ def test_quality_metrics_without_local_weights_fail_clearly():
             build_fid(2048)
     with pytest.raises(QualityWeightsError, match="clip_score.model"):
         build_clip_score("openai/clip-vit-large-patch14")
+
+
+def test_the_toy_judge_scorer_matches_validation_and_scores_a_target_against_itself_one(offline_cache):
+    from helpers import demo_inputs
+
+    from src.callbacks.controllability import per_condition_scores
+    from src.metrics.base import EvalSample, to_uint8
+    from src.metrics.segmentation import ToyJudgeScorer
+
+    items = demo_inputs(4)
+    targets = to_uint8(torch.stack([item.target for item in items]))
+    samples = [
+        EvalSample(item.key, "", target, target, None) for item, target in zip(items, targets, strict=True)
+    ]
+    scorer = ToyJudgeScorer()
+    own = scorer.score_batch(targets, samples)
+    assert [v["seg_miou"] for v in own] == [1.0] * 4  # every shape of a target found where it is
+    shifted = [targets[(i + 1) % 4] for i in range(4)]  # each image scored against another scene
+    values = [v["seg_miou"] for v in ToyJudgeScorer().score_batch(shifted, samples)]
+    assert max(values) < 1.0
+    assert values == pytest.approx(per_condition_scores(shifted, list(targets), "seg")["seg_miou"])
+    assert scorer.summary() == {"seg_miou": 1.0}

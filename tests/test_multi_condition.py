@@ -350,3 +350,42 @@ def test_a_joint_run_exports_every_encoder_and_refuses_one_encoder_formats(offli
     assert all(torch.equal(trained[k], v) for k, v in encoder.state_dict().items())
     with pytest.raises(ConfigError, match="--formats hint_embedding: holds one condition's encoder"):
         export(joint, tmp_path / "hint", ["hint_embedding"])
+
+
+def test_evaluate_scores_each_condition_of_a_composition_at_its_rotation_scales(canny_and_seg_runs, tmp_path):
+    from helpers import STEPS
+
+    from data_prep import demo
+    from src.evaluate import evaluate
+
+    canny_dir, seg_dir = canny_and_seg_runs
+    shards = demo.build_demo("canny+seg", tmp_path / "data", train_scenes=4, val_scenes=4, shard_size=4)
+
+    def run(name: str, *overrides: str) -> dict:
+        cfg = compose_config(
+            f"run=[{canny_dir},{seg_dir}]",
+            f"shards={shards}/val-*.tar",
+            "max_samples=4",
+            f"sampling.num_inference_steps={STEPS}",
+            "segmenter.model=toy",
+            *overrides,
+            name="evaluate",
+            output_dir=tmp_path / name,
+        )
+        return evaluate(cfg)
+
+    import numpy as np
+    from PIL import Image
+
+    for name, overrides in (("as_trained", ()), ("scaled", ("+rotation_scale.canny=0",))):
+        report = run(name, *overrides)
+        per_sample = json.loads((tmp_path / name / "metrics.json").read_text())["per_sample"]
+        assert len(per_sample) == 4
+        for metric in ("canny_f1", "seg_miou"):  # each condition's own metric, the mean of its samples
+            values = [sample[metric] for sample in per_sample]
+            assert report["metrics"][metric] == pytest.approx(sum(values) / len(values))
+    # the same samples and seeds: only the canny run's rotations differ, so the generated images do
+    grids = [
+        np.asarray(Image.open(tmp_path / name / "best.png")).astype(int) for name in ("as_trained", "scaled")
+    ]
+    assert grids[0].shape == grids[1].shape and np.abs(grids[0] - grids[1]).max() > 0

@@ -27,7 +27,7 @@ from src.metrics.base import EvalSample, Scorer, to_uint8
 from src.metrics.edges import CannyScorer
 from src.metrics.landmarks import FaceLandmarker, LandmarkScorer
 from src.metrics.quality import CLIPScorer, FIDScorer, build_clip_score, build_fid
-from src.metrics.segmentation import SegmentationScorer, Segmenter
+from src.metrics.segmentation import SegmentationScorer, Segmenter, ToyJudgeScorer
 from src.models.multi import split_condition
 from src.models.sampling import SamplingOptions
 
@@ -39,10 +39,14 @@ def control_scorer(cfg: DictConfig, condition: str) -> Scorer:
     """The controllability scorer of a condition (loads the segmenter for `seg`)."""
     builders: dict[str, Callable[[], Scorer]] = {
         "canny": lambda: CannyScorer(cfg.canny.low, cfg.canny.high),
-        "seg": lambda: SegmentationScorer(
-            Segmenter(cfg.segmenter.model, cfg.segmenter.label_offset, cfg.device),
-            cfg.segmenter.num_classes,
-            cfg.segmenter.ignore_index,
+        "seg": lambda: (
+            ToyJudgeScorer()
+            if cfg.segmenter.model == "toy"
+            else SegmentationScorer(
+                Segmenter(cfg.segmenter.model, cfg.segmenter.label_offset, cfg.device),
+                cfg.segmenter.num_classes,
+                cfg.segmenter.ignore_index,
+            )
         ),
         "landmarks": lambda: LandmarkScorer(
             FaceLandmarker(cfg.landmarks.detect_resolution, cfg.landmarks.min_confidence)

@@ -140,3 +140,29 @@ class SegmentationScorer(Scorer):
             "seg_image_miou_mean": mean(self.per_image),
             "seg_images": float(len(self.per_image)),
         }
+
+
+class ToyJudgeScorer(Scorer):
+    """The toy world's segmentation score (`segmenter.model=toy`): the judge's shape mIoU of each generated
+    image against its target image, both segmented by `src.toy.judge.segment`, as validation scores it. The
+    toy backbone draws coloured shapes, which no ADE20K segmenter knows."""
+
+    name, primary, higher_is_better = "segmentation", "seg_miou", True
+
+    def __init__(self) -> None:
+        self.per_image: list[float] = []
+
+    def score_batch(
+        self, generated: Sequence[np.ndarray], samples: Sequence[EvalSample]
+    ) -> list[dict[str, float]]:
+        from src.toy import judge
+
+        values = []
+        for image, sample in zip(generated, samples, strict=True):
+            value = judge.shape_miou([judge.segment(image)], [judge.segment(sample.target)])
+            self.per_image.append(value)
+            values.append({"seg_miou": value})
+        return values
+
+    def summary(self) -> dict[str, float]:
+        return {"seg_miou": mean(self.per_image)}
