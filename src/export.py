@@ -30,33 +30,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from src.errors import ConfigError, OutputError, run_cli
-from src.models.exported import FORMATS, WRITERS, export_composed, unsupported
+from src.errors import ConfigError, run_cli
+from src.models.exported import FORMATS, WRITERS, export_composed, prepare_out_dir, unsupported
 from src.models.run import load_run
-
-
-class ExportExistsError(OutputError, FileExistsError):
-    """The export would overwrite earlier exports."""
-
-
-def prepare_out_dir(out_dir: Path, formats: Sequence[str], overwrite: bool) -> dict[str, Path]:
-    """Target folders per format; refuses to write into non-empty ones unless `overwrite`."""
-    unknown = sorted(set(formats) - set(FORMATS))
-    if unknown or not formats:
-        raise ConfigError(f"unknown export format(s) {unknown or formats}; choose from {', '.join(FORMATS)}")
-    targets = {name: out_dir / name for name in formats}
-    busy = [str(p) for p in targets.values() if p.exists() and any(p.iterdir())]
-    if busy and not overwrite:
-        raise ExportExistsError(
-            f"export folder(s) {busy} are not empty: choose another --out_dir or pass --overwrite"
-        )
-    for path in targets.values():
-        shutil.rmtree(path, ignore_errors=True)
-    return targets
 
 
 def export(

@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from src.errors import ConfigError, InputError, MissingInputError
+from src.errors import ConfigError, InputError, MissingInputError, OutputError
 from src.formats.controlnet_xs import check_controlnet_xs, export_controlnet_xs, export_hint_embedding
 from src.formats.lora_diff import export_lora
 from src.formats.single_file import check_single_file, export_single_file
@@ -133,6 +134,26 @@ def load_control_encoder(folder: str | os.PathLike) -> tuple[nn.Module, dict[str
 
 
 # ------------------------------------------------------------------------------------- merged diffusers
+class ExportExistsError(OutputError, FileExistsError):
+    """The export would overwrite earlier exports."""
+
+
+def prepare_out_dir(out_dir: Path, formats: Sequence[str], overwrite: bool) -> dict[str, Path]:
+    """Target folders per format; refuses to write into non-empty ones unless `overwrite`."""
+    unknown = sorted(set(formats) - set(FORMATS))
+    if unknown or not formats:
+        raise ConfigError(f"unknown export format(s) {unknown or formats}; choose from {', '.join(FORMATS)}")
+    targets = {name: out_dir / name for name in formats}
+    busy = [str(p) for p in targets.values() if p.exists() and any(p.iterdir())]
+    if busy and not overwrite:
+        raise ExportExistsError(
+            f"export folder(s) {busy} are not empty: choose another --out_dir or pass --overwrite"
+        )
+    for path in targets.values():
+        shutil.rmtree(path, ignore_errors=True)
+    return targets
+
+
 def export_diffusers(run: TrainedRun, folder: str | os.PathLike) -> Path:
     """A `StableDiffusionPipeline` folder with `W R` merged into the UNet, plus the control encoder."""
     module, folder = run.module, Path(folder)
