@@ -139,40 +139,54 @@ def train_all(out: Path, jobs: list[tuple], steps: int, args: argparse.Namespace
         time.sleep(0.5 if running else 0)
 
 
+class SelectionScores:
+    """Mean scores of models on the selection conditions, cached by key in ``selection.json``: one draw per
+    model and conditions given, however many of its metrics are asked for."""
+
+    def __init__(self, out: Path, inputs: list, sampling: dict) -> None:
+        self.file, self.sampling = out / "selection.json", sampling
+        self.cache = json.loads(self.file.read_text()) if self.file.is_file() else {}
+        self.conditions = torch.stack([item.condition for item in inputs])  # [N, 6, H, W]: canny, seg
+        self.targets = torch.stack([item.target for item in inputs])
+        self.prompts = [item.caption for item in inputs]
+
+    def means(self, keys: dict[str, str], source, condition, strength) -> dict[str, float]:
+        """``{metric: mean}`` for ``keys`` (``{metric: cache key}``); a missing key draws ``source`` (a run, or
+        runs with their rotation scales as ``(runs, scales)``) once from ``condition`` at ``strength``."""
+        from src.models.inference import load_controlled
+
+        if any(key not in self.cache for key in keys.values()):
+            runs, scales = source if isinstance(source, tuple) else (source, None)
+            model = load_controlled(runs, rotation_scale=scales)
+            images = draw(model, condition, self.prompts, strength, self.sampling)
+            found = scores(images, self.targets, sorted({metric.split("_")[0] for metric in keys}))
+            self.cache.update({key: float(np.mean(found[metric])) for metric, key in keys.items()})
+            self.file.write_text(json.dumps(self.cache, indent=1))
+        return {metric: self.cache[key] for metric, key in keys.items()}
+
+
 def select_joint(
-    out: Path, lrs: dict[str, float], steps: int, args: argparse.Namespace, inputs: list, sampling: dict
+    out: Path, lrs: dict[str, float], steps: int, args: argparse.Namespace, selection: SelectionScores
 ) -> tuple[tuple[float, float], list[dict]]:
     """The joint run's (lr, condition dropout), seed 0 at the reported horizon, scored on the selection
     conditions against the single runs there (the module docstring): first the lr at the default dropout, the
     grid growing by a quarter decade on the side of a winner at its edge (at most ``--max-extend`` times); then
-    the dropouts ``DROPOUTS`` at that lr. Scores are cached in ``selection.json``."""
-    from src.models.inference import load_controlled
-
-    cache_file = out / "selection.json"
-    cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
-    conditions = torch.stack([item.condition for item in inputs])
-    targets = torch.stack([item.target for item in inputs])
-    prompts = [item.caption for item in inputs]
-
-    def score(name: str, condition, strength, metric: str, given: str = "") -> float:
-        key = f"{name}:{metric}{given}" if name.startswith("joint") else name
-        if key not in cache:
-            images = draw(load_controlled(out / name), condition, prompts, strength, sampling)
-            cache[key] = float(np.mean(scores(images, targets)[metric]))
-            cache_file.write_text(json.dumps(cache, indent=1))
-        return cache[key]
+    the dropouts ``DROPOUTS`` at that lr."""
+    conditions = selection.conditions
 
     def rows_of(points: list[tuple[float, float]]) -> list[dict]:
         train_all(out, [("joint", 0, lr, dropout) for lr, dropout in points], steps, args)
         rows = []
         for lr, dropout in points:
             name = folder_name("joint", 0, lr, dropout)
-            found = {m: score(name, conditions, {"canny": 1.0, "seg": 1.0}, m) for m in single}
+            both = {m: f"{name}:{m}" for m in single}
+            found = selection.means(both, out / name, conditions, {"canny": 1.0, "seg": 1.0})
             ratios = {m: found[m] / single[m] if single[m] else float("nan") for m in single}
             ratio_columns = {f"{m}_ratio": r for m, r in ratios.items()}
             # each condition alone, for the table (not the rule): does the subset work?
             alone = {
-                f"{m}_alone": score(name, conditions, {c: 1.0}, m, f"@{c}") / single[m]
+                f"{m}_alone": selection.means({m: f"{name}:{m}@{c}"}, out / name, conditions, {c: 1.0})[m]
+                / single[m]
                 if single[m]
                 else math.nan
                 for c, m in (("canny", "canny_f1"), ("seg", "seg_miou"))
@@ -183,8 +197,8 @@ def select_joint(
 
     train_all(out, [("canny", 0, lrs["canny"]), ("seg", 0, lrs["seg"])], steps, args)
     single = {
-        "canny_f1": score("canny_s0", conditions[:, :3], 1.0, "canny_f1"),
-        "seg_miou": score("seg_s0", conditions[:, 3:], 1.0, "seg_miou"),
+        **selection.means({"canny_f1": "canny_s0"}, out / "canny_s0", conditions[:, :3], 1.0),
+        **selection.means({"seg_miou": "seg_s0"}, out / "seg_s0", conditions[:, 3:], 1.0),
     }
     step = 10**0.25
     grid = [math.sqrt(lrs["canny"] * lrs["seg"]) * step**k for k in (-1, 0, 1)]
@@ -201,30 +215,22 @@ def select_joint(
 
 
 def select_composition(
-    out: Path, lrs: dict[str, float], inputs: list, sampling: dict
+    out: Path, lrs: dict[str, float], selection: SelectionScores
 ) -> tuple[dict[str, float], dict[tuple[float, float], float]]:
     """The composition's rotation scale per run, chosen on the selection conditions by the joint run's rule
     (seed 0, both conditions, the smaller fraction of the single runs' scores there); every pair of
     ``ROTATION_SCALES``. Returns the chosen ``{condition: scale}`` and each pair's smaller fraction."""
-    from src.models.inference import load_controlled
-
-    cache_file = out / "selection.json"
-    cache = json.loads(cache_file.read_text())
-    conditions = torch.stack([item.condition for item in inputs])
-    targets = torch.stack([item.target for item in inputs])
-    prompts = [item.caption for item in inputs]
     runs = [str(out / folder_name(run, 0, lrs[run])) for run in ("canny", "seg")]
+    single = {"canny_f1": selection.cache["canny_s0"], "seg_miou": selection.cache["seg_s0"]}
     fractions = {}
     for pair in itertools.product(ROTATION_SCALES, repeat=2):
-        key = f"composed-rc{pair[0]:g}-rs{pair[1]:g}"
-        if f"{key}:canny_f1" not in cache:
-            model = load_controlled(runs, rotation_scale=dict(zip(("canny", "seg"), pair, strict=True)))
-            found = scores(draw(model, conditions, prompts, {"canny": 1.0, "seg": 1.0}, sampling), targets)
-            cache.update({f"{key}:{metric}": float(np.mean(found[metric])) for metric in found})
-            cache_file.write_text(json.dumps(cache, indent=1))
-        fractions[pair] = min(
-            cache[f"{key}:canny_f1"] / cache["canny_s0"], cache[f"{key}:seg_miou"] / cache["seg_s0"]
-        )
+        keys = {
+            m: f"composed-rc{pair[0]:g}-rs{pair[1]:g}:{m}"
+            for m in (*single, "canny_f1_chance", "seg_miou_chance")
+        }
+        source = (runs, dict(zip(("canny", "seg"), pair, strict=True)))
+        found = selection.means(keys, source, selection.conditions, {"canny": 1.0, "seg": 1.0})
+        fractions[pair] = min(found[m] / single[m] for m in single)
     best = max(fractions, key=fractions.get)
     return dict(zip(("canny", "seg"), best, strict=True)), fractions
 
@@ -496,9 +502,11 @@ def main(argv: list[str] | None = None) -> dict:
     root = OmegaConf.load(out / "canny_s0" / "config.yaml").data.root
     torch.set_num_threads(max(1, args.threads * args.jobs))
     sampling = SAMPLING | ({"num_inference_steps": 2} if args.quick else {})
-    selection = collect_inputs(f"{root}/canny+seg/val-000000.tar", "canny+seg", 64)
-    (lrs["joint"], dropout), selected = select_joint(out, lrs, steps, args, selection, sampling)
-    scales, fractions = select_composition(out, lrs, selection, sampling)
+    selection = SelectionScores(
+        out, collect_inputs(f"{root}/canny+seg/val-000000.tar", "canny+seg", 64), sampling
+    )
+    (lrs["joint"], dropout), selected = select_joint(out, lrs, steps, args, selection)
+    scales, fractions = select_composition(out, lrs, selection)
     train_all(out, [(run, seed, lrs[run], dropout) for seed in seeds for run in TASKS], steps, args)
     inputs = collect_inputs(f"{root}/canny+seg/val-000001.tar", "canny+seg", 64)
     per_seed = [evaluate_seed(out, seed, lrs, dropout, scales, inputs, sampling) for seed in seeds]

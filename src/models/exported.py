@@ -32,7 +32,7 @@ from src.formats.controlnet_xs import check_controlnet_xs, export_controlnet_xs,
 from src.formats.lora_diff import export_lora
 from src.formats.single_file import check_single_file, export_single_file
 from src.models.control import ControlEncoder
-from src.models.multi import MultiEncoder, compose_runs, rotation_scales
+from src.models.multi import MultiEncoder, compose_runs
 from src.models.run import TrainedRun
 from src.oft import merge_oft, unmerge_oft
 from src.oft.peft_compat import peft_adapter
@@ -189,7 +189,7 @@ def export_composed(
         "runs": [str(run.files.run_dir) for run in runs],
         "checkpoints": [str(run.files.checkpoint) for run in runs],
         "identities": [run.module.checkpoint_identity() for run in runs],
-        "rotation_scales": rotation_scales(runs, rotation_scale),
+        "rotation_scales": composed.scales,
         "condition": condition,
         "resolution": composed.resolution,
     }

@@ -168,6 +168,7 @@ class Composition:
     module: Any  # the first run's module, its UNet holding the composed rotations merged
     encoder: MultiEncoder
     resolution: int
+    scales: list[float]  # each run's rotation scale, in the runs' order
 
 
 def check_composable(runs: Sequence[TrainedRun]) -> None:
@@ -249,4 +250,4 @@ def compose_runs(runs: Sequence[TrainedRun], rotation_scale: Mapping[str, Any] |
     layers = [dict(oft_layers(runs[i].module.unet)) for i in rotating]
     merge_composed(carrier.unet, layers, [scales[i] for i in rotating])
     encoders = {name: enc for run in runs for name, enc in run_encoders(run).items()}
-    return Composition(carrier, MultiEncoder(encoders), runs[0].resolution)
+    return Composition(carrier, MultiEncoder(encoders), runs[0].resolution, scales)
