@@ -127,3 +127,25 @@ def test_stock_pipeline_strength_zero_equals_base_and_control_changes_output(tin
     assert torch.equal(run(1.0), controlled)  # deterministic for a fixed seed
     with pytest.raises(ValueError, match="unknown sampling scheduler 'plms'"):
         make_scheduler("plms", tiny.scheduler.config)
+
+
+def test_unshuffle_stem_folds_patches_into_channels_and_keeps_the_latent_resolution():
+    """`stem=unshuffle`: the first convolution reads each 8x8 patch as 192 channels (checked against a reshape
+    written here), every later stage keeps the latent resolution, and the embedding is zero at init."""
+    encoder = ControlEncoder(out_channels=8, downscale=8, channels=(6, 6, 6, 6), stem="unshuffle")
+    condition = torch.rand(2, 3, 32, 32)
+    assert encoder(condition).shape == (2, 8, 4, 4) and torch.count_nonzero(encoder(condition)) == 0
+    convs = [m for m in encoder.body if isinstance(m, torch.nn.Conv2d)]
+    assert convs[0].in_channels == 3 * 64 and all(c.stride == (1, 1) for c in convs)
+    # channel index c * 64 + i * 8 + j holds pixel (8y + i, 8x + j) of channel c (PixelUnshuffle's order)
+    patches = condition.reshape(2, 3, 4, 8, 4, 8).permute(0, 1, 3, 5, 2, 4).reshape(2, 192, 4, 4)
+    assert torch.equal(encoder.body[0](condition), patches)
+    assert encoder.arguments == {
+        "out_channels": 8,
+        "downscale": 8,
+        "channels": [6, 6, 6, 6],
+        "in_channels": 3,
+        "stem": "unshuffle",
+    }
+    with pytest.raises(ValueError, match="module.encoder_stem 'pixel' is not one of conv, unshuffle"):
+        ControlEncoder(out_channels=8, stem="pixel")

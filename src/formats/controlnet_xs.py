@@ -69,6 +69,11 @@ def check_controlnet_xs(unet, encoder) -> None:
 
 def encoder_convolutions(encoder: ControlEncoder) -> list[nn.Conv2d]:
     """The encoder's convolutions in order: the first, the stride-1/stride-2 pairs, then `zero_out`."""
+    if encoder.arguments["stem"] != "conv":
+        raise ConfigError(
+            f"ControlNet's hint block cannot hold an encoder with the {encoder.arguments['stem']!r} stem "
+            "(module.encoder_stem): export diffusers/ or control_encoder/ instead"
+        )
     return [m for m in encoder.body if isinstance(m, nn.Conv2d)] + [encoder.zero_out]
 
 

@@ -21,15 +21,24 @@ from torch import nn
 
 from src.errors import ConfigError
 
+#: how the encoder reaches the latent resolution (`module.encoder_stem`)
+ENCODER_STEMS = ("conv", "unshuffle")
+
 
 class ControlEncoder(nn.Module):
     """Condition image `[B, C_in, H, W]` in [0, 1] -> embedding `[B, C_out, H / f, W / f]`.
+
+    Two stems reach the latent resolution. `conv` is ControlNet's hint encoder (below): a stride-2 stage per
+    factor 2, the first stages narrow and at full resolution. `unshuffle` first folds each f x f patch of the
+    condition into channels (`PixelUnshuffle`, as T2I-Adapter's input does), so no pixel is lost to a narrow
+    early layer, and then runs the same pairs of convolutions, all at the latent resolution (stride 1).
 
     Args:
         out_channels: channels of the UNet's first feature map (`unet.conv_in.out_channels`).
         downscale: the VAE's downsampling factor `f` (a power of two); one stride-2 stage per factor 2.
         channels: widths of the stages, one more than the number of stride-2 stages is needed.
         in_channels: channels of the condition image.
+        stem: `conv` or `unshuffle` (above); with `unshuffle` the stages keep the latent resolution.
     """
 
     def __init__(
@@ -38,8 +47,14 @@ class ControlEncoder(nn.Module):
         downscale: int = 8,
         channels: Sequence[int] = (16, 32, 96, 256),
         in_channels: int = 3,
+        stem: str = "conv",
     ) -> None:
         super().__init__()
+        if stem not in ENCODER_STEMS:
+            raise ConfigError(
+                f"module.encoder_stem {stem!r} is not one of {', '.join(ENCODER_STEMS)}: `conv` (ControlNet's "
+                "hint encoder) or `unshuffle` (space-to-depth to the latent resolution, as T2I-Adapter)"
+            )
         stages = round(math.log2(downscale))
         if downscale < 1 or 2**stages != downscale:
             raise ConfigError(
@@ -51,10 +66,26 @@ class ControlEncoder(nn.Module):
                 f"VAE downscales by {downscale}; give at least {stages + 1} channel widths"
             )
         widths = list(channels[: stages + 1])
-        layers: list[nn.Module] = [nn.Conv2d(in_channels, widths[0], 3, padding=1), nn.SiLU()]
+        #: the constructor's arguments (what an export records and a loader rebuilds from)
+        self.arguments = {
+            "out_channels": out_channels,
+            "downscale": downscale,
+            "channels": widths,
+            "in_channels": in_channels,
+            "stem": stem,
+        }
+        if stem == "unshuffle":
+            layers: list[nn.Module] = [
+                nn.PixelUnshuffle(downscale),
+                nn.Conv2d(in_channels * downscale**2, widths[0], 3, padding=1),
+                nn.SiLU(),
+            ]
+        else:
+            layers = [nn.Conv2d(in_channels, widths[0], 3, padding=1), nn.SiLU()]
+        stride = 1 if stem == "unshuffle" else 2
         for c_in, c_out in zip(widths[:-1], widths[1:], strict=False):
             layers += [nn.Conv2d(c_in, c_in, 3, padding=1), nn.SiLU()]
-            layers += [nn.Conv2d(c_in, c_out, 3, padding=1, stride=2), nn.SiLU()]
+            layers += [nn.Conv2d(c_in, c_out, 3, padding=1, stride=stride), nn.SiLU()]
         self.body = nn.Sequential(*layers)
         self.zero_out = nn.Conv2d(widths[-1], out_channels, 3, padding=1)
         nn.init.zeros_(self.zero_out.weight)

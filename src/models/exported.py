@@ -56,14 +56,8 @@ EXPORT_HINT = "export one with `python -m src.export --run RUN --out_dir DIR`"
 
 # ------------------------------------------------------------------------------------- control encoder
 def encoder_arguments(encoder: ControlEncoder) -> dict[str, Any]:
-    """The constructor arguments of a control encoder, read from its layers."""
-    strided = [m for m in encoder.body if isinstance(m, nn.Conv2d) and m.stride == (2, 2)]
-    return {
-        "out_channels": encoder.zero_out.out_channels,
-        "downscale": 2 ** len(strided),
-        "channels": [encoder.body[0].out_channels, *(m.out_channels for m in strided)],
-        "in_channels": encoder.body[0].in_channels,
-    }
+    """The constructor arguments of a control encoder (`stem` is absent from exports before it existed)."""
+    return dict(encoder.arguments)
 
 
 def encoder_config(encoder: nn.Module, condition: str, resolution: int) -> dict[str, Any]:
@@ -123,7 +117,13 @@ def load_control_encoder(folder: str | os.PathLike) -> tuple[nn.Module, dict[str
         raise InputError(f"{config_path} is not an {ENCODER_FORMAT} config (format {config.get('format')!r})")
 
     def build(args: dict[str, Any]) -> ControlEncoder:
-        return ControlEncoder(args["out_channels"], args["downscale"], args["channels"], args["in_channels"])
+        return ControlEncoder(
+            args["out_channels"],
+            args["downscale"],
+            args["channels"],
+            args["in_channels"],
+            stem=args.get("stem", "conv"),
+        )
 
     if "encoders" in config:
         encoder: nn.Module = MultiEncoder({name: build(args) for name, args in config["encoders"].items()})
@@ -281,6 +281,12 @@ def unsupported(run: TrainedRun, name: str) -> str | None:
         "hint_embedding",
     ):
         return f"holds one condition's encoder and this run reads '{run.condition}': use diffusers or control_encoder"
+    stem = getattr(getattr(run.module, "encoder", None), "arguments", {}).get("stem", "conv")
+    if stem != "conv" and name in ("controlnet_xs", "hint_embedding"):
+        return (
+            f"holds ControlNet's hint encoder and this run's encoder has the {stem!r} stem "
+            "(module.encoder_stem), which it cannot represent: use diffusers or control_encoder"
+        )
     checks = {
         "single_file": lambda: check_single_file(run.module),
         "controlnet_xs": lambda: check_controlnet_xs(run.module.unet, getattr(run.module, "encoder", None)),

@@ -186,7 +186,10 @@ class EncoderOnly(Method):
 
         def encoder() -> ControlEncoder:
             return ControlEncoder(
-                module.unet.conv_in.out_channels, module.vae_scale_factor, module.encoder_channels
+                module.unet.conv_in.out_channels,
+                module.vae_scale_factor,
+                module.encoder_channels,
+                stem=module.encoder_stem,
             )
 
         names = split_condition(module.condition)  # several: one encoder each (src.models.multi)

@@ -49,6 +49,8 @@ class OFTControlModule(pl.LightningModule):
             when the method has an `adapter_lr`, else as one group.
         lr_scheduler: an optional factory called with the optimizer; stepped every training step.
         encoder_channels: stage widths of the control encoder (methods that use it).
+        encoder_stem: `conv` (ControlNet's hint encoder: stride-2 convolutions from the full-resolution
+            condition) or `unshuffle` (space-to-depth to the latent resolution first, then convolutions there).
         caption_dropout: probability of replacing a caption by "" (ControlNet uses 0.5).
         timestep_sampling: `uniform` (the paper's) or `cubic` (T2I-Adapter's bias to noisy steps).
         sampling: how validation samples are drawn (the `sampling/` config group).
@@ -85,6 +87,7 @@ class OFTControlModule(pl.LightningModule):
         method: Method | None = None,
         latent_cache_mb: float = 0.0,
         condition_dropout: float = 0.0,
+        encoder_stem: str = "conv",
     ) -> None:
         super().__init__()
         self.condition = condition
@@ -106,7 +109,7 @@ class OFTControlModule(pl.LightningModule):
         self.tokenizer, self.noise_scheduler = parts.tokenizer, parts.noise_scheduler
         self.text_encoder_2, self.tokenizer_2 = parts.text_encoder_2, parts.tokenizer_2  # SDXL only
         self.vae_scale_factor = parts.vae_scale_factor
-        self.encoder_channels = list(encoder_channels)
+        self.encoder_channels, self.encoder_stem = list(encoder_channels), encoder_stem
         self.method = method or OFTControl()
         self.adapted_layers = self.method.build(self)  # registers the method's parts as submodules
         self.memory = memory or MemoryOptions()

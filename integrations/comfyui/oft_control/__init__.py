@@ -30,20 +30,31 @@ ENCODER_TYPE = "OFT_CONTROL_ENCODER"
 
 
 class ControlEncoder(nn.Module):
-    """The exported encoder's layers (3x3 convolutions with SiLU, one stride-2 stage per factor 2 of the
-    VAE's downscale, then `zero_out` to the UNet's first width), built from its `config.json`."""
+    """The exported encoder's layers, built from its `config.json`: 3x3 convolutions with SiLU, then `zero_out`
+    to the UNet's first width. Stem `conv`: one stride-2 stage per factor 2 of the VAE's downscale; stem
+    `unshuffle`: the condition's downscale x downscale patches folded into channels first, every stage at
+    stride 1."""
 
     def __init__(self, config: dict) -> None:
         super().__init__()
-        stages = round(math.log2(config["downscale"]))
+        stages, downscale = round(math.log2(config["downscale"])), int(config["downscale"])
         widths = list(config["channels"][: stages + 1])
-        layers: list[nn.Module] = [nn.Conv2d(config["in_channels"], widths[0], 3, padding=1), nn.SiLU()]
+        unshuffle = config.get("stem", "conv") == "unshuffle"
+        layers: list[nn.Module] = (
+            [
+                nn.PixelUnshuffle(downscale),
+                nn.Conv2d(config["in_channels"] * downscale**2, widths[0], 3, padding=1),
+            ]
+            if unshuffle
+            else [nn.Conv2d(config["in_channels"], widths[0], 3, padding=1)]
+        )
+        layers.append(nn.SiLU())
         for c_in, c_out in zip(widths[:-1], widths[1:], strict=False):
             layers += [nn.Conv2d(c_in, c_in, 3, padding=1), nn.SiLU()]
-            layers += [nn.Conv2d(c_in, c_out, 3, padding=1, stride=2), nn.SiLU()]
+            layers += [nn.Conv2d(c_in, c_out, 3, padding=1, stride=1 if unshuffle else 2), nn.SiLU()]
         self.body = nn.Sequential(*layers)
         self.zero_out = nn.Conv2d(widths[-1], config["out_channels"], 3, padding=1)
-        self.downscale = int(config["downscale"])
+        self.downscale = downscale
 
     def forward(self, condition: torch.Tensor) -> torch.Tensor:
         return self.zero_out(self.body(condition))
