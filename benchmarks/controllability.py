@@ -31,8 +31,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "outputs" / "race"
-#: OFT-Control levers, raced as rows of their own: row -> (method, its config overrides)
-LEVERS = {"oft_more_layers": ("oft_control", ("oft=toy_more_layers",))}
+#: OFT-Control levers raced as rows: row -> (method, overrides); unshuffle widths: SD1.5's 320 by the rule
+UNSHUFFLE = ("module.encoder_stem=unshuffle", "module.encoder_channels=[32,32,32,32]")
+LEVERS = {
+    "oft_more_layers": ("oft_control", ("oft=toy_more_layers",)),
+    "oft_unshuffle": ("oft_control", UNSHUFFLE),
+    "oft_unshuffle_more_layers": ("oft_control", (*UNSHUFFLE, "oft=toy_more_layers")),
+}
 ROWS = {
     "canny": ("oft_control", "encoder_only", "lora", "full_finetune", "controlnet", "t2i_adapter", *LEVERS),
     "segmentation": ("oft_control", "encoder_only", "lora", "controlnet", "t2i_adapter", *LEVERS),
@@ -275,8 +280,9 @@ class Race:
         return race
 
 
-def train_inline(overrides: list[str], folder: Path) -> None:
-    """``python -m src.train overrides`` in this process, writing to ``folder`` (--quick)."""
+def train_inline(overrides: list[str], folder: Path, fit: bool = True):
+    """``python -m src.train overrides`` in this process, writing to ``folder`` (--quick); with ``fit=False``
+    only the composed config (``benchmarks.race_step``)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
@@ -290,7 +296,7 @@ def train_inline(overrides: list[str], folder: Path) -> None:
     with open_dict(cfg):
         cfg.paths.output_dir = str(folder)
     HydraConfig.instance().set_config(cfg)
-    train(cfg)
+    return train(cfg) if fit else cfg
 
 
 def main(argv: list[str] | None = None) -> dict:

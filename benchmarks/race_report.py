@@ -31,6 +31,8 @@ NAMES = {
     "controlnet": "ControlNet",
     "t2i_adapter": "T2I-Adapter",
     "oft_more_layers": "OFT-Control, more layers",
+    "oft_unshuffle": "OFT-Control, unshuffle encoder",
+    "oft_unshuffle_more_layers": "OFT-Control, unshuffle encoder + more layers",
 }
 COLOR = {method: f"C{i}" for i, method in enumerate(NAMES)}  # one colour per method in every panel
 
@@ -179,20 +181,12 @@ def faithfulness(toy_unet_config: Path | None = None) -> list[dict]:
         rotations = oft_parameter_count(unet)
         radii = [layer.coft_radius for layer in layers]
         angles = [math.degrees(2 * math.atan(radius / math.sqrt(2))) for radius in radii]
-        found.append(
-            {
-                "setup": label,
-                "unet": unet_params,
-                "encoder": encoder,
-                "encoder_share": encoder / unet_params,
-                "hint": sum(p.numel() for p in hint.parameters()),
-                "rotations": rotations,
-                "rotation_share": rotations / (rotations + encoder),
-                "blocks": sorted({layer.block_size for layer in layers}),
-                "radius": (min(radii), max(radii)),
-                "angle": (min(angles), max(angles)),
-            }
+        row = dict(setup=label, unet=unet_params, encoder=encoder, encoder_share=encoder / unet_params)
+        row |= dict(hint=sum(p.numel() for p in hint.parameters()), rotations=rotations)
+        row |= dict(
+            rotation_share=rotations / (rotations + encoder), blocks=sorted({x.block_size for x in layers})
         )
+        found.append(row | dict(radius=(min(radii), max(radii)), angle=(min(angles), max(angles))))
     return found
 
 
