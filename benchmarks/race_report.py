@@ -269,7 +269,7 @@ def plot(race: dict, found: list[dict], folder: Path) -> list[Path]:
 
     tasks = list(dict.fromkeys(r["task"] for r in race["rows"]))
     paths = [folder / CURVES_PLOT, folder / LR_PLOT]
-    figure, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4), squeeze=False)
+    figure, axes = plt.subplots(1, len(tasks), figsize=(8.5 * len(tasks), 4), squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=True):
         for r in (r for r in found if r["task"] == task):
             steps, (lo, mid, hi) = list(r["curve"]), np.array(list(r["curve"].values())).T
@@ -278,10 +278,10 @@ def plot(race: dict, found: list[dict], folder: Path) -> list[Path]:
         chance = np.mean([r["chance"][1] for r in found if r["task"] == task])
         ax.axhline(chance, color="grey", ls="--", label="chance (mean)")
         ax.set(title=f"{task}: reported conditions (95% interval)", xlabel="step", ylabel="score")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1, 1))
     figure.tight_layout()
     figure.savefig(paths[0], dpi=100)
-    figure, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4), squeeze=False)
+    figure, axes = plt.subplots(1, len(tasks), figsize=(8.5 * len(tasks), 4), squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=True):
         for row in (row for row in race["rows"] if row["task"] == task):
             points = [(lr, score) for lr, score in row["scores"] if math.isfinite(score)]  # failed: -inf
@@ -290,7 +290,7 @@ def plot(race: dict, found: list[dict], folder: Path) -> list[Path]:
             if (chosen := row["chosen"]) is not None:
                 ax.plot([chosen], [dict(row["scores"])[chosen]], "*", ms=14, color=line.get_color())
         ax.set(xscale="log", title=f"{task}: lr selection (star: chosen)", xlabel="lr", ylabel="score")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1, 1))
     figure.tight_layout()
     figure.savefig(paths[1], dpi=100)
     plt.close("all")
