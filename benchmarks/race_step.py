@@ -48,20 +48,22 @@ class StepTimer(pl.Callback):
         self.seconds.append(time.perf_counter() - self.started)
 
 
-def build(method: str, quick: bool) -> tuple[pl.LightningModule, pl.LightningDataModule, float]:
-    """The row's module and data as the race's reported canny run composes them, and its clipping norm."""
+def build(method: str, quick: bool, folder: Path) -> tuple[pl.LightningModule, pl.LightningDataModule, float]:
+    """The row's module and data as the race's reported canny run composes them (its output folder `folder`,
+    where nothing is written), and its clipping norm."""
     from hydra.utils import instantiate
 
     protocol = QUICK if quick else FULL
     run = Run("canny", method, 1e-3, 0, "report", protocol.steps, protocol.eval_every)
-    cfg = train_inline(run.overrides(protocol), Path(tempfile.mkdtemp(prefix="race_step-")), fit=False)
+    cfg = train_inline(run.overrides(protocol), folder, fit=False)
     module = instantiate(cfg.module, condition=cfg.task.condition)
     return module, instantiate(cfg.data), cfg.trainer.gradient_clip_val
 
 
 def time_rows(methods: list[str], rounds: int, steps: int, quick: bool) -> tuple[dict, dict]:
     """Per row, its median step (seconds) of every round, and its trainable parameters."""
-    built = {m: build(m, quick) for m in methods}
+    with tempfile.TemporaryDirectory(prefix="race_step-") as folder:
+        built = {m: build(m, quick, Path(folder)) for m in methods}
     trainable = {m: sum(p.numel() for p in built[m][0].parameters() if p.requires_grad) for m in methods}
     medians: dict[str, list[float]] = {m: [] for m in methods}
     for round_ in range(rounds):

@@ -67,13 +67,21 @@ def check_controlnet_xs(unet, encoder) -> None:
         )
 
 
+def hint_block_refusal(encoder) -> str | None:
+    """Why ControlNet's hint block (both formats here) cannot hold `encoder`'s layers, or None."""
+    stem = getattr(encoder, "arguments", {}).get("stem", "conv")
+    if stem == "conv":
+        return None
+    return (
+        f"holds ControlNet's hint encoder and this run's encoder has the {stem!r} stem "
+        "(module.encoder_stem), which it cannot represent: use diffusers or control_encoder"
+    )
+
+
 def encoder_convolutions(encoder: ControlEncoder) -> list[nn.Conv2d]:
     """The encoder's convolutions in order: the first, the stride-1/stride-2 pairs, then `zero_out`."""
-    if encoder.arguments["stem"] != "conv":
-        raise ConfigError(
-            f"ControlNet's hint block cannot hold an encoder with the {encoder.arguments['stem']!r} stem "
-            "(module.encoder_stem): export diffusers/ or control_encoder/ instead"
-        )
+    if why := hint_block_refusal(encoder):
+        raise ConfigError(f"this export {why}")
     return [m for m in encoder.body if isinstance(m, nn.Conv2d)] + [encoder.zero_out]
 
 

@@ -28,7 +28,12 @@ from typing import Any
 from torch import nn
 
 from src.errors import ConfigError, InputError, MissingInputError, OutputError
-from src.formats.controlnet_xs import check_controlnet_xs, export_controlnet_xs, export_hint_embedding
+from src.formats.controlnet_xs import (
+    check_controlnet_xs,
+    export_controlnet_xs,
+    export_hint_embedding,
+    hint_block_refusal,
+)
 from src.formats.lora_diff import export_lora
 from src.formats.single_file import check_single_file, export_single_file
 from src.models.control import ControlEncoder
@@ -281,12 +286,9 @@ def unsupported(run: TrainedRun, name: str) -> str | None:
         "hint_embedding",
     ):
         return f"holds one condition's encoder and this run reads '{run.condition}': use diffusers or control_encoder"
-    stem = getattr(getattr(run.module, "encoder", None), "arguments", {}).get("stem", "conv")
-    if stem != "conv" and name in ("controlnet_xs", "hint_embedding"):
-        return (
-            f"holds ControlNet's hint encoder and this run's encoder has the {stem!r} stem "
-            "(module.encoder_stem), which it cannot represent: use diffusers or control_encoder"
-        )
+    hint_block = name in ("controlnet_xs", "hint_embedding")
+    if hint_block and (why := hint_block_refusal(getattr(run.module, "encoder", None))):
+        return why
     checks = {
         "single_file": lambda: check_single_file(run.module),
         "controlnet_xs": lambda: check_controlnet_xs(run.module.unet, getattr(run.module, "encoder", None)),
