@@ -39,8 +39,8 @@ def preflight(cfg: DictConfig) -> pl.LightningDataModule:
 
     Checks, in order of cost: the lr schedule's length, backbone weights reachable, the resolution
     against the VAE's factor, the method against the backbone's real UNet layout (built on the meta
-    device; OFT targets and block sizes, LoRA targets), a resumed checkpoint's backbone, method, OFT layout
-    and task, and that the shard specs match shards.
+    device; OFT targets and block sizes, LoRA targets), the consistency reward against the task, a resumed
+    checkpoint's backbone, method, OFT layout and task, and that the shard specs match shards.
     """
     check_schedule_length(cfg.get("lr_scheduler"))
     backbone = instantiate(cfg.model)
@@ -49,6 +49,8 @@ def preflight(cfg: DictConfig) -> pl.LightningDataModule:
     oft = instantiate(cfg.oft, _convert_="all")
     method = instantiate(cfg.method)
     method.check_condition(str(cfg.task.condition))
+    if cfg.module.get("consistency") is not None:
+        instantiate(cfg.module.consistency).check(str(cfg.task.condition))
     method.check(unet_skeleton(backbone), oft)
     if cfg.get("ckpt_path"):
         check_checkpoint(cfg.ckpt_path, backbone, oft, cfg.task.condition, method)

@@ -19,6 +19,7 @@ from src.models.latents import LatentCache, sample_latents
 from src.models.memory import MemoryOptions, apply_memory_options
 from src.models.methods import Method, OFTControl
 from src.models.multi import condition_keep, split_condition
+from src.models.reward import ConsistencyReward, clean_estimate
 from src.models.sampling import SamplingOptions, build_pipeline, make_scheduler, sample_controlled
 from src.oft import OFTConfig
 
@@ -69,6 +70,8 @@ class OFTControlModule(pl.LightningModule):
             training drops each condition of each sample (its embedding left out), so that any subset of
             the conditions works at inference (`src.models.multi`); a condition missing from a sample is
             dropped too. Unused with one condition.
+        consistency: an optional consistency reward on canny edges (`src.models.reward`, ControlNet++'s idea):
+            off while its weight is 0.
     """
 
     def __init__(
@@ -88,6 +91,7 @@ class OFTControlModule(pl.LightningModule):
         latent_cache_mb: float = 0.0,
         condition_dropout: float = 0.0,
         encoder_stem: str = "conv",
+        consistency: ConsistencyReward | None = None,
     ) -> None:
         super().__init__()
         self.condition = condition
@@ -109,6 +113,8 @@ class OFTControlModule(pl.LightningModule):
         self.tokenizer, self.noise_scheduler = parts.tokenizer, parts.noise_scheduler
         self.text_encoder_2, self.tokenizer_2 = parts.text_encoder_2, parts.tokenizer_2  # SDXL only
         self.vae_scale_factor = parts.vae_scale_factor
+        self.consistency = consistency or ConsistencyReward()
+        self.consistency.check(condition, self.noise_scheduler.config.num_train_timesteps)
         self.encoder_channels, self.encoder_stem = list(encoder_channels), encoder_stem
         self.method = method or OFTControl()
         self.adapted_layers = self.method.build(self)  # registers the method's parts as submodules
@@ -202,6 +208,18 @@ class OFTControlModule(pl.LightningModule):
 
         `strength` scales the control (per condition with several: `[B, k]`); by default 1, or with several
         conditions the batch's `present` mask."""
+        prediction, target, _, _ = self.predict(batch, noise, timesteps, captions, strength)
+        return F.mse_loss(prediction.float(), target.float())
+
+    def predict(
+        self,
+        batch: dict[str, Any],
+        noise: torch.Tensor | None = None,
+        timesteps: torch.Tensor | None = None,
+        captions: Sequence[str] | None = None,
+        strength: Any = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`(prediction, target, noisy latents, timesteps)` of one controlled UNet pass (see `diffusion_loss`)."""
         latents = self.encode_images(batch["image"])
         noise = torch.randn_like(latents) if noise is None else noise
         if timesteps is None:
@@ -213,7 +231,22 @@ class OFTControlModule(pl.LightningModule):
             strength = self.condition_strengths(batch, dropout=0.0)
         with self.method.inject(self.unet, batch["condition"].to(latents.dtype), strength):
             prediction = self.unet(noisy, timesteps, encoder_hidden_states=text, **extra).sample
-        return F.mse_loss(prediction.float(), self.diffusion_target(latents, noise, timesteps).float())
+        return prediction, self.diffusion_target(latents, noise, timesteps), noisy, timesteps
+
+    def rewarded_loss(
+        self, batch: dict[str, Any], captions: Sequence[str], strength: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(diffusion loss, consistency loss)`: the first `consistency.rewarded(B)` samples get a low-noise
+        timestep, and their decoded one-step estimate is scored against their edge maps (`src.models.reward`)."""
+        count, reward = len(batch["caption"]), self.consistency
+        timesteps = self.sample_timesteps(count, self.device)
+        k = reward.rewarded(count)
+        timesteps[:k] = torch.randint(0, reward.max_timestep, (k,), device=self.device)
+        prediction, target, noisy, timesteps = self.predict(batch, None, timesteps, captions, strength)
+        diffusion = F.mse_loss(prediction.float(), target.float())
+        clean = clean_estimate(self.noise_scheduler, noisy[:k].float(), prediction[:k].float(), timesteps[:k])
+        images = self.vae.decode((clean / self.vae.config.scaling_factor).to(self.vae.dtype)).sample
+        return diffusion, reward.loss(images.float(), batch["condition"][:k, 0].float())
 
     def sample_timesteps(self, count: int, device: torch.device) -> torch.Tensor:
         """Training timesteps: uniform (the paper's), or `cubic`, `t = (1 - u^3) T` for uniform `u`, which
@@ -245,10 +278,16 @@ class OFTControlModule(pl.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         strength = self.condition_strengths(batch, self.condition_dropout)
-        loss = self.diffusion_loss(batch, captions=self.drop_captions(batch["caption"]), strength=strength)
+        captions, count = self.drop_captions(batch["caption"]), len(batch["caption"])
+        if self.consistency.enabled:
+            loss, consistency = self.rewarded_loss(batch, captions, strength)
+            self.log("train/consistency", consistency, batch_size=self.consistency.rewarded(count))
+            loss = loss + self.consistency.weight * consistency
+        else:
+            loss = self.diffusion_loss(batch, captions=captions, strength=strength)
         if not self.loss_is_finite(loss):
             return None  # no backward: the optimizer step finds no gradients and changes nothing
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["caption"]))
+        self.log("train/loss", loss, prog_bar=True, batch_size=count)
         return loss
 
     def loss_is_finite(self, loss: torch.Tensor) -> bool:
