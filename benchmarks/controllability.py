@@ -103,24 +103,17 @@ class Run:
 
     def overrides(self, protocol: Protocol) -> list[str]:
         shard = 1 if self.phase == "report" else 0
-        extra = [f"method.conditioning_channels={toy_rule()['encoder_channels']}".replace(" ", "")]
+        channels = "".join(str(toy_rule()["encoder_channels"]).split())
+        extra = f" method.conditioning_channels={channels}" if self.method == "controlnet" else ""
+        extra += f" method.adapter_lr={self.adapter_lr!r}" if self.adapter_lr else ""
         method, preset = LEVERS.get(self.method, (self.method, ()))
-        return [
-            "experiment=race",
-            f"task={self.task}",
-            f"method={method}",
-            *preset,
-            f"optim.lr={self.lr!r}",
-            f"seed={self.seed}",
-            f"data.batch_size={protocol.batch_size}",
-            f"trainer.max_steps={self.steps}",
-            f"trainer.val_check_interval={self.eval_every}",
-            f"callbacks.energy.every_n_steps={self.eval_every}",
-            f"data.val_shards=${{data.root}}/${{task.condition}}/val-{shard:06d}.tar",
-            *(extra if self.method == "controlnet" else []),
-            *([f"method.adapter_lr={self.adapter_lr!r}"] if self.adapter_lr else []),
-            *protocol.extra,
-        ]
+        each = (
+            f"experiment=race task={self.task} method={method} optim.lr={self.lr!r} seed={self.seed} "
+            f"data.batch_size={protocol.batch_size} trainer.max_steps={self.steps} "
+            f"trainer.val_check_interval={self.eval_every} callbacks.energy.every_n_steps={self.eval_every} "
+            f"data.val_shards=${{data.root}}/${{task.condition}}/val-{shard:06d}.tar{extra}"
+        )
+        return [*each.split(), *preset, *protocol.extra]
 
 
 def next_lr(scores: dict[float, float], factor: float) -> float | None:
@@ -128,11 +121,7 @@ def next_lr(scores: dict[float, float], factor: float) -> float | None:
     on ties), else None (the best is inside the grid)."""
     grid = sorted(scores)
     best = max(grid, key=lambda lr: (scores[lr], -lr))
-    if best == grid[0]:
-        return grid[0] / factor
-    if best == grid[-1]:
-        return grid[-1] * factor
-    return None
+    return grid[0] / factor if best == grid[0] else grid[-1] * factor if best == grid[-1] else None
 
 
 def run_score(run_dir: Path, task: str) -> float:
@@ -183,8 +172,7 @@ class Race:
 
     def finished(self, run: Run, score: float) -> list[Run]:
         """Record a finished run; the runs it makes due."""
-        p = self.protocol
-        row = self.rows[(run.task, run.method)]
+        p, row = self.protocol, self.rows[(run.task, run.method)]
         if run.phase not in ("select", "horizon"):
             return []
         row.scores[run.lr] = score
@@ -311,8 +299,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--report-only", action="store_true", help="rewrite the report from --out's runs")
     parser.add_argument("--inline", action="store_true", help="train in this process (--quick's default)")
     args = parser.parse_args(argv)
-    protocol = QUICK if args.quick else FULL
-    args.inline = args.inline or args.quick
+    protocol, args.inline = (QUICK, True) if args.quick else (FULL, args.inline)
     args.jobs = 1 if args.inline else args.jobs
     out = args.out or (DEFAULT_OUT.with_name("race-quick") if args.quick else DEFAULT_OUT)
     out.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -45,8 +46,7 @@ def conditions(run_dir: Path) -> dict[int, dict]:
 
 
 def last_conditions(run_dir: Path) -> dict:
-    found = conditions(run_dir)
-    if not found:
+    if not (found := conditions(run_dir)):
         raise FileNotFoundError(f"no per-condition scores under {run_dir / 'conditions'}")
     return found[max(found)]
 
@@ -67,8 +67,7 @@ def bootstrap(values: np.ndarray, resamples: int = RESAMPLES, seed: int = 0) -> 
     values = np.asarray(values, dtype=float)
     seeds, count = values.shape
     rng = np.random.default_rng(seed)
-    rows = rng.integers(0, seeds, (resamples, seeds))
-    cols = rng.integers(0, count, (resamples, count))
+    rows, cols = rng.integers(0, seeds, (resamples, seeds)), rng.integers(0, count, (resamples, count))
     means = values[rows[:, :, None], cols[:, None, :]].mean(axis=(1, 2))
     lo, hi = np.percentile(means, [2.5, 97.5])
     return float(lo), float(values.mean()), float(hi)
@@ -181,11 +180,10 @@ def faithfulness(toy_unet_config: Path | None = None) -> list[dict]:
         rotations = oft_parameter_count(unet)
         radii = [layer.coft_radius for layer in layers]
         angles = [math.degrees(2 * math.atan(radius / math.sqrt(2))) for radius in radii]
+        blocks, share = sorted({x.block_size for x in layers}), rotations / (rotations + encoder)
         row = dict(setup=label, unet=unet_params, encoder=encoder, encoder_share=encoder / unet_params)
-        row |= dict(hint=sum(p.numel() for p in hint.parameters()), rotations=rotations)
-        row |= dict(
-            rotation_share=rotations / (rotations + encoder), blocks=sorted({x.block_size for x in layers})
-        )
+        row |= dict(hint=sum(p.numel() for p in hint.parameters()), rotations=rotations, rotation_share=share)
+        row["blocks"] = blocks
         found.append(row | dict(radius=(min(radii), max(radii)), angle=(min(angles), max(angles))))
     return found
 
@@ -209,15 +207,12 @@ def faithfulness_table(found: list[dict]) -> str:
 
 def _movement(logged: dict, spread: dict) -> str:
     """Max Q/radius, mean ||R - I|| and max angle at the last evaluation: seeds' mean [lowest, highest]."""
-    formats = (".2f", ".3g", ".1f")
     keys = [f"oft/{k}" for k in ("q_over_radius_max", "rotation_distance", "plane_angle_max_deg")]
     if keys[0] not in logged:
         return "-"
-    q, r, a = (
-        f"{logged[k]:{f}} [{spread[k][0]:{f}}, {spread[k][1]:{f}}]"
-        for k, f in zip(keys, formats, strict=True)
-    )
-    return f"{q} / {r} / {a} deg"
+    formats = dict(zip(keys, (".2f", ".3g", ".1f"), strict=True))
+    cells = (f"{logged[k]:{f}} [{spread[k][0]:{f}}, {spread[k][1]:{f}}]" for k, f in formats.items())
+    return " / ".join(cells) + " deg"
 
 
 def table(found: list[dict]) -> str:
@@ -237,6 +232,21 @@ def table(found: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def verdict(found: list[dict]) -> Iterator[str]:
+    """Per task: the best OFT-Control row (`oft_*`) against every peer: margins of means; does it win?"""
+    for task in dict.fromkeys(r["task"] for r in found):
+        ours = [r for r in found if r["task"] == task and r["method"].startswith("oft_")]
+        peers = [r for r in found if r["task"] == task and r not in ours]
+        if not ours or not peers:
+            continue
+        best = max(ours, key=lambda r: r["final"][1])["final"]
+        vs = {NAMES[p["method"]]: (best[1] - p["final"][1], separated(best, p["final"])) for p in peers}
+        said = ", ".join(f"{name} {margin:+.3f} ({VS[s]})" for name, (margin, s) in vs.items())
+        end = "it wins" if min(s for _, s in vs.values()) > 0 else "no win: not above every peer, separated"
+        row = next(NAMES[r["method"]] for r in ours if r["final"] == best)
+        yield f"- {task}: the best OFT-Control row, {row} {_ci(best)}, against {said}; {end}."
+
+
 def render(race: dict, found: list[dict], faith: list[dict], checks: list[str]) -> str:
     p = race["protocol"]
     minutes, reused = race["seconds"] / 60, sum(r.get("reused", False) for r in race["runs"])
@@ -254,7 +264,8 @@ def render(race: dict, found: list[dict], faith: list[dict], checks: list[str]) 
         "last evaluation, mean over seeds [lowest, highest seed] (`oft/q_over_radius_max`, "
         "`oft/rotation_distance`, `oft/plane_angle_max_deg`)."
     )
-    parts = [head, "", table(found), "", "SD1.5 against the toy backbone:", "", faithfulness_table(faith)]
+    parts = [head, "", table(found), "", "Does OFT-Control win (margins of means, final evaluation)?", ""]
+    parts += [*verdict(found), "", "SD1.5 against the toy backbone:", "", faithfulness_table(faith)]
     note = "One lr for the encoder and the adapter (selection horizon and conditions, seed 0):"
     parts += ["", note, "", *checks] if checks else []
     parts += ["", f"![score vs step]({CURVES_PLOT})", f"![selection score vs lr]({LR_PLOT})"]
@@ -267,10 +278,7 @@ def plot(race: dict, found: list[dict], folder: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks = list(dict.fromkeys(r["task"] for r in race["rows"]))
-    paths = [folder / CURVES_PLOT, folder / LR_PLOT]
-    figure, axes = plt.subplots(1, len(tasks), figsize=(8.5 * len(tasks), 4), squeeze=False)
-    for ax, task in zip(axes[0], tasks, strict=True):
+    def curves(ax, task: str) -> None:
         for r in (r for r in found if r["task"] == task):
             steps, (lo, mid, hi) = list(r["curve"]), np.array(list(r["curve"].values())).T
             ax.plot(steps, mid, marker="o", label=NAMES[r["method"]], color=COLOR[r["method"]])
@@ -278,21 +286,25 @@ def plot(race: dict, found: list[dict], folder: Path) -> list[Path]:
         chance = np.mean([r["chance"][1] for r in found if r["task"] == task])
         ax.axhline(chance, color="grey", ls="--", label="chance (mean)")
         ax.set(title=f"{task}: reported conditions (95% interval)", xlabel="step", ylabel="score")
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1, 1))
-    figure.tight_layout()
-    figure.savefig(paths[0], dpi=100)
-    figure, axes = plt.subplots(1, len(tasks), figsize=(8.5 * len(tasks), 4), squeeze=False)
-    for ax, task in zip(axes[0], tasks, strict=True):
+
+    def lrs(ax, task: str) -> None:
         for row in (row for row in race["rows"] if row["task"] == task):
             points = [(lr, score) for lr, score in row["scores"] if math.isfinite(score)]  # failed: -inf
-            lrs, scores = zip(*points, strict=True) if points else ((), ())
-            (line,) = ax.plot(lrs, scores, marker="o", label=NAMES[row["method"]], color=COLOR[row["method"]])
+            xs, ys = zip(*points, strict=True) if points else ((), ())
+            (line,) = ax.plot(xs, ys, marker="o", label=NAMES[row["method"]], color=COLOR[row["method"]])
             if (chosen := row["chosen"]) is not None:
                 ax.plot([chosen], [dict(row["scores"])[chosen]], "*", ms=14, color=line.get_color())
         ax.set(xscale="log", title=f"{task}: lr selection (star: chosen)", xlabel="lr", ylabel="score")
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1, 1))
-    figure.tight_layout()
-    figure.savefig(paths[1], dpi=100)
+
+    tasks = list(dict.fromkeys(r["task"] for r in race["rows"]))
+    paths = [folder / CURVES_PLOT, folder / LR_PLOT]
+    for path, draw in zip(paths, (curves, lrs), strict=True):
+        figure, axes = plt.subplots(1, len(tasks), figsize=(8.5 * len(tasks), 4), squeeze=False)
+        for ax, task in zip(axes[0], tasks, strict=True):
+            draw(ax, task)
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1, 1))
+        figure.tight_layout()
+        figure.savefig(path, dpi=100)
     plt.close("all")
     return paths
 

@@ -60,6 +60,25 @@ def test_separation_and_plateau_rules():
     assert not plateaued((0.1, 0.15, 0.2), (0.2, 0.25, 0.3))  # still rising
 
 
+def test_the_verdict_names_the_best_oft_row_its_margins_and_whether_it_wins():
+    def row(method, lo, mid, hi, task="canny"):
+        return dict(task=task, method=method, final=(lo, mid, hi))
+
+    found = [
+        row("oft_control", 0.10, 0.15, 0.20),
+        row("oft_unshuffle", 0.30, 0.35, 0.40),
+        row("controlnet", 0.10, 0.17, 0.25),
+        row("t2i_adapter", 0.25, 0.29, 0.33),
+        row("oft_control", 0.4, 0.5, 0.6, "segmentation"),
+        row("controlnet", 0.1, 0.2, 0.3, "segmentation"),
+    ]
+    canny, segmentation = report.verdict(found)
+    assert "OFT-Control, unshuffle encoder 0.350 [0.300, 0.400]" in canny  # the best OFT row, not the default
+    assert "ControlNet +0.180 (above)" in canny and "T2I-Adapter +0.060 (overlaps)" in canny
+    assert canny.endswith("no win: not above every peer, separated.")
+    assert "ControlNet +0.300 (above)" in segmentation and segmentation.endswith("; it wins.")
+
+
 # ------------------------------------------------------------------------------------------------ grid rule
 def test_next_lr_extends_only_at_an_edge():
     f = math.sqrt(10)
