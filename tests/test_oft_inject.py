@@ -295,3 +295,70 @@ def test_more_layers_preset_adds_each_blocks_ff_output_and_projections(meta_unet
     assert oft_parameter_count(unet) == expected == 40_985_888
     toy = preset("toy_more_layers")
     assert toy.target_modules == more.target_modules and (toy.eps, more.eps) == (0.1, 1e-3)
+
+
+# ------------------------------------------------------------------------------------- batched rotations
+def _mixed_model(config: OFTConfig, seed: int = 0) -> nn.Module:
+    """Linear layers of three widths and a conv (two block sizes with n_blocks=2), trained-looking skews."""
+    torch.manual_seed(seed)
+    model = nn.ModuleDict(
+        {
+            "a": nn.Linear(8, 8),
+            "b": nn.Linear(8, 16),
+            "c": nn.Linear(16, 8),
+            "d": nn.Conv2d(2, 4, 2),
+        }
+    )
+    inject_oft(model, config)
+    with torch.no_grad():
+        for p in oft_parameters(model):
+            p.normal_(0, 0.3)
+    return model
+
+
+def _outputs_and_grads(model: nn.Module, batched: bool) -> tuple[list, list]:
+    from contextlib import nullcontext
+
+    from src.oft import batched_rotations
+
+    g = torch.Generator().manual_seed(1)
+    x, image = torch.randn(3, 8, generator=g), torch.randn(1, 2, 5, 5, generator=g)
+    model.zero_grad()
+    with batched_rotations(model) if batched else nullcontext():
+        outputs = [model["c"](model["b"](model["a"](x))), model["d"](image)]
+    sum(o.square().sum() for o in outputs).backward()
+    return [o.detach() for o in outputs], [p.grad.clone() for p in oft_parameters(model)]
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        OFTConfig(n_blocks=2, target_modules=[".*"]),
+        OFTConfig(n_blocks=2, block_share=True, target_modules=[".*"]),
+        OFTConfig(block_size=4, cayley="neumann", neumann_terms=4, target_modules=[".*"]),
+    ],
+    ids=["exact", "shared", "neumann"],
+)
+def test_batched_rotations_give_the_per_layer_outputs_and_gradients(config):
+    model = _mixed_model(config)
+    sizes = {layer.block_size for _, layer in oft_layers(model)}
+    assert len(sizes) > 1 or config.block_size  # several groups where block sizes differ
+    ours, our_grads = _outputs_and_grads(model, batched=True)
+    reference, reference_grads = _outputs_and_grads(model, batched=False)
+    for a, b in zip(ours + our_grads, reference + reference_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert all(layer.batched is None for _, layer in oft_layers(model))  # nothing kept after the block
+
+
+def test_batched_rotations_are_released_on_error_and_scaled_rotations_bypass_them():
+    from src.oft import batched_rotations
+
+    model = _mixed_model(OFTConfig(n_blocks=2, target_modules=[".*"]))
+    layer = model["a"]
+    with pytest.raises(RuntimeError, match="inside"), batched_rotations(model):
+        assert layer.batched is not None and layer.rotation() is layer.batched
+        half = layer.rotation(0.5)
+        assert not torch.allclose(half, layer.batched)
+        raise RuntimeError("inside")
+    assert layer.batched is None
+    torch.testing.assert_close(layer.rotation(0.5), half)

@@ -46,7 +46,7 @@ from src.models.control import (
     multiscale_injection,
 )
 from src.models.multi import MultiEncoder, is_multi, split_condition
-from src.oft import OFTConfig, inject_oft, oft_parameter_count, project_coft_
+from src.oft import OFTConfig, batched_rotations, inject_oft, oft_parameter_count, project_coft_
 from src.oft.inject import target_layers
 
 if TYPE_CHECKING:
@@ -253,12 +253,15 @@ class OFTControl(EncoderOnly):
             self.pyramid = self._attach(module, "pyramid", pyramid)
         return adapted
 
-    def inject(
-        self, unet: nn.Module, condition: torch.Tensor, strength: float = 1.0
-    ) -> AbstractContextManager:
-        if not self.multiscale:
-            return super().inject(unet, condition, strength)
-        return multiscale_injection(unet, self.encoder, self.pyramid, condition, strength)
+    @contextmanager
+    def inject(self, unet: nn.Module, condition: torch.Tensor, strength: float = 1.0) -> Iterator[None]:
+        """The control, and the rotations computed once for the block (`batched_rotations`)."""
+        if self.multiscale:
+            control = multiscale_injection(unet, self.encoder, self.pyramid, condition, strength)
+        else:
+            control = super().inject(unet, condition, strength)
+        with batched_rotations(unet), control:
+            yield
 
     def encoder_parameters(self) -> list[nn.Parameter]:
         pyramid = list(self.pyramid.parameters()) if self.multiscale else []

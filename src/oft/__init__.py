@@ -3,6 +3,7 @@
 from .config import OFTConfig
 from .energy import hyperspherical_energy, hyperspherical_energy_estimate, neuron_subset
 from .inject import (
+    batched_rotations,
     inject_oft,
     load_oft_state_dict,
     merge_oft,
@@ -25,6 +26,7 @@ from .rotation import (
 )
 
 __all__ = [
+    "batched_rotations",
     "OFTConfig",
     "OFTConv2d",
     "OFTLayer",

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import re
+from collections import defaultdict
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -12,6 +14,7 @@ from src.errors import CheckpointError, ConfigError
 
 from .config import OFTConfig
 from .layers import OFTConv2d, OFTLayer, OFTLinear
+from .rotation import cayley, skew_from_params
 
 SUPPORTED = {nn.Linear: OFTLinear, nn.Conv2d: OFTConv2d}
 PARAM_NAME = "oft_skew"
@@ -88,6 +91,30 @@ def oft_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
 def oft_parameter_count(model: nn.Module) -> int:
     """Rotation degrees of freedom: free skew entries, ``n_stored * b(b-1)/2`` summed over layers."""
     return sum(p.numel() for p in oft_parameters(model))
+
+
+@contextmanager
+def batched_rotations(model: nn.Module) -> Iterator[None]:
+    """Inside the block, every OFT layer's rotation is computed once, together with those of the other layers
+    of the same block size and parameterisation: one Cayley transform (and one backward) per group instead of
+    one per layer. The values are the same; the many small calls were a fifth of a toy training step
+    (benchmarks/README.md). The blocks are computed on entry, so the weights must not change inside the
+    block (one forward, or a sampling loop); gradients reach every layer's ``oft_skew`` through them."""
+    groups: dict[tuple, list[OFTLayer]] = defaultdict(list)
+    for _, layer in oft_layers(model):
+        skew = layer.oft_skew
+        groups[(layer.block_size, layer.cayley, layer.neumann_terms, skew.dtype, skew.device)].append(layer)
+    try:
+        for (block_size, method, terms, *_), layers in groups.items():
+            skew = skew_from_params(torch.cat([layer.oft_skew for layer in layers]), block_size)
+            blocks = cayley(skew, method, terms).split([layer.oft_skew.shape[0] for layer in layers])
+            for layer, own in zip(layers, blocks, strict=True):
+                layer.batched = own.expand(layer.n_blocks, -1, -1) if layer.block_share else own
+        yield
+    finally:
+        for layers in groups.values():
+            for layer in layers:
+                layer.batched = None
 
 
 @torch.no_grad()

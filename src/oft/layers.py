@@ -48,6 +48,8 @@ class OFTLayer(nn.Module):
         self.oft_skew = nn.Parameter(
             torch.zeros(n_stored, n_skew_params(block_size), dtype=dtype, device=weight.device)
         )
+        #: the blocks of ``R`` computed with other layers' (``src.oft.inject.batched_rotations``), or None
+        self.batched: Tensor | None = None
 
     @staticmethod
     def rotated_features(base: nn.Module) -> int:
@@ -58,7 +60,10 @@ class OFTLayer(nn.Module):
         """The diagonal blocks of ``R``, ``[n_blocks, b, b]`` (a broadcast view when blocks are shared).
 
         ``scale`` multiplies the skew-symmetric generator ``Q``: ``R(scale Q)`` is orthogonal for every scale,
-        the identity at 0 and the trained rotation at 1 (composition's per-run rotation scale)."""
+        the identity at 0 and the trained rotation at 1 (composition's per-run rotation scale). Inside
+        ``batched_rotations`` the blocks computed there are returned (``scale`` 1)."""
+        if scale == 1 and self.batched is not None:
+            return self.batched
         skew = skew_from_params(self.oft_skew if scale == 1 else scale * self.oft_skew, self.block_size)
         blocks = cayley(skew, self.cayley, self.neumann_terms)
         return blocks.expand(self.n_blocks, -1, -1) if self.block_share else blocks
