@@ -362,3 +362,14 @@ def test_batched_rotations_are_released_on_error_and_scaled_rotations_bypass_the
         raise RuntimeError("inside")
     assert layer.batched is None
     torch.testing.assert_close(layer.rotation(0.5), half)
+
+
+def test_batched_rotations_stand_aside_under_gradient_checkpointing():
+    """Checkpointed segments recompute their forward outside the block: each layer must compute its own
+    rotation then, as in the forward (tests/test_scale.py trains the UNet so)."""
+    from src.oft import batched_rotations
+
+    model = _mixed_model(OFTConfig(n_blocks=2, target_modules=[".*"]))
+    model.is_gradient_checkpointing = True
+    with batched_rotations(model):
+        assert all(layer.batched is None for _, layer in oft_layers(model))
