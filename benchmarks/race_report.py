@@ -239,12 +239,12 @@ def verdict(found: list[dict]) -> Iterator[str]:
         peers = [r for r in found if r["task"] == task and r not in ours]
         if not ours or not peers:
             continue
-        best = max(ours, key=lambda r: r["final"][1])["final"]
+        top = max(ours, key=lambda r: r["final"][1])
+        best = top["final"]
         vs = {NAMES[p["method"]]: (best[1] - p["final"][1], separated(best, p["final"])) for p in peers}
         said = ", ".join(f"{name} {margin:+.3f} ({VS[s]})" for name, (margin, s) in vs.items())
         end = "it wins" if min(s for _, s in vs.values()) > 0 else "no win: not above every peer, separated"
-        row = next(NAMES[r["method"]] for r in ours if r["final"] == best)
-        yield f"- {task}: the best OFT-Control row, {row} {_ci(best)}, against {said}; {end}."
+        yield f"- {task}: the best OFT-Control row, {NAMES[top['method']]} {_ci(best)}, against {said}; {end}."
 
 
 def render(race: dict, found: list[dict], faith: list[dict], checks: list[str]) -> str:

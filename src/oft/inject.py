@@ -102,10 +102,10 @@ def batched_rotations(model: nn.Module) -> Iterator[None]:
     block (one forward, or a sampling loop); gradients reach every layer's ``oft_skew`` through them. Under
     gradient checkpointing (``model.is_gradient_checkpointing``) the backward recomputes the layers outside the
     block, so each layer computes its own rotation, as it did in the forward, and nothing is batched."""
-    groups: dict[tuple, list[OFTLayer]] = defaultdict(list)
     if getattr(model, "is_gradient_checkpointing", False):
         yield
         return
+    groups: dict[tuple, list[OFTLayer]] = defaultdict(list)
     for _, layer in oft_layers(model):
         skew = layer.oft_skew
         groups[(layer.block_size, layer.cayley, layer.neumann_terms, skew.dtype, skew.device)].append(layer)
