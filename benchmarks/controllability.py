@@ -6,11 +6,11 @@
 A thin driver over ``python -m src.train`` (``conf/experiment/race.yaml`` plus task, method, lr, seed, horizon
 and validation shard per run), one process per run (one torch thread, ``--jobs`` at once) under ``--out``;
 finished runs are not rerun, so a race resumes. Per row (task and a method of ``ROWS``, or an OFT-Control lever
-of ``LEVERS``): (1) each lr of the grid trains ``select_steps`` (the reported schedule scaled), scored on the
-selection conditions (shard 0), the grid extended beyond an end while the best is there (``next_lr``), and
-tried again at the reported horizon where the best's interval does not clear chance (``beats_chance``); (2) on
-the first task, rows with two parameter groups train their adapter at lr / f and lr * f; (3) the chosen lr
-trains ``steps`` per seed on the reported shard 1. ``benchmarks.race_report`` writes the table and plots
+of ``LEVERS``): (1) each lr of the grid trains ``select_steps`` (by default the reported horizon and
+schedule), seed 0, scored on the selection conditions (shard 0), the grid extended beyond an end while the best
+is there (``next_lr``); (2) on the first task, rows with two parameter groups train ``adapter_steps`` at the
+chosen lr with one lr and with the adapter at lr / f and lr * f; (3) the chosen lr trains ``steps`` per seed on
+the reported shard 1. ``benchmarks.race_report`` writes the table and plots
 (benchmarks/README.md has the protocol and its time budget). ``--quick``: the phases in-process, tiny.
 """
 
@@ -65,7 +65,8 @@ class Protocol:
     batch_size: int = 8
     steps: int = 3000  # the reported horizon
     eval_every: int = 1000
-    select_steps: int = 300
+    select_steps: int = 3000  # each lr trained with the reported schedule (fewer: the schedule scaled)
+    adapter_steps: int = 300  # the one-lr check of rows with an encoder and an adapter group
     seeds: tuple[int, ...] = (0, 1)
     grid: tuple[float, ...] = (1e-3, 10**-2.5, 1e-2)  # centred by the pilot (benchmarks/README.md)
     factor: float = math.sqrt(10)  # between neighbouring lrs, and the adapter-lr check's ratio
@@ -81,7 +82,9 @@ QUICK_OVERRIDES = (
     "data.prepare.shard_size=4 data.val_batch_size=4 callbacks.controllability.max_images=4 "
     "sampling.num_inference_steps=2 callbacks.samples=null callbacks.energy.neurons=4"
 )
-QUICK = Protocol(batch_size=2, steps=2, eval_every=1, select_steps=1, grid=(1e-4, 1e-3, 1e-2))
+QUICK = Protocol(
+    batch_size=2, steps=2, eval_every=1, select_steps=2, adapter_steps=1, grid=(1e-4, 1e-3, 1e-2)
+)
 QUICK = replace(QUICK, max_extend=1, extra=tuple(QUICK_OVERRIDES.split()))
 
 
@@ -91,7 +94,7 @@ class Run:
     method: str
     lr: float
     seed: int
-    phase: str  # select (select_steps), horizon (select at the reported horizon), adapter, report
+    phase: str  # horizon (select at the reported horizon), select (at fewer steps), adapter, report
     steps: int
     eval_every: int
     adapter_lr: float | None = None
@@ -131,15 +134,6 @@ def run_score(run_dir: Path, task: str) -> float:
     return float(sum(values) / len(values))
 
 
-def beats_chance(run_dir: Path, task: str) -> bool:
-    """The last evaluation's 95% interval (over conditions) lies wholly above the mean chance level."""
-    from benchmarks.race_report import bootstrap, last_conditions
-
-    found = last_conditions(run_dir)
-    chance = found[f"{SCORE[task]}_chance"]
-    return bootstrap([found[SCORE[task]]])[0] > sum(chance) / len(chance)
-
-
 @dataclass
 class Row:
     task: str  # one (task, method)'s selection state
@@ -148,7 +142,6 @@ class Row:
     tried: list[float] = field(default_factory=list)
     chosen: float | None = None
     at_edge: bool = False
-    short: list | None = None  # the select_steps (lr, score) where none beat chance
 
 
 class Race:
@@ -163,9 +156,9 @@ class Race:
 
     def select_run(self, row: Row, lr: float) -> Run:
         row.tried.append(lr)
-        p, long = self.protocol, row.short is not None
-        phase, steps = ("horizon", p.steps) if long else ("select", p.select_steps)
-        return Run(row.task, row.method, lr, p.seeds[0], phase, steps, steps)
+        p = self.protocol
+        phase = "horizon" if p.select_steps == p.steps else "select"  # their own folders
+        return Run(row.task, row.method, lr, p.seeds[0], phase, p.select_steps, p.select_steps)
 
     def first_runs(self) -> list[Run]:
         return [self.select_run(row, lr) for row in self.rows.values() for lr in self.protocol.grid]
@@ -184,16 +177,11 @@ class Race:
             return [self.select_run(row, following)]
         row.at_edge = following is not None
         row.chosen = max(sorted(row.scores), key=lambda lr: row.scores[lr])
-        chosen_dir = self.out / replace(run, lr=row.chosen).name
-        learnt = math.isfinite(row.scores[row.chosen]) and beats_chance(chosen_dir, run.task)
-        if row.short is None and not learnt:  # nothing learnt yet at select_steps: select again
-            row.short, row.scores, row.tried, row.chosen = sorted(row.scores.items()), {}, [], None
-            return [self.select_run(row, lr) for lr in p.grid]
         reports = [Run(run.task, run.method, row.chosen, s, "report", p.steps, p.eval_every) for s in p.seeds]
         check = p.adapter_check and run.method in TWO_GROUPS and run.task == p.tasks[0]
         adapter = [
-            Run(run.task, run.method, row.chosen, p.seeds[0], "adapter", p.select_steps, p.select_steps, a)
-            for a in (row.chosen / p.factor, row.chosen * p.factor)
+            Run(run.task, run.method, row.chosen, p.seeds[0], "adapter", p.adapter_steps, p.adapter_steps, a)
+            for a in (None, row.chosen / p.factor, row.chosen * p.factor)
         ]
         return reports + (adapter if check else [])
 
@@ -237,7 +225,8 @@ class Race:
         while queue or running:
             while queue and len(running) < self.args.jobs:
                 run = queue.popleft()
-                if (self.out / run.name / "race_run.json").is_file():  # finished before: resumed
+                record = self.out / run.name / "race_run.json"  # finished before with this config: resumed
+                if record.is_file() and json.loads(record.read_text()).items() >= asdict(run).items():
                     self.enqueue(queue, self.done(run, None))
                     continue
                 started = time.monotonic()

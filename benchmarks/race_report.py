@@ -105,7 +105,6 @@ def rows(race: dict, out: Path) -> list[dict]:
         grid = sorted(lr for lr, _ in row["scores"])
         found = dict(task=row["task"], method=row["method"], lr=row["chosen"], grid=grid, seeds=len(runs))
         found |= dict(inside=grid[0] < row["chosen"] < grid[-1], selection=row["scores"], curve=curve)
-        found["horizon"] = bool(row.get("short"))  # selected at the reported horizon
         found |= dict(final=curve[steps[-1]], conditions=len(per_seed[0][steps[-1]][name]))
         last = [c[steps[-1]] for c in per_seed]
         found["chance"] = bootstrap(np.array([c[f"{name}_chance"] for c in last]))
@@ -132,8 +131,8 @@ def adapter_checks(race: dict, out: Path) -> list[str]:
 
     lines = []
     for row in race["rows"]:
-        checks = [r for r in _runs(race, row, "adapter") if not r.get("failed")]
-        single = [r for r in _runs(race, row, "select") if r["lr"] == row["chosen"]]
+        runs = [r for r in _runs(race, row, "adapter") if not r.get("failed")]
+        single, checks = [r for r in runs if not r["adapter_lr"]], [r for r in runs if r["adapter_lr"]]
         if not checks or not single:
             continue
         scores = [np.array([last_conditions(out / r["dir"])[SCORE[row["task"]]]]) for r in [*single, *checks]]
@@ -222,7 +221,7 @@ def table(found: list[dict]) -> str:
     ]
     for r in found:
         grid = ", ".join(f"{lr:.2g}" for lr in r["grid"])
-        edge = " at the horizon" * r["horizon"] + " **at the grid's edge**" * (not r["inside"])
+        edge = " **at the grid's edge**" * (not r["inside"])
         curve = ", ".join(f"{_ci(v)} @{s}" for s, v in r["curve"].items())
         logged, caption = r["logged"], " / ".join(map(_ci, r["caption"]))
         lines.append(
@@ -257,16 +256,16 @@ def render(race: dict, found: list[dict], faith: list[dict], checks: list[str]) 
         f"({race['jobs']} runs at a time, one torch thread each). Batch {p['batch_size']}, {p['steps']} steps "
         f"(evaluations every {p['eval_every']}), seeds {', '.join(map(str, p['seeds']))}, "
         f"{found[0]['conditions'] if found else 0} reported conditions per seed; lr chosen after "
-        f"{p['select_steps']} steps (the same cosine decay, scaled) on as many disjoint selection conditions, "
-        f"grid extended by x{p['factor']:.3g} while its best is at an end; where the best's interval did not "
-        f"clear chance, the grid was tried again at {p['steps']} steps (at the horizon). Scores: canny F1 / "
+        f"{p['select_steps']} steps of the {'reported' if p['select_steps'] == p['steps'] else 'same, scaled'} "
+        f"schedule (cosine decay to 0; seed 0) on as many disjoint selection conditions, grid extended by "
+        f"x{p['factor']:.3g} while its best is at an end. Scores: canny F1 / "
         "toy-judge shape mIoU per condition, mean [95% bootstrap interval over conditions and seeds]; rotation movement at the "
         "last evaluation, mean over seeds [lowest, highest seed] (`oft/q_over_radius_max`, "
         "`oft/rotation_distance`, `oft/plane_angle_max_deg`)."
     )
     parts = [head, "", table(found), "", "Does OFT-Control win (margins of means, final evaluation)?", ""]
     parts += [*verdict(found), "", "SD1.5 against the toy backbone:", "", faithfulness_table(faith)]
-    note = "One lr for the encoder and the adapter (selection horizon and conditions, seed 0):"
+    note = f"One lr for the encoder and the adapter ({p.get('adapter_steps', 300)} steps, selection conditions, seed 0):"
     parts += ["", note, "", *checks] if checks else []
     parts += ["", f"![score vs step]({CURVES_PLOT})", f"![selection score vs lr]({LR_PLOT})"]
     return "\n".join(parts)

@@ -95,34 +95,59 @@ def _race(protocol: race.Protocol, tmp_path: Path) -> race.Race:
     return race.Race(protocol, tmp_path, args)
 
 
-@pytest.fixture
-def learnt(monkeypatch):
-    """Every selection run's score clears chance (no run folders needed)."""
-    monkeypatch.setattr(race, "beats_chance", lambda run_dir, task: True)
-
-
-@pytest.mark.usefixtures("learnt")
 def test_selection_extends_the_grid_until_the_best_is_inside(tmp_path):
     """Scores rising with lr up to 1e-2: the grid (1e-4, 1e-3, 1e-2) grows to 1e-2 * sqrt 10, whose lower score
-    puts the best inside; then the reported runs (every seed) and the adapter-lr check follow at 1e-2."""
+    puts the best inside; every lr trains the reported horizon and schedule (seed 0, in folders of their own);
+    then the reported runs (every seed) and the adapter-lr check (one lr, adapter at lr / f and lr * f, at
+    adapter_steps) follow at 1e-2."""
     protocol = race.Protocol(tasks=("canny",), grid=(1e-4, 1e-3, 1e-2))
     r = _race(protocol, tmp_path)
     first = [run for run in r.first_runs() if run.method == "lora"]
-    assert [run.lr for run in first] == [1e-4, 1e-3, 1e-2] and {run.phase for run in first} == {"select"}
+    assert [run.lr for run in first] == [1e-4, 1e-3, 1e-2]
+    assert {(run.phase, run.steps, run.eval_every, run.seed) for run in first} == {("horizon", 3000, 3000, 0)}
+    assert {run.name.split("/")[0] for run in first} == {"horizon"}
     score = {1e-4: 0.1, 1e-3: 0.2, 1e-2: 0.3}
     assert r.finished(first[0], score[1e-4]) == [] and r.finished(first[1], score[1e-3]) == []
     (extension,) = r.finished(first[2], score[1e-2])
-    assert extension.phase == "select" and extension.lr == pytest.approx(1e-2 * math.sqrt(10))
+    assert extension.phase == "horizon" and extension.lr == pytest.approx(1e-2 * math.sqrt(10))
     following = r.finished(extension, 0.25)
     row = r.rows[("canny", "lora")]
     assert row.chosen == 1e-2 and not row.at_edge
     reports = [run for run in following if run.phase == "report"]
     assert [run.seed for run in reports] == list(protocol.seeds) and {run.steps for run in reports} == {3000}
-    checks = sorted(run.adapter_lr for run in following if run.phase == "adapter")
-    assert checks == pytest.approx([1e-2 / math.sqrt(10), 1e-2 * math.sqrt(10)])
+    checks = [run for run in following if run.phase == "adapter"]
+    assert {(run.lr, run.steps) for run in checks} == {(1e-2, protocol.adapter_steps)}
+    assert [run.adapter_lr for run in checks] == pytest.approx(
+        [None, 1e-2 / math.sqrt(10), 1e-2 * math.sqrt(10)]
+    )
 
 
-@pytest.mark.usefixtures("learnt")
+def test_fewer_selection_steps_scale_the_schedule_in_folders_apart_from_the_horizons(tmp_path):
+    r = _race(race.Protocol(tasks=("canny",), select_steps=300), tmp_path)
+    first = [run for run in r.first_runs() if run.method == "controlnet"]
+    assert {(run.phase, run.steps, run.eval_every) for run in first} == {("select", 300, 300)}
+
+
+def test_a_finished_run_is_reused_only_under_its_own_config(tmp_path, monkeypatch):
+    """A resumed race keeps a finished run whose record matches it; a folder recorded under another config
+    (e.g. an earlier protocol's steps) is trained again, not mistaken for this run."""
+    protocol = race.Protocol(tasks=("canny",), grid=(1e-4, 1e-3, 1e-2))
+    r = _race(protocol, tmp_path)
+    launched = []
+    monkeypatch.setattr(
+        r, "first_runs", lambda: [run for run in race.Race.first_runs(r) if run.method == "lora"]
+    )
+    monkeypatch.setattr(r, "launch", lambda run: launched.append(run.name) or True)
+    monkeypatch.setattr(r, "done", lambda run, seconds, failed=False: [])
+    same, other = (race.Run("canny", "lora", lr, 0, "horizon", 3000, 3000) for lr in (1e-4, 1e-3))
+    for run, steps in ((same, 3000), (other, 300)):
+        (tmp_path / run.name).mkdir(parents=True)
+        record = {**vars(run), "steps": steps, "seconds": 1.0, "failed": False}
+        (tmp_path / run.name / "race_run.json").write_text(json.dumps(record))
+    r.run_all()
+    assert same.name not in launched and other.name in launched and len(launched) == 2
+
+
 def test_a_diverged_lr_trial_scores_minus_infinity_and_the_race_goes_on(tmp_path, monkeypatch):
     """A selection run that fails (e.g. non-finite losses at a large lr) is the worst of its grid; a reported
     run that fails stops the race."""
@@ -144,7 +169,6 @@ def test_a_diverged_lr_trial_scores_minus_infinity_and_the_race_goes_on(tmp_path
         r.launch(following[0])
 
 
-@pytest.mark.usefixtures("learnt")
 def test_a_grid_at_its_extension_limit_is_flagged(tmp_path):
     r = _race(race.Protocol(tasks=("segmentation",), max_extend=1), tmp_path)
     runs = [run for run in r.first_runs() if run.method == "t2i_adapter"]
@@ -155,45 +179,6 @@ def test_a_grid_at_its_extension_limit_is_flagged(tmp_path):
     row = r.rows[("segmentation", "t2i_adapter")]
     assert row.at_edge and row.chosen == extension.lr
     assert {run.phase for run in following} == {"report"}  # no adapter check off the first task / one group
-
-
-def _scores(folder: Path, f1: list[float], chance: list[float]) -> Path:
-    (folder / "conditions").mkdir(parents=True)
-    record = {"step": 300, "canny_f1": f1, "canny_f1_chance": chance}
-    (folder / "conditions" / "step_000300.json").write_text(json.dumps(record))
-    return folder
-
-
-def test_beats_chance_needs_the_whole_interval_above_chance(tmp_path):
-    chance = [0.05] * 8
-    assert race.beats_chance(
-        _scores(tmp_path / "a", [0.2, 0.3, 0.25, 0.2, 0.3, 0.25, 0.2, 0.3], chance), "canny"
-    )
-    # mean 0.066 above chance 0.05, but one condition carries it: the interval reaches below chance
-    assert not race.beats_chance(_scores(tmp_path / "b", [0.04] * 7 + [0.25], chance), "canny")
-    assert not race.beats_chance(_scores(tmp_path / "c", [0.04, 0.06] * 4, chance), "canny")
-
-
-def test_where_nothing_beats_chance_the_grid_is_tried_again_at_the_horizon(tmp_path, monkeypatch):
-    """ControlNet's case in the first race: after select_steps no lr's interval clears chance, so the same grid
-    trains to the reported horizon on the selection conditions, and the lr chosen there is reported."""
-    monkeypatch.setattr(race, "beats_chance", lambda run_dir, task: False)
-    protocol = race.Protocol(tasks=("canny",), grid=(1e-4, 1e-3, 1e-2))
-    r = _race(protocol, tmp_path)
-    first = [run for run in r.first_runs() if run.method == "controlnet"]
-    for run, score in zip(first[:2], (0.05, 0.06), strict=True):
-        assert r.finished(run, score) == []
-    horizon = r.finished(first[2], 0.055)  # best inside the grid, but not above chance
-    row = r.rows[("canny", "controlnet")]
-    assert row.short == [(1e-4, 0.05), (1e-3, 0.06), (1e-2, 0.055)] and row.chosen is None
-    assert [run.lr for run in horizon] == list(protocol.grid)
-    assert {(run.phase, run.steps, run.seed) for run in horizon} == {("horizon", protocol.steps, 0)}
-    assert {run.name.split("/")[0] for run in horizon} == {"horizon"}  # their own folders
-    assert r.finished(horizon[0], 0.2) == [] and r.finished(horizon[1], 0.3) == []
-    following = r.finished(horizon[2], 0.1)  # at the horizon the chosen lr is kept, learnt or not
-    assert row.chosen == 1e-3 and row.scores == {1e-4: 0.2, 1e-3: 0.3, 1e-2: 0.1}
-    reports = [run for run in following if run.phase == "report"]
-    assert [(run.lr, run.seed) for run in reports] == [(1e-3, s) for s in protocol.seeds]
 
 
 def test_runs_select_and_report_on_disjoint_shards():
@@ -336,7 +321,7 @@ def test_quick_per_condition_files_are_the_logged_metrics_on_disjoint_conditions
         assert np.mean(record[f"caption_{name}_acc"]) == pytest.approx(
             logged[f"val/caption_{name}_acc"], abs=1e-6
         )
-    select = next(r for r in runs if r["phase"] == "select" and r["task"] == "canny")
+    select = next(r for r in runs if r["phase"] == "horizon" and r["task"] == "canny")
     chosen = set(report.last_conditions(out / select["dir"])["keys"])
     assert chosen and not chosen & set(record["keys"])  # selection and reported conditions are disjoint
     seg = next(r for r in runs if r["phase"] == "report" and r["task"] == "segmentation")
