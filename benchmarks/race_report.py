@@ -89,13 +89,14 @@ def _ci(x: tuple[float, float, float]) -> str:
 
 # ---------------------------------------------------------------------------------------------- rows
 def rows(race: dict, out: Path) -> list[dict]:
-    """One row per (task, method): the reported runs' intervals at every evaluation and what they logged."""
+    """One row per (task, method) whose every seed is reported: the reported runs' intervals at every
+    evaluation and what they logged."""
     from benchmarks.controllability import SCORE
 
     table = []
     for row in race["rows"]:
         runs = sorted(_runs(race, row, "report"), key=lambda r: r["seed"])
-        if not runs:
+        if {r["seed"] for r in runs} != set(race["protocol"]["seeds"]):  # pending: render names it
             continue
         name = SCORE[row["task"]]
         per_seed = [conditions(out / r["dir"]) for r in runs]
@@ -263,7 +264,18 @@ def render(race: dict, found: list[dict], faith: list[dict], checks: list[str]) 
         "last evaluation, mean over seeds [lowest, highest seed] (`oft/q_over_radius_max`, "
         "`oft/rotation_distance`, `oft/plane_angle_max_deg`)."
     )
-    parts = [head, "", table(found), "", "Does OFT-Control win (margins of means, final evaluation)?", ""]
+    shown = {(r["task"], r["method"]) for r in found}
+    pending = [
+        f"{NAMES[r['method']]} ({r['task']})" for r in race["rows"] if (r["task"], r["method"]) not in shown
+    ]
+    parts = [head, "", table(found)]
+    parts += (
+        ["", f"Not reported yet (the race resumes where it stopped): {', '.join(pending)}."]
+        if pending
+        else []
+    )
+    so_far = " Over the rows reported so far only." if pending else ""
+    parts += ["", f"Does OFT-Control win (margins of means, final evaluation)?{so_far}", ""]
     parts += [*verdict(found), "", "SD1.5 against the toy backbone:", "", faithfulness_table(faith)]
     note = f"One lr for the encoder and the adapter ({p.get('adapter_steps', 300)} steps, selection conditions, seed 0):"
     parts += ["", note, "", *checks] if checks else []

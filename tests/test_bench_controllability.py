@@ -272,6 +272,23 @@ def test_quick_writes_no_readme_and_has_every_row(quick):
     assert not any(run["failed"] for run in quick["race"]["runs"])  # every run trained
 
 
+def test_an_interrupted_race_reports_only_rows_with_every_seed_and_names_the_rest(quick):
+    """A row missing a seed's reported run (a race stopped part-way) is left out of the table and the verdict,
+    and named as not reported yet; the verdict says it covers only the rows reported so far."""
+    partial = dict(quick["race"])
+    dropped = next(r for r in partial["runs"] if r["phase"] == "report" and r["method"] == "t2i_adapter")
+    partial["runs"] = [r for r in partial["runs"] if r is not dropped]
+    found = report.rows(partial, quick["out"])
+    assert (dropped["task"], "t2i_adapter") not in {(r["task"], r["method"]) for r in found}
+    assert len(found) == len(quick["rows"]) - 1
+    markdown = report.render(partial, found, quick["faithfulness"], [])
+    assert (
+        f"Not reported yet (the race resumes where it stopped): T2I-Adapter ({dropped['task']})." in markdown
+    )
+    assert "Over the rows reported so far only." in markdown
+    assert "Not reported yet" not in quick["markdown"] and "so far" not in quick["markdown"]
+
+
 def test_quick_rows_have_ordered_intervals_and_lrs_consistent_with_their_grids(quick):
     protocol = race.QUICK
     for row in quick["rows"]:
