@@ -217,8 +217,8 @@ class Race:
 
     @staticmethod
     def enqueue(queue: deque, runs: list[Run]) -> None:
-        for run in runs:  # reported runs (the long ones) first: short ones fill the end, no core idles long
-            (queue.appendleft if run.phase == "report" else queue.append)(run)
+        for run in sorted(runs, key=lambda r: r.phase == "report"):  # what a finished run makes due goes
+            queue.appendleft(run)  # ahead of rows not started (reports first): rows finish in order
 
     def run_all(self) -> None:
         queue, running = deque(self.first_runs()), []

@@ -201,14 +201,23 @@ def test_the_race_configs_are_the_toy_rule():
     assert preset["eps"] == pytest.approx(rule["eps"])
 
 
-def test_reported_runs_jump_the_queue():
+def test_runs_a_finished_run_makes_due_jump_the_queue():
+    """A row's extension, reports and adapter checks go ahead of rows not yet started (reports first), so a
+    race stopped part-way leaves whole rows."""
     from collections import deque
 
-    queue = deque([race.Run("canny", "lora", 1e-3, 0, "select", 400, 400)])
-    report_run = race.Run("canny", "lora", 1e-3, 1, "report", 3000, 1000)
-    adapter_run = race.Run("canny", "lora", 1e-3, 0, "adapter", 400, 400, 1e-2)
+    queue = deque([race.Run("canny", "lora", 1e-3, 0, "horizon", 3000, 3000)])
+    report_run = race.Run("canny", "t2i_adapter", 1e-3, 1, "report", 3000, 1000)
+    adapter_run = race.Run("canny", "t2i_adapter", 1e-3, 0, "adapter", 300, 300, 1e-2)
+    extension = race.Run("canny", "oft_control", 1e-4, 0, "horizon", 3000, 3000)
     race.Race.enqueue(queue, [report_run, adapter_run])
-    assert [run.phase for run in queue] == ["report", "select", "adapter"]
+    race.Race.enqueue(queue, [extension])
+    assert [(run.method, run.phase) for run in queue] == [
+        ("oft_control", "horizon"),
+        ("t2i_adapter", "report"),
+        ("t2i_adapter", "adapter"),
+        ("lora", "horizon"),
+    ]
 
 
 def test_the_benchmark_code_is_at_most_half_its_former_size():
