@@ -148,7 +148,7 @@ class Race:
     def __init__(self, protocol: Protocol, out: Path, args: argparse.Namespace) -> None:
         self.protocol, self.out, self.args = protocol, out, args
         self.rows = {(t, m): Row(t, m) for t in protocol.tasks for m in ROWS[t]}
-        self.runs: list[dict] = []
+        self.runs, self.started, self.command = [], time.monotonic(), "python -m benchmarks.controllability"
 
     def base_overrides(self) -> list[str]:
         paths = [f"model.path={self.args.model_path}"] if self.args.model_path else []
@@ -212,6 +212,7 @@ class Race:
         info = {**json.loads(record.read_text()), "dir": run.name, "reused": seconds is None}
         info["score"] = -math.inf if info.get("failed") else run_score(folder, run.task)
         self.runs.append(info)
+        self.record()  # after every run, so a stopped race can be reported (--report-only)
         print(f"[race] {run.name}: score {info['score']:.4f} ({info['seconds']:.0f} s)", flush=True)
         return self.finished(run, info["score"])
 
@@ -249,9 +250,10 @@ class Race:
             if running:
                 time.sleep(1.0)
 
-    def record(self, seconds: float, command: str) -> dict:
-        race = dict(protocol=asdict(self.protocol), rule=toy_rule(), runs=self.runs, seconds=seconds)
-        race |= dict(jobs=self.args.jobs, command=command, date=datetime.date.today().isoformat())
+    def record(self) -> dict:
+        seconds, date = time.monotonic() - self.started, datetime.date.today().isoformat()
+        race = dict(protocol=asdict(self.protocol), rule=toy_rule(), runs=self.runs, command=self.command)
+        race |= dict(jobs=self.args.jobs, seconds=seconds, date=date)
         race["rows"] = [asdict(row) | {"scores": sorted(row.scores.items())} for row in self.rows.values()]
         (self.out / "race.json").write_text(json.dumps(race, indent=1) + "\n")
         return race
@@ -297,11 +299,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.report_only:
         race = json.loads((out / "race.json").read_text())
     else:
-        command = "python -m benchmarks.controllability" + (" --quick" if args.quick else "")
         race_ = Race(protocol, out, args)
-        started = time.monotonic()
+        race_.command += " --quick" * args.quick
         race_.run_all()
-        race = race_.record(time.monotonic() - started, command)
+        race = race_.record()
     result = race_report.report(race, out, write=not (args.quick or args.no_write))
     print(result["markdown"])
     return result

@@ -294,8 +294,8 @@ def plot(race: dict, found: list[dict], folder: Path) -> list[Path]:
             steps, (lo, mid, hi) = list(r["curve"]), np.array(list(r["curve"].values())).T
             ax.plot(steps, mid, marker="o", label=NAMES[r["method"]], color=COLOR[r["method"]])
             ax.fill_between(steps, lo, hi, alpha=0.2, color=COLOR[r["method"]])
-        chance = np.mean([r["chance"][1] for r in found if r["task"] == task])
-        ax.axhline(chance, color="grey", ls="--", label="chance (mean)")
+        if chance := [r["chance"][1] for r in found if r["task"] == task]:  # none: no row reported yet
+            ax.axhline(float(np.mean(chance)), color="grey", ls="--", label="chance (mean)")
         ax.set(title=f"{task}: reported conditions (95% interval)", xlabel="step", ylabel="score")
 
     def lrs(ax, task: str) -> None:

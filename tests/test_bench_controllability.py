@@ -163,6 +163,8 @@ def test_a_diverged_lr_trial_scores_minus_infinity_and_the_race_goes_on(tmp_path
     r.rows[("canny", "encoder_only")].scores = {runs[0].lr: 0.1, runs[1].lr: 0.2}
     following = r.done(runs[2], 1.0, failed=True)
     assert r.runs[-1]["score"] == -math.inf and r.runs[-1]["failed"]
+    recorded = json.loads((tmp_path / "race.json").read_text())  # after every run: a stopped race reports
+    assert recorded["runs"][-1]["dir"] == runs[2].name and recorded["command"].endswith("controllability")
     assert r.rows[("canny", "encoder_only")].chosen == runs[1].lr  # inside: no extension
     assert {run.phase for run in following} == {"report"}
     with pytest.raises(FloatingPointError):
