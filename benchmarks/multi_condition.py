@@ -101,7 +101,7 @@ def race_lrs(race: Path, default: float) -> dict[str, float]:
 def folder_name(run: str, seed: int, lr: float, dropout: float = DROPOUT) -> str:
     """A run's folder: the single runs have one lr each, the joint runs one folder per lr and dropout tried."""
     if run != "joint":
-        return f"{run}_s{seed}"
+        return f"{run}-lr{lr:.3g}_s{seed}"  # the lr too: a race that chose again does not reuse it
     return f"joint-lr{lr:.3g}" + (f"-drop{dropout:g}" if dropout != DROPOUT else "") + f"_s{seed}"
 
 
@@ -196,9 +196,10 @@ def select_joint(
         return rows
 
     train_all(out, [("canny", 0, lrs["canny"]), ("seg", 0, lrs["seg"])], steps, args)
+    canny, seg = (folder_name(run, 0, lrs[run]) for run in ("canny", "seg"))
     single = {
-        **selection.means({"canny_f1": "canny_s0"}, out / "canny_s0", conditions[:, :3], 1.0),
-        **selection.means({"seg_miou": "seg_s0"}, out / "seg_s0", conditions[:, 3:], 1.0),
+        **selection.means({"canny_f1": canny}, out / canny, conditions[:, :3], 1.0),
+        **selection.means({"seg_miou": seg}, out / seg, conditions[:, 3:], 1.0),
     }
     step = 10**0.25
     grid = [math.sqrt(lrs["canny"] * lrs["seg"]) * step**k for k in (-1, 0, 1)]
@@ -220,8 +221,9 @@ def select_composition(
     """The composition's rotation scale per run, chosen on the selection conditions by the joint run's rule
     (seed 0, both conditions, the smaller fraction of the single runs' scores there); every pair of
     ``ROTATION_SCALES``. Returns the chosen ``{condition: scale}`` and each pair's smaller fraction."""
-    runs = [str(out / folder_name(run, 0, lrs[run])) for run in ("canny", "seg")]
-    single = {"canny_f1": selection.cache["canny_s0"], "seg_miou": selection.cache["seg_s0"]}
+    canny, seg = (folder_name(run, 0, lrs[run]) for run in ("canny", "seg"))
+    runs = [str(out / canny), str(out / seg)]
+    single = {"canny_f1": selection.cache[canny], "seg_miou": selection.cache[seg]}
     fractions = {}
     for pair in itertools.product(ROTATION_SCALES, repeat=2):
         keys = {
@@ -499,7 +501,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from src.data.inputs import collect_inputs
 
-    root = OmegaConf.load(out / "canny_s0" / "config.yaml").data.root
+    root = OmegaConf.load(out / folder_name("canny", seeds[0], lrs["canny"]) / "config.yaml").data.root
     torch.set_num_threads(max(1, args.threads * args.jobs))
     sampling = SAMPLING | ({"num_inference_steps": 2} if args.quick else {})
     selection = SelectionScores(
@@ -542,6 +544,7 @@ def main(argv: list[str] | None = None) -> dict:
         "plots": paths,
         "selection": selected,
         "rotation_scales": scales,
+        "lrs": lrs,
     }
 
 

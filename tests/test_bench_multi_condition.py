@@ -67,15 +67,17 @@ def test_quick_protocol_selects_the_joint_lr_and_reports_every_model(tmp_path, o
     chosen = max((row for row in selected if row["lr"] == best_lr), key=lambda row: row["score"])
     assert f"| {chosen['lr']:.3g} (chosen) | {chosen['dropout']:g} |" in result["markdown"]
     joint = bench.folder_name("joint", 0, chosen["lr"], chosen["dropout"])
-    for run in ("canny_s0", "seg_s0", joint):
+    canny, seg = (bench.folder_name(run, 0, result["lrs"][run]) for run in ("canny", "seg"))
+    assert canny.startswith("canny-lr") and seg.startswith("seg-lr")  # a changed race lr trains again
+    for run in (canny, seg, joint):
         assert (tmp_path / run / "checkpoints" / "last.ckpt").is_file()
     config = (tmp_path / joint / "config.yaml").read_text()
     assert f"condition_dropout: {chosen['dropout']}" in config
     # the composition's rotation scales: every pair tried on the selection conditions, the best one chosen
     fractions = {
         (c, g): min(
-            cache[f"composed-rc{c:g}-rs{g:g}:canny_f1"] / cache["canny_s0"],
-            cache[f"composed-rc{c:g}-rs{g:g}:seg_miou"] / cache["seg_s0"],
+            cache[f"composed-rc{c:g}-rs{g:g}:canny_f1"] / cache[canny],
+            cache[f"composed-rc{c:g}-rs{g:g}:seg_miou"] / cache[seg],
         )
         for c in bench.ROTATION_SCALES
         for g in bench.ROTATION_SCALES
