@@ -105,6 +105,11 @@ def folder_name(run: str, seed: int, lr: float, dropout: float = DROPOUT) -> str
     return f"joint-lr{lr:.3g}" + (f"-drop{dropout:g}" if dropout != DROPOUT else "") + f"_s{seed}"
 
 
+def single_folders(lrs: dict[str, float]) -> tuple[str, str]:
+    """Seed 0's canny and segmentation runs: the selection's reference scores."""
+    return folder_name("canny", 0, lrs["canny"]), folder_name("seg", 0, lrs["seg"])
+
+
 def train_all(out: Path, jobs: list[tuple], steps: int, args: argparse.Namespace) -> None:
     """Train every (run, seed, lr[, condition dropout]) of ``jobs`` not yet finished, ``--jobs`` processes at a
     time (in-process with --quick)."""
@@ -196,7 +201,7 @@ def select_joint(
         return rows
 
     train_all(out, [("canny", 0, lrs["canny"]), ("seg", 0, lrs["seg"])], steps, args)
-    canny, seg = (folder_name(run, 0, lrs[run]) for run in ("canny", "seg"))
+    canny, seg = single_folders(lrs)
     single = {
         **selection.means({"canny_f1": canny}, out / canny, conditions[:, :3], 1.0),
         **selection.means({"seg_miou": seg}, out / seg, conditions[:, 3:], 1.0),
@@ -221,7 +226,7 @@ def select_composition(
     """The composition's rotation scale per run, chosen on the selection conditions by the joint run's rule
     (seed 0, both conditions, the smaller fraction of the single runs' scores there); every pair of
     ``ROTATION_SCALES``. Returns the chosen ``{condition: scale}`` and each pair's smaller fraction."""
-    canny, seg = (folder_name(run, 0, lrs[run]) for run in ("canny", "seg"))
+    canny, seg = single_folders(lrs)
     runs = [str(out / canny), str(out / seg)]
     single = {"canny_f1": selection.cache[canny], "seg_miou": selection.cache[seg]}
     fractions = {}

@@ -114,7 +114,7 @@ def batched_rotations(model: nn.Module) -> Iterator[None]:
             skew = skew_from_params(torch.cat([layer.oft_skew for layer in layers]), block_size)
             blocks = cayley(skew, method, terms).split([layer.oft_skew.shape[0] for layer in layers])
             for layer, own in zip(layers, blocks, strict=True):
-                layer.batched = own.expand(layer.n_blocks, -1, -1) if layer.block_share else own
+                layer.batched = layer.placed(own)
         yield
     finally:
         for layers in groups.values():

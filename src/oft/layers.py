@@ -65,7 +65,10 @@ class OFTLayer(nn.Module):
         if scale == 1 and self.batched is not None:
             return self.batched
         skew = skew_from_params(self.oft_skew if scale == 1 else scale * self.oft_skew, self.block_size)
-        blocks = cayley(skew, self.cayley, self.neumann_terms)
+        return self.placed(cayley(skew, self.cayley, self.neumann_terms))
+
+    def placed(self, blocks: Tensor) -> Tensor:
+        """Computed blocks as ``R``'s diagonal: one shared block is broadcast to every position."""
         return blocks.expand(self.n_blocks, -1, -1) if self.block_share else blocks
 
     def rotated_weight(self) -> Tensor:
